@@ -1,0 +1,194 @@
+"""The one narrow interface between the router and an upstream WhatsApp API.
+
+Everything that differs between WAHA, Blazz, wwebjs-api, Evolution and a
+YAML-described API lives behind ``Adapter``. The proxy, placement, failover
+and discovery code never test which API they talk to.
+
+An adapter answers five questions (see ``shared/upstreams.md``):
+
+1. where is the session id in a request        -> ``needs_body`` / ``extract``
+2. which sessions run on an instance           -> ``list_sessions``
+3. does this one session run on an instance    -> ``probe``
+4. start / restore a session on an instance    -> ``start``
+5. auth and health                             -> ``client_key`` / ``apply_credential`` / ``health``
+
+plus two answers about responses: ``session_missing`` (the instance says the
+session is not here, which triggers recovery) and ``created_session`` (learn
+the name of a session the upstream invented on create).
+"""
+
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+import aiohttp
+from multidict import CIMultiDict, MultiDict
+
+from router.config import SESSION_ID_PATTERN, InstanceConfig
+
+_SESSION_RE = re.compile(SESSION_ID_PATTERN)
+
+
+class BadSessionId(ValueError):
+    """The request names a session id outside ``SESSION_ID_PATTERN`` (-> 400)."""
+
+    def __init__(self, value: str) -> None:
+        self.value = value
+        super().__init__(f"invalid session id {value[:64]!r}")
+
+
+def valid_session_id(value: object) -> str:
+    """Return ``value`` if it is a well-formed session id, else raise ``BadSessionId``."""
+    if isinstance(value, str) and _SESSION_RE.fullmatch(value):
+        return value
+    raise BadSessionId(str(value))
+
+
+@dataclass(slots=True)
+class UpstreamRequest:
+    """A request on its way upstream, as the adapter may read and rewrite it.
+
+    ``json`` is the parsed body, present only when the adapter asked for the
+    body (``needs_body``) and it was a JSON object. When an adapter changes
+    ``json`` it sets ``json_dirty`` so the proxy re-serialises the body.
+    """
+
+    method: str
+    path: str
+    query: MultiDict[str]
+    headers: CIMultiDict[str]
+    json: dict[str, Any] | None = None
+    json_dirty: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Extraction:
+    """Where a request goes.
+
+    ``session`` is None for requests that are about no single session (list
+    all sessions, server status, ...); ``fanout`` marks those that should
+    reach every instance (WAHA ``/ws?session=*``); ``create`` marks a
+    create-session call that may be placed on a new instance.
+    """
+
+    session: str | None
+    create: bool = False
+    fanout: bool = False
+
+
+class SessionStatus(str, Enum):
+    STARTING = "starting"
+    READY = "ready"  # connected / WORKING: can send
+    NEEDS_AUTH = "needs_auth"  # QR / pairing: runs here but not logged in
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True, slots=True)
+class SessionInfo:
+    """One session as an instance reports it.
+
+    ``extra`` keeps what ``start`` needs to restore the session elsewhere
+    (Blazz: ``workspace_id``).
+    """
+
+    session: str
+    status: SessionStatus
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class HealthReport:
+    healthy: bool
+    sessions: int | None = None  # as the instance counts them, when it says
+    detail: str = ""
+
+
+class Adapter(ABC):
+    """Base class of every upstream API adapter.
+
+    ``options`` come from the ``adapter.options`` mapping in the YAML config.
+    Network methods receive the pooled ``aiohttp.ClientSession`` of the
+    instance and its config; they must not raise on an upstream error answer
+    (return the negative result instead) but may let ``aiohttp.ClientError``
+    and ``TimeoutError`` through for unreachable instances.
+    """
+
+    name: str = "base"
+
+    def __init__(self, options: Mapping[str, Any] | None = None) -> None:
+        self.options: Mapping[str, Any] = dict(options or {})
+
+    # -- 1. where the session id is ------------------------------------------
+    @abstractmethod
+    def needs_body(self, method: str, path: str) -> bool:
+        """True when ``extract`` or credentials need the parsed JSON body.
+
+        Called on the hot path: keep it to string tests, no allocation.
+        """
+
+    @abstractmethod
+    def extract(self, req: UpstreamRequest) -> Extraction:
+        """Find the session of a request. Raise ``BadSessionId`` on a malformed id."""
+
+    # -- 2. / 3. / 4. sessions on an instance ----------------------------------
+    @abstractmethod
+    async def list_sessions(
+        self, http: aiohttp.ClientSession, inst: InstanceConfig
+    ) -> list[SessionInfo]:
+        """Every session the instance runs now (rediscovery)."""
+
+    @abstractmethod
+    async def probe(
+        self, http: aiohttp.ClientSession, inst: InstanceConfig, session: str
+    ) -> SessionInfo | None:
+        """The session on this instance, or None when it does not run there."""
+
+    @abstractmethod
+    async def start(
+        self,
+        http: aiohttp.ClientSession,
+        inst: InstanceConfig,
+        session: str,
+        info: SessionInfo | None = None,
+    ) -> bool:
+        """Start or restore ``session`` on ``inst`` from shared auth storage.
+
+        Returns True when the instance accepted the start (it may still be
+        STARTING). ``info`` is what another instance last reported of it.
+        """
+
+    # -- 5. auth and health ----------------------------------------------------
+    @abstractmethod
+    def client_key(self, req: UpstreamRequest) -> str | None:
+        """The credential the client sent, in this API's usual place."""
+
+    @abstractmethod
+    def apply_credential(self, req: UpstreamRequest, inst: InstanceConfig) -> None:
+        """Remove the client's credential and insert ``inst.api_key``.
+
+        Clients never learn instance keys; instances never see router keys.
+        """
+
+    @abstractmethod
+    async def health(self, http: aiohttp.ClientSession, inst: InstanceConfig) -> HealthReport:
+        """Ask the instance whether it is healthy."""
+
+    # -- answers ------------------------------------------------------------------
+    @abstractmethod
+    def session_missing(self, status: int, body: bytes) -> bool:
+        """True when an upstream answer means "this session does not run here"."""
+
+    def created_session(self, status: int, body: bytes) -> str | None:
+        """Name of the session a successful create call made, when the
+        request did not name it (WAHA invents names). Default: unknown."""
+        return None
+
+    def auth_headers(self, inst: InstanceConfig) -> dict[str, str]:
+        """Headers for the router's own management calls (list, probe, start, health)."""
+        return {}

@@ -1,0 +1,122 @@
+"""Router configuration: small immutable value objects and one ``load()``.
+
+A loaded ``RouterConfig`` is never mutated. A reload builds a new one and the
+server swaps its single reference, so a request in flight always sees one
+consistent config.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+# Session ids travel into upstream URLs; anything outside this pattern is
+# rejected with a 400 before a byte reaches an instance.
+SESSION_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,127}"
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """Upstream timeouts, in seconds."""
+
+    connect: float = 2.0
+    # Longest silence while waiting for (a chunk of) the upstream response.
+    read: float = 30.0
+    # Pooled upstream connections idle longer than this are closed by us.
+    # Must stay below Node's 5 s ``keepAliveTimeout`` so that we, not the
+    # upstream, close idle sockets (the classic stale keep-alive race).
+    idle_keepalive: float = 4.0
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    # Largest request body the router buffers (JSON session extraction,
+    # credential injection). A larger body gets a 413.
+    max_body_bytes: int = 10 * 1024 * 1024
+    # Open connections kept per upstream instance (0 means unlimited).
+    max_connections_per_instance: int = 512
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceConfig:
+    name: str
+    url: str
+    max_sessions: int = 100
+    weight: float = 1.0
+    api_key: str | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class AdapterConfig:
+    # One of: waha, blazz, wwebjs, evolution, generic.
+    kind: str = "waha"
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class StoreConfig:
+    # "memory" (embedded default) or a redis:// / rediss:// / unix:// URL.
+    url: str = "memory"
+    key_prefix: str = "wa-router:"
+
+    @property
+    def is_memory(self) -> bool:
+        return self.url == "memory"
+
+
+@dataclass(frozen=True, slots=True)
+class ListenConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+
+
+@dataclass(frozen=True, slots=True)
+class HealthConfig:
+    interval: float = 2.0
+    timeout: float = 1.0
+    rise: int = 2
+    fall: int = 3
+
+
+@dataclass(frozen=True, slots=True)
+class RouterConfig:
+    instances: tuple[InstanceConfig, ...]
+    listen: ListenConfig = ListenConfig()
+    adapter: AdapterConfig = AdapterConfig()
+    store: StoreConfig = StoreConfig()
+    timeouts: Timeouts = Timeouts()
+    limits: Limits = Limits()
+    health: HealthConfig = HealthConfig()
+    # Keys clients (the main app) present to the router. Empty means the
+    # router does not authenticate clients (only sensible on a private net).
+    api_keys: tuple[str, ...] = field(default=(), repr=False)
+    # Where this config came from, for error messages and reload.
+    source: str | None = None
+
+    def instance(self, name: str) -> InstanceConfig | None:
+        for inst in self.instances:
+            if inst.name == name:
+                return inst
+        return None
+
+    @classmethod
+    def load(cls, path: str) -> RouterConfig:
+        """Parse, interpolate ``${ENV}`` and validate a YAML file.
+
+        Raises ``ConfigError`` naming the file, line and reason.
+        """
+        from router.config_loader import load_file
+
+        return load_file(path)
+
+
+class ConfigError(Exception):
+    """A config file was rejected: ``file:line: reason``."""
+
+    def __init__(self, file: str, line: int | None, reason: str) -> None:
+        self.file = file
+        self.line = line
+        self.reason = reason
+        where = f"{file}:{line}" if line is not None else file
+        super().__init__(f"{where}: {reason}")

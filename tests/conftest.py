@@ -1,0 +1,3 @@
+"""Shared fixtures live in tests/support/*; they are registered here as plugins."""
+
+pytest_plugins: list[str] = []

@@ -1,0 +1,1 @@
+"""Real test peers: a private redis-server, simulated WhatsApp instance processes, Node servers."""
