@@ -54,6 +54,21 @@ class AdapterConfig:
     options: Mapping[str, Any] = field(default_factory=dict)
 
 
+def redact_url(url: str) -> str:
+    """``url`` with any password replaced by ``***`` (for logs, reprs, summaries)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return "<unparseable url>"
+    if password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
+
+
 @dataclass(frozen=True, slots=True)
 class StoreConfig:
     # "memory" (embedded default) or a redis:// / rediss:// / unix:// URL.
@@ -63,6 +78,10 @@ class StoreConfig:
     @property
     def is_memory(self) -> bool:
         return self.url == "memory"
+
+    def __repr__(self) -> str:
+        # The URL may carry a Redis password: never show it.
+        return f"StoreConfig(url={redact_url(self.url)!r}, key_prefix={self.key_prefix!r})"
 
 
 @dataclass(frozen=True, slots=True)

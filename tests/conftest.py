@@ -1,3 +1,6 @@
 """Shared fixtures live in tests/support/*; they are registered here as plugins."""
 
-pytest_plugins: list[str] = []
+pytest_plugins: list[str] = [
+    "tests.support.redis_server",
+    "tests.support.simulator",
+]

@@ -23,7 +23,7 @@ import re
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 import aiohttp
@@ -81,7 +81,7 @@ class Extraction:
     fanout: bool = False
 
 
-class SessionStatus(str, Enum):
+class SessionStatus(StrEnum):
     STARTING = "starting"
     READY = "ready"  # connected / WORKING: can send
     NEEDS_AUTH = "needs_auth"  # QR / pairing: runs here but not logged in

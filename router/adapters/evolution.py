@@ -1,0 +1,182 @@
+"""Evolution API: the instance name is the last path segment.
+
+Evolution builds every per-instance route as ``/{root}/{action}[/{param}]/{instanceName}``
+(``/message/sendText/{i}``, ``/typebot/fetch/{botId}/{i}``, ...), so any path
+of three or more segments names its instance last, except under a few
+non-API roots (manager UI, docs, static assets). Two-segment paths are about
+no instance (``/instance/fetchInstances``) except ``POST /instance/create``,
+a create with body ``instanceName``. Credential: header ``apikey``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Final
+
+import aiohttp
+
+from router.adapters._http import (
+    OPTIONS_WHERE,
+    JsonAdapter,
+    check_keys,
+    checked_id,
+    dig,
+    map_status,
+    opt_str_list,
+    parse_json,
+)
+from router.adapters.base import (
+    Extraction,
+    HealthReport,
+    SessionInfo,
+    SessionStatus,
+    UpstreamRequest,
+    valid_session_id,
+)
+from router.config import InstanceConfig
+
+# First segments that are not instance routes even with three segments.
+DEFAULT_RESERVED_ROOTS: Final = ("manager", "assets", "docs", "socket.io", "favicon.ico")
+
+_NO_SESSION: Final = Extraction(None)
+_CREATE_UNNAMED: Final = Extraction(None, create=True)
+_CREATE_PATH: Final = "/instance/create"
+
+_STATES: Final[Mapping[str, SessionStatus]] = {
+    "open": SessionStatus.READY,
+    "connecting": SessionStatus.STARTING,
+    "close": SessionStatus.STOPPED,
+    "closed": SessionStatus.STOPPED,
+    "refused": SessionStatus.FAILED,
+}
+_HEADER: Final = "apikey"
+
+
+class EvolutionAdapter(JsonAdapter):
+    """Evolution API v1 / v2. Options: ``reserved_roots`` / ``extra_reserved_roots``
+    (first segments that are not instance routes), ``timeout``."""
+
+    name = "evolution"
+
+    def __init__(self, options: Mapping[str, Any] | None = None) -> None:
+        super().__init__(options)
+        opts = check_keys(
+            OPTIONS_WHERE,
+            self.options,
+            self.COMMON_OPTIONS | {"reserved_roots", "extra_reserved_roots"},
+        )
+        roots = opt_str_list(
+            f"{OPTIONS_WHERE}.reserved_roots",
+            opts.get("reserved_roots", list(DEFAULT_RESERVED_ROOTS)),
+        )
+        roots += opt_str_list(
+            f"{OPTIONS_WHERE}.extra_reserved_roots", opts.get("extra_reserved_roots", [])
+        )
+        self._reserved = frozenset(r.lower() for r in roots)
+
+    # -- 1. where the session id is ------------------------------------------
+    def needs_body(self, method: str, path: str) -> bool:
+        return method == "POST" and (path == _CREATE_PATH or path == _CREATE_PATH + "/")
+
+    def extract(self, req: UpstreamRequest) -> Extraction:
+        path = req.path
+        if path.endswith("/"):
+            path = path.rstrip("/")
+        a = path.find("/", 1)
+        if a < 0 or path[0] != "/":
+            return _NO_SESSION
+        b = path.find("/", a + 1)
+        if b < 0:
+            if path == _CREATE_PATH and req.method == "POST":
+                name = req.json.get("instanceName") if req.json is not None else None
+                if name is None or name == "":
+                    return _CREATE_UNNAMED
+                return Extraction(valid_session_id(name), create=True)
+            return _NO_SESSION
+        if path[1:a].lower() in self._reserved:
+            return _NO_SESSION
+        return Extraction(valid_session_id(path[path.rfind("/") + 1 :]))
+
+    # -- 5. credentials ----------------------------------------------------------
+    def client_key(self, req: UpstreamRequest) -> str | None:
+        return req.headers.get(_HEADER)
+
+    def apply_credential(self, req: UpstreamRequest, inst: InstanceConfig) -> None:
+        req.headers.popall(_HEADER, None)
+        if inst.api_key:
+            req.headers[_HEADER] = inst.api_key
+
+    def auth_headers(self, inst: InstanceConfig) -> dict[str, str]:
+        return {_HEADER: inst.api_key} if inst.api_key else {}
+
+    # -- answers -----------------------------------------------------------------
+    def session_missing(self, status: int, body: bytes) -> bool:
+        # Evolution answers 404 '{"response":{"message":["The \"x\" instance
+        # does not exist"]}}' for an instance it does not hold.
+        return status == 404
+
+    def created_session(self, status: int, body: bytes) -> str | None:
+        if not 200 <= status < 300:
+            return None
+        data = parse_json(body)
+        return checked_id(dig(data, "instance.instanceName"))
+
+    # -- 2. / 3. / 4. ------------------------------------------------------------
+    @staticmethod
+    def _info(item: object) -> SessionInfo | None:
+        # v2: {"name", "connectionStatus", "integration", ...}
+        # v1: {"instance": {"instanceName", "status", ...}}
+        if not isinstance(item, dict):
+            return None
+        inner = item.get("instance")
+        if isinstance(inner, dict) and inner.get("instanceName") is not None:
+            name = inner.get("instanceName")
+            state = inner.get("status", inner.get("state"))
+        else:
+            name = item.get("name", item.get("instanceName"))
+            state = item.get("connectionStatus", item.get("status"))
+        session = checked_id(name)
+        if session is None:
+            return None
+        extra: dict[str, Any] = {}
+        integration = item.get("integration")
+        if isinstance(integration, str):
+            extra["integration"] = integration
+        return SessionInfo(session, map_status(_STATES, state), extra)
+
+    async def list_sessions(
+        self, http: aiohttp.ClientSession, inst: InstanceConfig
+    ) -> list[SessionInfo]:
+        res = await self._call(http, inst, "GET", "/instance/fetchInstances")
+        items = res.data if res.ok else None
+        if isinstance(items, dict):
+            # some versions wrap the list: {"instances": [...]} / {"response": [...]}
+            items = items.get("instances", items.get("response"))
+        if not isinstance(items, list):
+            return []
+        return [info for info in map(self._info, items) if info is not None]
+
+    async def probe(
+        self, http: aiohttp.ClientSession, inst: InstanceConfig, session: str
+    ) -> SessionInfo | None:
+        res = await self._call(http, inst, "GET", f"/instance/connectionState/{session}")
+        if not res.ok:
+            return None
+        state = dig(res.data, "instance.state")
+        if state is None:
+            state = dig(res.data, "state")
+        return SessionInfo(session, map_status(_STATES, state))
+
+    async def start(
+        self,
+        http: aiohttp.ClientSession,
+        inst: InstanceConfig,
+        session: str,
+        info: SessionInfo | None = None,
+    ) -> bool:
+        res = await self._call(http, inst, "GET", f"/instance/connect/{session}")
+        return res.ok
+
+    async def health(self, http: aiohttp.ClientSession, inst: InstanceConfig) -> HealthReport:
+        res = await self._call(http, inst, "GET", "/")
+        return HealthReport(healthy=res.status == 200, detail=f"HTTP {res.status}")

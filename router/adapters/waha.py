@@ -1,0 +1,354 @@
+"""WAHA (devlikeapro/waha): sessions in the path, the JSON body or the query.
+
+Where the session is (see ``shared/upstreams.md``):
+
+- ``/api/{session}/...``            path, unless the first segment is a reserved root
+- ``/api/sessions/{session}[/...]`` path; ``GET /api/sessions`` lists (no session);
+  ``POST /api/sessions`` creates (body ``name``, else WAHA invents one);
+  ``POST /api/sessions/start|stop|logout`` are the legacy calls with body ``name``
+- body roots (``sendText``, ``contacts``, ``messages``, ...): JSON ``session`` for
+  requests with a body, query ``session`` otherwise, ``"default"`` when absent
+- ``/api/files/{session}/{file}``   media
+- ``/ws?session=<name|*>``          websocket, ``*`` (WAHA's default) fans out
+
+Reserved roots are matched case-insensitively: WAHA runs on Express, whose
+router ignores case, so ``/api/SendText`` reaches the send handler there too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Final
+
+import aiohttp
+
+from router.adapters._http import (
+    BODY_METHODS,
+    OPTIONS_WHERE,
+    JsonAdapter,
+    check_keys,
+    checked_id,
+    map_status,
+    opt_str,
+    opt_str_list,
+    parse_json,
+)
+from router.adapters.base import (
+    Extraction,
+    HealthReport,
+    SessionInfo,
+    SessionStatus,
+    UpstreamRequest,
+    valid_session_id,
+)
+from router.config import InstanceConfig
+
+# Roots whose session is the JSON body field ``session`` (requests with a
+# body) or the query parameter ``session`` (GET), default "default".
+DEFAULT_BODY_ROOTS: Final = (
+    "sendText",
+    "sendImage",
+    "sendFile",
+    "sendVoice",
+    "sendVideo",
+    "sendButtons",
+    "sendTextButtons",
+    "sendList",
+    "sendSeen",
+    "startTyping",
+    "stopTyping",
+    "reply",
+    "sendPoll",
+    "sendPollVote",
+    "sendLocation",
+    "sendContactVcard",
+    "sendLinkPreview",
+    "sendLinkCustomPreview",
+    "send",  # /api/send/link-custom-preview, /api/send/buttons/reply
+    "forwardMessage",
+    "reaction",
+    "star",
+    "messages",
+    "contacts",
+    "checkNumberStatus",
+    "screenshot",
+    "chatting",
+    "apps",
+)
+# Roots about no single session (server admin, API keys, ...).
+DEFAULT_GLOBAL_ROOTS: Final = (
+    "server",
+    "version",
+    "keys",
+    "admin",
+    "tenants",
+    "ping",
+    "health",
+    "metrics",
+)
+
+_FIELD: Final = 1
+_GLOBAL: Final = 2
+_SESSIONS: Final = 3
+_FILES: Final = 4
+
+_NO_SESSION: Final = Extraction(None)
+_FANOUT: Final = Extraction(None, fanout=True)
+_CREATE_UNNAMED: Final = Extraction(None, create=True)
+_LEGACY: Final = frozenset({"start", "stop", "logout"})
+
+_STATUSES: Final[Mapping[str, SessionStatus]] = {
+    "WORKING": SessionStatus.READY,
+    "STARTING": SessionStatus.STARTING,
+    "SCAN_QR_CODE": SessionStatus.NEEDS_AUTH,
+    "PASSKEY_REQUIRED": SessionStatus.NEEDS_AUTH,
+    "STOPPED": SessionStatus.STOPPED,
+    "FAILED": SessionStatus.FAILED,
+}
+# Statuses of a session that runs on the instance that answered.
+_RUNNING: Final = frozenset({"STARTING", "SCAN_QR_CODE", "PASSKEY_REQUIRED", "WORKING"})
+# Bodies of WAHA's 404 "no such session here" answers.
+_MISSING_404: Final = (b"session not found", b"find a session", b"find a running session")
+_MISSING_422: Final = (b"not as expected", b"not running")
+
+_HEADER: Final = "X-Api-Key"
+_QUERY_KEY: Final = "x-api-key"
+
+
+class WahaAdapter(JsonAdapter):
+    """WAHA Core / Plus, every engine (WEBJS, NOWEB, GOWS).
+
+    Options (all optional):
+
+    - ``body_roots`` / ``extra_body_roots``: replace / extend the roots whose
+      session is the body or query field ``session``
+    - ``global_roots`` / ``extra_global_roots``: replace / extend the roots
+      about no session
+    - ``default_session``: the session WAHA assumes when none is named ("default")
+    - ``timeout``: seconds per management call (10)
+    """
+
+    name = "waha"
+
+    def __init__(self, options: Mapping[str, Any] | None = None) -> None:
+        super().__init__(options)
+        opts = check_keys(
+            OPTIONS_WHERE,
+            self.options,
+            self.COMMON_OPTIONS
+            | {
+                "body_roots",
+                "extra_body_roots",
+                "global_roots",
+                "extra_global_roots",
+                "default_session",
+            },
+        )
+
+        def roots(key: str, default: tuple[str, ...]) -> list[str]:
+            base = opt_str_list(f"{OPTIONS_WHERE}.{key}", opts.get(key, list(default)))
+            extra = opt_str_list(f"{OPTIONS_WHERE}.extra_{key}", opts.get(f"extra_{key}", []))
+            return base + extra
+
+        table: dict[str, int] = {}
+        for root in roots("global_roots", DEFAULT_GLOBAL_ROOTS):
+            table[root] = _GLOBAL
+        for root in roots("body_roots", DEFAULT_BODY_ROOTS):
+            table[root] = _FIELD
+        # Structural roots: configurable lists cannot take them away.
+        table["sessions"] = _SESSIONS
+        table["files"] = _FILES
+        for root in list(table):
+            if "/" in root:
+                raise ValueError(f"{OPTIONS_WHERE}: root {root!r} must be one path segment")
+            table[root.lower()] = table[root]
+        self._roots: dict[str, int] = table
+
+        default = opt_str(
+            f"{OPTIONS_WHERE}.default_session", opts.get("default_session", "default")
+        )
+        try:
+            valid_session_id(default)
+        except ValueError as exc:
+            raise ValueError(f"{OPTIONS_WHERE}.default_session: {exc}") from None
+        self.default_session = default
+        self._default: Extraction = Extraction(default)
+
+    # -- 1. where the session id is ------------------------------------------
+    def _root(self, first: str) -> int | None:
+        kind = self._roots.get(first)
+        if kind is None and first:
+            kind = self._roots.get(first.lower())
+        return kind
+
+    def needs_body(self, method: str, path: str) -> bool:
+        if method not in BODY_METHODS or not path.startswith("/api/"):
+            return False
+        slash = path.find("/", 5)
+        kind = self._root(path[5:] if slash < 0 else path[5:slash])
+        if kind == _FIELD:
+            return True
+        if kind == _SESSIONS and method == "POST":
+            rest = "" if slash < 0 else path[slash + 1 :].rstrip("/")
+            return not rest or rest in _LEGACY
+        return False
+
+    def extract(self, req: UpstreamRequest) -> Extraction:
+        path = req.path
+        if path.startswith("/api/"):
+            slash = path.find("/", 5)
+            first = path[5:] if slash < 0 else path[5:slash]
+            kind = self._root(first)
+            if kind is None:
+                if slash < 0:
+                    # "/api/x": no WAHA route has this shape; nothing to route by.
+                    return _NO_SESSION
+                return Extraction(valid_session_id(first))
+            if kind == _FIELD:
+                return self._field(req)
+            rest = "" if slash < 0 else path[slash + 1 :]
+            if kind == _SESSIONS:
+                return self._sessions(req, rest)
+            if kind == _FILES:
+                return self._files(rest)
+            return _NO_SESSION
+        if path == "/ws" or path == "/ws/":
+            value = req.query.get("session")
+            if not value or value == "*":
+                return _FANOUT
+            return Extraction(valid_session_id(value))
+        return _NO_SESSION
+
+    def _field(self, req: UpstreamRequest) -> Extraction:
+        body = req.json
+        if body is not None and req.method in BODY_METHODS:
+            value = body.get("session")
+        else:
+            value = req.query.get("session")
+        if value is None:
+            return self._default
+        return Extraction(valid_session_id(value))
+
+    def _sessions(self, req: UpstreamRequest, rest: str) -> Extraction:
+        if not rest:
+            # /api/sessions, /api/sessions/: list, or create
+            if req.method != "POST":
+                return _NO_SESSION
+            name = req.json.get("name") if req.json is not None else None
+            if name is None or name == "":
+                return _CREATE_UNNAMED  # WAHA invents the name
+            return Extraction(valid_session_id(name), create=True)
+        slash = rest.find("/")
+        seg = rest if slash < 0 else rest[:slash]
+        if seg in _LEGACY and req.method == "POST" and (slash < 0 or slash == len(rest) - 1):
+            # POST /api/sessions/start|stop|logout[/] with body {"name"}
+            name = req.json.get("name") if req.json is not None else None
+            session = self.default_session if name is None else valid_session_id(name)
+            # Legacy start is WAHA's "upsert and start": it may create.
+            return Extraction(session, create=seg == "start")
+        return Extraction(valid_session_id(seg))
+
+    def _files(self, rest: str) -> Extraction:
+        slash = rest.find("/")
+        if slash < 0:
+            # Pre-multi-session layout /api/files/{file}: the default session's media.
+            return self._default if rest else _NO_SESSION
+        return Extraction(valid_session_id(rest[:slash]))
+
+    # -- 5. credentials ----------------------------------------------------------
+    def client_key(self, req: UpstreamRequest) -> str | None:
+        return req.headers.get(_HEADER) or req.query.get(_QUERY_KEY)
+
+    def apply_credential(self, req: UpstreamRequest, inst: InstanceConfig) -> None:
+        req.headers.popall(_HEADER, None)
+        if _QUERY_KEY in req.query:
+            req.query.popall(_QUERY_KEY)
+        if inst.api_key:
+            req.headers[_HEADER] = inst.api_key
+
+    def auth_headers(self, inst: InstanceConfig) -> dict[str, str]:
+        return {_HEADER: inst.api_key} if inst.api_key else {}
+
+    # -- answers -----------------------------------------------------------------
+    def session_missing(self, status: int, body: bytes) -> bool:
+        if status == 404:
+            low = body[:4096].lower()
+            return any(p in low for p in _MISSING_404)
+        if status == 422:
+            low = body[:4096].lower()
+            if not any(p in low for p in _MISSING_422):
+                return False
+            # "Session status is not as expected" also answers a session that
+            # runs here but is still STARTING or waiting for its QR scan:
+            # recovering it elsewhere would only fight over the phone.
+            data = parse_json(body)
+            state = data.get("status") if isinstance(data, dict) else None
+            return not (isinstance(state, str) and state.upper() in _RUNNING)
+        return False
+
+    def created_session(self, status: int, body: bytes) -> str | None:
+        if not 200 <= status < 300:
+            return None
+        data = parse_json(body)
+        return checked_id(data.get("name")) if isinstance(data, dict) else None
+
+    # -- 2. / 3. / 4. ------------------------------------------------------------
+    def _info(self, item: object) -> SessionInfo | None:
+        if not isinstance(item, dict):
+            return None
+        name = checked_id(item.get("name"))
+        if name is None:
+            return None
+        extra = {k: item[k] for k in ("engine", "config") if item.get(k) is not None}
+        return SessionInfo(name, map_status(_STATUSES, item.get("status")), extra)
+
+    async def list_sessions(
+        self, http: aiohttp.ClientSession, inst: InstanceConfig
+    ) -> list[SessionInfo]:
+        res = await self._call(http, inst, "GET", "/api/sessions", params={"all": "true"})
+        if not res.ok or not isinstance(res.data, list):
+            return []
+        return [info for info in map(self._info, res.data) if info is not None]
+
+    async def probe(
+        self, http: aiohttp.ClientSession, inst: InstanceConfig, session: str
+    ) -> SessionInfo | None:
+        res = await self._call(http, inst, "GET", f"/api/sessions/{session}")
+        if not res.ok:
+            return None
+        info = self._info(res.data)
+        return info if info is not None and info.session == session else None
+
+    async def start(
+        self,
+        http: aiohttp.ClientSession,
+        inst: InstanceConfig,
+        session: str,
+        info: SessionInfo | None = None,
+    ) -> bool:
+        path = f"/api/sessions/{session}/start"
+        res = await self._call(http, inst, "POST", path)
+        if res.ok:
+            return True
+        if res.status != 404:
+            return False
+        # Unknown to this instance (its storage is not shared): create it,
+        # with the config another instance reported (webhooks!) when we have it.
+        body: dict[str, Any] = {"name": session, "start": True}
+        config = info.extra.get("config") if info is not None else None
+        if isinstance(config, dict):
+            body["config"] = config
+        res = await self._call(http, inst, "POST", "/api/sessions", json_body=body)
+        if res.ok:
+            return True
+        if res.status == 422:
+            # Created meanwhile (a racing start): start what now exists.
+            res = await self._call(http, inst, "POST", path)
+            return res.ok
+        return False
+
+    async def health(self, http: aiohttp.ClientSession, inst: InstanceConfig) -> HealthReport:
+        res = await self._call(http, inst, "GET", "/health")
+        state = res.data.get("status") if isinstance(res.data, dict) else None
+        detail = str(state) if state is not None else f"HTTP {res.status}"
+        return HealthReport(healthy=res.status == 200, detail=detail)

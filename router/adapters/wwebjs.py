@@ -1,0 +1,161 @@
+"""wwebjs-api / whatsapp-api (Express + whatsapp-web.js).
+
+Every session route is ``/{root}/{action}/{sessionId}[/...]`` with root one
+of ``session``, ``client``, ``chat``, ``groupChat``, ``message``,
+``contact`` (the id is the last segment except for a few sub-resources such
+as ``/session/qr/{id}/image``, hence "the third segment").
+``/session/getSessions``, ``/session/terminateAll`` and friends have no id;
+``/session/start/{id}`` creates. Credential: header ``x-api-key``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Final
+
+import aiohttp
+
+from router.adapters._http import (
+    OPTIONS_WHERE,
+    JsonAdapter,
+    check_keys,
+    checked_id,
+    map_status,
+    opt_str_list,
+)
+from router.adapters.base import (
+    Extraction,
+    HealthReport,
+    SessionInfo,
+    SessionStatus,
+    UpstreamRequest,
+    valid_session_id,
+)
+from router.config import InstanceConfig
+
+DEFAULT_ROOTS: Final = ("session", "client", "chat", "groupChat", "message", "contact")
+
+_NO_SESSION: Final = Extraction(None)
+
+# whatsapp-web.js WAState values (``/session/status`` -> ``state``).
+_STATES: Final[Mapping[str, SessionStatus]] = {
+    "CONNECTED": SessionStatus.READY,
+    "OPENING": SessionStatus.STARTING,
+    "PAIRING": SessionStatus.STARTING,
+    "TIMEOUT": SessionStatus.STARTING,
+    "CONFLICT": SessionStatus.STARTING,
+    "UNLAUNCHED": SessionStatus.STARTING,
+    "UNPAIRED": SessionStatus.NEEDS_AUTH,
+    "UNPAIRED_IDLE": SessionStatus.NEEDS_AUTH,
+    "DEPRECATED_VERSION": SessionStatus.FAILED,
+    "PROXYBLOCK": SessionStatus.FAILED,
+    "SMB_TOS_BLOCK": SessionStatus.FAILED,
+    "TOS_BLOCK": SessionStatus.FAILED,
+    # wwebjs-api's own answer when the page does not answer getState() in time
+    "unresponsive": SessionStatus.FAILED,
+}
+_HEADER: Final = "x-api-key"
+_NOT_FOUND: Final = b"session_not_found"
+
+
+class WwebjsAdapter(JsonAdapter):
+    """wwebjs-api. Options: ``roots`` / ``extra_roots`` (first path segments
+    whose routes carry the session id as third segment), ``timeout``."""
+
+    name = "wwebjs"
+
+    def __init__(self, options: Mapping[str, Any] | None = None) -> None:
+        super().__init__(options)
+        opts = check_keys(
+            OPTIONS_WHERE, self.options, self.COMMON_OPTIONS | {"roots", "extra_roots"}
+        )
+        roots = opt_str_list(f"{OPTIONS_WHERE}.roots", opts.get("roots", list(DEFAULT_ROOTS)))
+        roots += opt_str_list(f"{OPTIONS_WHERE}.extra_roots", opts.get("extra_roots", []))
+        # Express routes ignore case; so do we, for the fixed first segment.
+        self._roots = frozenset(roots) | frozenset(r.lower() for r in roots)
+
+    # -- 1. where the session id is ------------------------------------------
+    def needs_body(self, method: str, path: str) -> bool:
+        return False
+
+    def extract(self, req: UpstreamRequest) -> Extraction:
+        path = req.path
+        a = path.find("/", 1)
+        if a < 0:
+            return _NO_SESSION
+        root = path[1:a]
+        if root not in self._roots and root.lower() not in self._roots:
+            return _NO_SESSION
+        b = path.find("/", a + 1)
+        if b < 0:
+            # "/session/getSessions", "/session/terminateAll": about no session.
+            return _NO_SESSION
+        c = path.find("/", b + 1)
+        seg = path[b + 1 :] if c < 0 else path[b + 1 : c]
+        if not seg and c < 0:
+            return _NO_SESSION  # "/session/getSessions/"
+        create = root == "session" and path[a + 1 : b].lower() == "start"
+        return Extraction(valid_session_id(seg), create=create)
+
+    # -- 5. credentials ----------------------------------------------------------
+    def client_key(self, req: UpstreamRequest) -> str | None:
+        return req.headers.get(_HEADER)
+
+    def apply_credential(self, req: UpstreamRequest, inst: InstanceConfig) -> None:
+        req.headers.popall(_HEADER, None)
+        if inst.api_key:
+            req.headers[_HEADER] = inst.api_key
+
+    def auth_headers(self, inst: InstanceConfig) -> dict[str, str]:
+        return {_HEADER: inst.api_key} if inst.api_key else {}
+
+    # -- answers -----------------------------------------------------------------
+    def session_missing(self, status: int, body: bytes) -> bool:
+        return status == 404 and _NOT_FOUND in body[:4096]
+
+    # -- 2. / 3. / 4. ------------------------------------------------------------
+    async def list_sessions(
+        self, http: aiohttp.ClientSession, inst: InstanceConfig
+    ) -> list[SessionInfo]:
+        res = await self._call(http, inst, "GET", "/session/getSessions")
+        items = res.data.get("result") if res.ok and isinstance(res.data, dict) else None
+        if not isinstance(items, list):
+            return []
+        out: list[SessionInfo] = []
+        for item in items:
+            if isinstance(item, dict):
+                item = item.get("id", item.get("sessionId"))
+            name = checked_id(item)
+            if name is not None:
+                # The list names ids only: STARTING says "known here, not
+                # claimed ready" until a probe tells more.
+                out.append(SessionInfo(name, SessionStatus.STARTING))
+        return out
+
+    async def probe(
+        self, http: aiohttp.ClientSession, inst: InstanceConfig, session: str
+    ) -> SessionInfo | None:
+        res = await self._call(http, inst, "GET", f"/session/status/{session}")
+        if not res.ok or _NOT_FOUND in res.body:
+            return None
+        data = res.data if isinstance(res.data, dict) else {}
+        state = data.get("state")
+        status = map_status(_STATES, state) if state else SessionStatus.STARTING
+        return SessionInfo(session, status)
+
+    async def start(
+        self,
+        http: aiohttp.ClientSession,
+        inst: InstanceConfig,
+        session: str,
+        info: SessionInfo | None = None,
+    ) -> bool:
+        res = await self._call(http, inst, "GET", f"/session/start/{session}")
+        if res.ok:
+            return True
+        # wwebjs-api answers 422 "Session already exists" when it runs here.
+        return res.status == 422 and b"already exist" in res.body.lower()
+
+    async def health(self, http: aiohttp.ClientSession, inst: InstanceConfig) -> HealthReport:
+        res = await self._call(http, inst, "GET", "/ping")
+        return HealthReport(healthy=res.ok, detail=f"HTTP {res.status}")

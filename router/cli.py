@@ -1,0 +1,102 @@
+"""``session-router``: run, check-config, simulate, demo."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from router import __version__
+from router.config import ConfigError, RouterConfig
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def _cmd_run(ns: argparse.Namespace) -> int:
+    from router.server import Server, install_uvloop
+
+    try:
+        config = RouterConfig.load(ns.config)
+    except ConfigError as exc:
+        print(f"config rejected: {exc}", file=sys.stderr)
+        return 2
+    install_uvloop()
+    asyncio.run(Server(config, drain_timeout=ns.drain_timeout).run())
+    return 0
+
+
+def _cmd_check_config(ns: argparse.Namespace) -> int:
+    from router.config_loader import check_config
+
+    ok, text = check_config(ns.file)
+    print(text, file=sys.stdout if ok else sys.stderr)
+    return 0 if ok else 1
+
+
+def _cmd_simulate(ns: argparse.Namespace) -> int:
+    from router.simulator import options_from_args, run
+
+    run(options_from_args(ns))
+    return 0
+
+
+def _cmd_demo(ns: argparse.Namespace) -> int:
+    from router.demo import run_demo
+    from router.server import install_uvloop
+
+    install_uvloop()
+    return asyncio.run(run_demo(ns.config, ns.port))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="session-router",
+        description="Session-affine reverse proxy for a fleet of WhatsApp API instances.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--log-level", default="info", help="debug, info, warning, error")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the router")
+    run.add_argument("-c", "--config", required=True, help="YAML config file")
+    run.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=15.0,
+        help="seconds to let in-flight requests finish on SIGTERM (default 15)",
+    )
+    run.set_defaults(func=_cmd_run)
+
+    check = sub.add_parser("check-config", help="validate a config file and exit")
+    check.add_argument("file")
+    check.set_defaults(func=_cmd_check_config)
+
+    sim = sub.add_parser("simulate", help="run one simulated WhatsApp instance")
+    from router.simulator import add_arguments
+
+    add_arguments(sim)
+    sim.set_defaults(func=_cmd_simulate)
+
+    demo = sub.add_parser("demo", help="three simulated instances behind the router")
+    demo.add_argument("-c", "--config", default=None, help="demo config (default config/demo.yaml)")
+    demo.add_argument("--port", type=int, default=None, help="router port (default from config)")
+    demo.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    _setup_logging(ns.log_level)
+    result: int = ns.func(ns)
+    return result
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,863 @@
+"""Load, interpolate and validate the router's YAML config.
+
+The file is parsed with PyYAML's node API (``yaml.compose`` + ``SafeLoader``)
+rather than ``safe_load`` so that every value keeps the line it came from and
+every rejection can say ``file:line: key.path: reason``. Nothing is guessed:
+unknown keys, duplicate keys, wrong types and out-of-range values are errors.
+
+``${VAR}`` and ``${VAR:-default}`` are expanded inside string scalars (use them
+for secrets); ``$${`` writes a literal ``${``. A value that came from the
+environment is never echoed in an error message, since it may be a secret.
+
+Public API: ``load_file``, ``parse_text``, ``check_config``, ``parse_size``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, NoReturn
+from urllib.parse import SplitResult, urlsplit, urlunsplit
+
+import yaml
+
+from router.config import (
+    AdapterConfig,
+    ConfigError,
+    HealthConfig,
+    InstanceConfig,
+    Limits,
+    ListenConfig,
+    RouterConfig,
+    StoreConfig,
+    Timeouts,
+    redact_url,
+)
+
+__all__ = [
+    "ADAPTER_KINDS",
+    "check_config",
+    "load_file",
+    "parse_size",
+    "parse_text",
+    "summarize",
+]
+
+ADAPTER_KINDS: tuple[str, ...] = ("waha", "blazz", "wwebjs", "evolution", "generic")
+
+INSTANCE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+
+_STR = "tag:yaml.org,2002:str"
+_NULL = "tag:yaml.org,2002:null"
+_MERGE = "tag:yaml.org,2002:merge"
+
+# ``$${`` (escape), ``${NAME}``, ``${NAME:-default}``, or a malformed ``${``.
+_INTERP_RE = re.compile(
+    r"\$\$\{"
+    r"|\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?::-(?P<default>[^}]*))?\}"
+    r"|(?P<bad>\$\{[^}]{0,40}\}?)"
+)
+
+_SIZE_RE = re.compile(r"(?P<num>\d+(?:\.\d+)?)\s*(?P<unit>[A-Za-z]*)")
+_SIZE_UNITS: dict[str, int] = {
+    "": 1,
+    "b": 1,
+    "kb": 1000,
+    "mb": 1000**2,
+    "gb": 1000**3,
+    "tb": 1000**4,
+    "kib": 1024,
+    "mib": 1024**2,
+    "gib": 1024**3,
+    "tib": 1024**4,
+}
+
+# Guard against alias bombs ("billion laughs") in adapter options.
+_MAX_OPTION_NODES = 100_000
+
+
+# --------------------------------------------------------------------------
+# public API
+# --------------------------------------------------------------------------
+
+
+def load_file(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> RouterConfig:
+    """Read and validate the YAML config at ``path``.
+
+    ``env`` replaces ``os.environ`` for ``${VAR}`` interpolation (tests).
+    Raises ``ConfigError`` (``file:line: reason``) on any problem.
+    """
+    filename = os.fspath(path)
+    try:
+        with open(filename, "rb") as fh:
+            raw = fh.read()
+    except OSError as exc:
+        raise ConfigError(
+            filename, None, f"cannot read config file: {exc.strerror or exc}"
+        ) from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(filename, line, "file is not valid UTF-8") from None
+    return parse_text(text, filename, env=env)
+
+
+def parse_text(text: str, filename: str, env: Mapping[str, str] | None = None) -> RouterConfig:
+    """Validate YAML ``text``; ``filename`` is used in error messages only."""
+    parser = _Parser(filename, os.environ if env is None else env)
+    return parser.parse(text)
+
+
+def check_config(
+    path: str | os.PathLike[str], env: Mapping[str, str] | None = None
+) -> tuple[bool, str]:
+    """For ``session-router check-config FILE``: ``(ok, text)``.
+
+    On success ``text`` is a short human summary without secrets; on failure
+    it is the ``file:line: reason`` message.
+    """
+    try:
+        cfg = load_file(path, env=env)
+    except ConfigError as exc:
+        return False, str(exc)
+    return True, summarize(cfg)
+
+
+def summarize(cfg: RouterConfig) -> str:
+    """A few lines describing ``cfg``, safe to print (no keys, no passwords)."""
+    lines = [f"{cfg.source or '<config>'}: OK"]
+    lines.append(f"  listen:      {_host_port(cfg.listen.host, cfg.listen.port)}")
+    opts = f" ({len(cfg.adapter.options)} option(s))" if cfg.adapter.options else ""
+    lines.append(f"  adapter:     {cfg.adapter.kind}{opts}")
+    lines.append(f"  store:       {redact_url(cfg.store.url)} (prefix {cfg.store.key_prefix!r})")
+    n_keys = len(cfg.api_keys)
+    auth = f"{n_keys} client key(s)" if n_keys else "DISABLED (no api_keys: anyone may call)"
+    lines.append(f"  client auth: {auth}")
+    total = sum(i.max_sessions for i in cfg.instances)
+    lines.append(f"  instances:   {len(cfg.instances)} (capacity {total} sessions)")
+    for inst in cfg.instances:
+        key = "key set" if inst.api_key else "no key"
+        lines.append(
+            f"    - {inst.name}: {inst.url} "
+            f"max_sessions={inst.max_sessions} weight={inst.weight:g} ({key})"
+        )
+    t, h = cfg.timeouts, cfg.health
+    lines.append(
+        f"  timeouts:    connect={t.connect:g}s read={t.read:g}s"
+        f" idle_keepalive={t.idle_keepalive:g}s"
+    )
+    lines.append(
+        f"  health:      every {h.interval:g}s, timeout {h.timeout:g}s,"
+        f" rise {h.rise}, fall {h.fall}"
+    )
+    if t.idle_keepalive >= 5:
+        lines.append(
+            "  note: timeouts.idle_keepalive is not below Node's default 5 s keepAliveTimeout;"
+            " expect occasional stale-connection resets unless the instances keep sockets longer"
+        )
+    return "\n".join(lines)
+
+
+def parse_size(value: str) -> int | None:
+    """``"10MiB"`` -> 10485760, ``"512KB"`` -> 512000, ``"42"`` -> 42; None if malformed.
+
+    KB/MB/GB/TB are powers of 1000, KiB/MiB/GiB/TiB powers of 1024 (units are
+    case-insensitive; a bare number is bytes).
+    """
+    m = _SIZE_RE.fullmatch(value.strip())
+    if m is None:
+        return None
+    factor = _SIZE_UNITS.get(m.group("unit").lower())
+    if factor is None:
+        return None
+    num = m.group("num")
+    if "." in num:
+        return int(float(num) * factor)
+    return int(num) * factor
+
+
+# --------------------------------------------------------------------------
+# implementation
+# --------------------------------------------------------------------------
+
+
+def _host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _line(node: yaml.Node) -> int:
+    return int(node.start_mark.line) + 1
+
+
+def _kind(value: object) -> str:
+    """A YAML-flavoured description of a value's type."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "a mapping"
+    return f"a {type(value).__name__}"
+
+
+@dataclass(frozen=True, slots=True)
+class _Value:
+    """One scalar after interpolation, with where it came from."""
+
+    value: Any
+    node: yaml.Node
+    path: str
+    env_vars: tuple[str, ...] = ()
+    # A plain (unquoted) scalar that contained ``${...}``: its expansion may
+    # be read as a number, e.g. ``port: ${PORT:-8080}``.
+    retypable: bool = False
+    secret: bool = False
+
+    @property
+    def line(self) -> int:
+        return _line(self.node)
+
+    def shown(self) -> str:
+        """How the value may appear in an error message."""
+        if self.value == "":
+            kind = "an empty string"
+            return (
+                f"{kind} from {', '.join(f'${{{n}}}' for n in self.env_vars)}"
+                if self.env_vars
+                else kind
+            )
+        if self.env_vars:
+            names = ", ".join(f"${{{n}}}" for n in self.env_vars)
+            return f"{_kind(self.value)} from {names} (value hidden)"
+        if self.secret:
+            return f"{_kind(self.value)} (value hidden)"
+        v = self.value
+        if v is None:
+            return "null"
+        if isinstance(v, bool):
+            return f"{'true' if v else 'false'} (a boolean)"
+        if isinstance(v, int | float):
+            return repr(v)
+        if isinstance(v, str):
+            return repr(v) if len(v) <= 80 else repr(v[:77] + "...")
+        return _kind(v)
+
+
+class _Parser:
+    def __init__(self, filename: str, env: Mapping[str, str]) -> None:
+        self.file = filename
+        self.env = env
+        self._loader = yaml.SafeLoader("")
+        self._option_nodes = 0
+        # Expanded ${...} values inside adapter options, scrubbed from messages.
+        self._env_strings: set[str] = set()
+
+    # -- errors ---------------------------------------------------------
+
+    def fail(self, where: yaml.Node | int | None, reason: str) -> NoReturn:
+        line = _line(where) if isinstance(where, yaml.Node) else where
+        raise ConfigError(self.file, line, reason)
+
+    # -- document -------------------------------------------------------
+
+    def parse(self, text: str) -> RouterConfig:
+        try:
+            root = yaml.compose(text, Loader=yaml.SafeLoader)
+        except yaml.MarkedYAMLError as exc:
+            mark = exc.problem_mark or exc.context_mark
+            line = int(mark.line) + 1 if mark is not None else None
+            what = exc.problem or exc.context or "invalid YAML"
+            if exc.context and exc.problem:
+                ctx = exc.context
+                cmark = exc.context_mark
+                if cmark is not None and line is not None and int(cmark.line) + 1 != line:
+                    ctx = f"{ctx} started at line {int(cmark.line) + 1}"
+                what = f"{exc.problem} ({ctx})"
+            if exc.context == "expected a single document in the stream":
+                what = "only one YAML document is allowed, found a second one"
+            elif "'\\t'" in what:
+                what += "; indent with spaces, YAML does not allow tabs"
+            raise ConfigError(self.file, line, f"YAML syntax error: {what}") from None
+        except yaml.reader.ReaderError as exc:
+            line = text.count("\n", 0, max(exc.position, 0)) + 1
+            raise ConfigError(
+                self.file, line, f"YAML syntax error: character U+{exc.character:04X}: {exc.reason}"
+            ) from None
+        except yaml.YAMLError as exc:  # pragma: no cover - other YAMLErrors carry no mark
+            raise ConfigError(self.file, None, f"YAML error: {exc}") from None
+
+        if root is None or (isinstance(root, yaml.ScalarNode) and root.tag == _NULL):
+            self.fail(1 if root is None else root, "config file is empty")
+        if not isinstance(root, yaml.MappingNode):
+            self.fail(root, f"top level must be a mapping of settings, got {self._node_kind(root)}")
+
+        self._check_structure(root)
+        return self._router(root)
+
+    def _node_kind(self, node: yaml.Node) -> str:
+        if isinstance(node, yaml.MappingNode):
+            return "a mapping"
+        if isinstance(node, yaml.SequenceNode):
+            return "a list"
+        if node.tag == _NULL:
+            return "null"
+        return f"the scalar {str(node.value)[:40]!r}"
+
+    def _check_structure(self, root: yaml.Node) -> None:
+        """Reject duplicate keys anywhere in the document (PyYAML keeps the last)."""
+        seen: set[int] = set()
+
+        def walk(node: yaml.Node, path: str) -> None:
+            if id(node) in seen:  # aliases (and recursive aliases) are visited once
+                return
+            seen.add(id(node))
+            if isinstance(node, yaml.MappingNode):
+                first: dict[str, yaml.Node] = {}
+                for k, v in node.value:
+                    if not isinstance(k, yaml.ScalarNode):
+                        self.fail(k, f"{path or 'top level'}: keys must be plain strings")
+                    if k.tag == _MERGE:
+                        walk(v, path)
+                        continue
+                    key = str(k.value)
+                    sub = _join(path, key)
+                    if key in first:
+                        self.fail(
+                            k, f"{sub}: duplicate key (first defined at line {_line(first[key])})"
+                        )
+                    first[key] = k
+                    walk(v, sub)
+            elif isinstance(node, yaml.SequenceNode):
+                for i, item in enumerate(node.value):
+                    walk(item, f"{path}[{i}]")
+
+        walk(root, "")
+
+    # -- mappings ---------------------------------------------------------
+
+    def _pairs(
+        self, node: yaml.MappingNode, path: str, stack: frozenset[int] = frozenset()
+    ) -> list[tuple[yaml.ScalarNode, yaml.Node]]:
+        """Key/value pairs with ``<<`` merge keys applied (explicit keys win)."""
+        if id(node) in stack:
+            self.fail(node, f"{path or 'top level'}: recursive '<<' merge")
+        stack = stack | {id(node)}
+        explicit: list[tuple[yaml.ScalarNode, yaml.Node]] = []
+        merged: list[tuple[yaml.ScalarNode, yaml.Node]] = []
+        for k, v in node.value:
+            if k.tag == _MERGE:
+                sources = v.value if isinstance(v, yaml.SequenceNode) else [v]
+                for src in sources:
+                    if not isinstance(src, yaml.MappingNode):
+                        self.fail(src, f"{path or 'top level'}: '<<' merges only mappings")
+                    merged.extend(self._pairs(src, path, stack))
+            else:
+                explicit.append((k, v))
+        names = {str(k.value) for k, _ in explicit}
+        out: list[tuple[yaml.ScalarNode, yaml.Node]] = []
+        for k, v in merged:
+            key = str(k.value)
+            if key not in names:
+                names.add(key)
+                out.append((k, v))
+        return out + explicit
+
+    def _mapping(
+        self,
+        node: yaml.Node,
+        path: str,
+        allowed: tuple[str, ...],
+        *,
+        required: tuple[str, ...] = (),
+    ) -> dict[str, tuple[yaml.ScalarNode, yaml.Node]]:
+        """A schema'd mapping: ``{key: (key_node, value_node)}``; null counts as empty."""
+        if isinstance(node, yaml.ScalarNode) and node.tag == _NULL:
+            pairs: list[tuple[yaml.ScalarNode, yaml.Node]] = []
+        elif isinstance(node, yaml.MappingNode):
+            pairs = self._pairs(node, path)
+        else:
+            self.fail(node, f"{path}: must be a mapping, got {self._node_kind(node)}")
+        out: dict[str, tuple[yaml.ScalarNode, yaml.Node]] = {}
+        for k, v in pairs:
+            key = str(k.value)
+            if key not in allowed:
+                self.fail(k, f"{_join(path, key)}: unknown key{_suggest(key, allowed)}")
+            out[key] = (k, v)
+        for key in required:
+            if key not in out:
+                self.fail(node, f"{path}: missing required key '{key}'")
+        return out
+
+    # -- scalars ----------------------------------------------------------
+
+    def _scalar(self, node: yaml.Node, path: str, *, secret: bool = False) -> _Value:
+        if not isinstance(node, yaml.ScalarNode):
+            kind = self._node_kind(node)
+            self.fail(node, f"{path}: must be a single value, got {kind}")
+        if node.tag == _STR:
+            text, names = self._interpolate(str(node.value), node, path)
+            return _Value(text, node, path, names, bool(names) and node.style is None, secret)
+        return _Value(self._construct(node, path), node, path, (), False, secret)
+
+    def _construct(self, node: yaml.Node, path: str) -> Any:
+        try:
+            return self._loader.construct_object(node, deep=True)
+        except yaml.MarkedYAMLError as exc:
+            self.fail(node, f"{path or 'top level'}: cannot read value: {exc.problem or exc}")
+
+    def _interpolate(self, text: str, node: yaml.Node, path: str) -> tuple[str, tuple[str, ...]]:
+        if "$" not in text:
+            return text, ()
+        names: list[str] = []
+
+        def repl(m: re.Match[str]) -> str:
+            if m.group(0) == "$${":
+                return "${"
+            if m.group("bad") is not None:
+                self.fail(
+                    node,
+                    f"{path}: bad interpolation {m.group('bad')!r}: "
+                    "expected ${NAME} or ${NAME:-default} (write $${ for a literal ${)",
+                )
+            name = m.group("name")
+            names.append(name)
+            value = self.env.get(name)
+            default = m.group("default")
+            if default is not None:
+                return value if value else default
+            if value is None:
+                self.fail(
+                    node,
+                    f"{path}: environment variable {name} is not set "
+                    f"(set it, or give a default: ${{{name}:-default}})",
+                )
+            return value
+
+        out = _INTERP_RE.sub(repl, text)
+        return out, tuple(dict.fromkeys(names))
+
+    def _retyped(self, v: _Value) -> Any:
+        """The value, reading an expanded plain ``${...}`` as YAML would read it."""
+        if v.retypable and isinstance(v.value, str):
+            resolver: Any = self._loader  # Resolver.resolve is untyped in the stubs
+            tag = resolver.resolve(yaml.ScalarNode, v.value, (True, False))
+            if tag != _STR:
+                return self._construct(yaml.ScalarNode(tag, v.value, v.node.start_mark), v.path)
+        return v.value
+
+    # -- typed getters ----------------------------------------------------
+
+    def _str(
+        self,
+        node: yaml.Node,
+        path: str,
+        *,
+        secret: bool = False,
+        allow_empty: bool = False,
+    ) -> str:
+        v = self._scalar(node, path, secret=secret)
+        if not isinstance(v.value, str):
+            hint = " (quote it)" if isinstance(v.value, bool | int | float) else ""
+            self.fail(node, f"{path}: must be a string, got {v.shown()}{hint}")
+        if not allow_empty and not v.value.strip():
+            self.fail(node, f"{path}: must be a non-empty string, got {v.shown()}")
+        if secret and v.value != v.value.strip():
+            self.fail(node, f"{path}: must not start or end with whitespace ({v.shown()})")
+        return v.value
+
+    def _int(self, node: yaml.Node, path: str, lo: int, hi: int | None = None) -> int:
+        v = self._scalar(node, path)
+        value = self._retyped(v)
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int)
+            or value < lo
+            or (hi is not None and value > hi)
+        ):
+            rule = f"an integer in {lo}..{hi}" if hi is not None else f"an integer >= {lo}"
+            self.fail(node, f"{path}: must be {rule}, got {v.shown()}")
+        return value
+
+    def _positive(self, node: yaml.Node, path: str) -> float:
+        v = self._scalar(node, path)
+        value = self._retyped(v)
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+            or value <= 0
+        ):
+            self.fail(node, f"{path}: must be a number > 0, got {v.shown()}")
+        return float(value)
+
+    def _size(self, node: yaml.Node, path: str) -> int:
+        v = self._scalar(node, path)
+        value = self._retyped(v)
+        size: int | None = None
+        if isinstance(value, int) and not isinstance(value, bool):
+            size = value
+        elif isinstance(value, str):
+            size = parse_size(value)
+        if size is None or size < 1:
+            self.fail(
+                node,
+                f"{path}: must be a size in bytes >= 1, as an integer or a string like "
+                f"'10MiB' or '512KB' (units B, KB, MB, GB, KiB, MiB, GiB), got {v.shown()}",
+            )
+        return size
+
+    def _plain(self, node: yaml.Node, path: str, stack: frozenset[int] = frozenset()) -> Any:
+        """Free-form data (adapter options) as plain Python, interpolated."""
+        self._option_nodes += 1
+        if self._option_nodes > _MAX_OPTION_NODES:
+            self.fail(node, f"{path}: too much data (alias expansion?)")
+        if id(node) in stack:
+            self.fail(node, f"{path}: recursive alias")
+        inner = stack | {id(node)}
+        if isinstance(node, yaml.MappingNode):
+            out: dict[str, Any] = {}
+            for k, v in self._pairs(node, path):
+                key = str(k.value)
+                if k.tag != _STR:
+                    key_v = self._construct(k, _join(path, key))
+                    if not isinstance(key_v, str):
+                        self.fail(k, f"{_join(path, key)}: option keys must be strings")
+                out[key] = self._plain(v, _join(path, key), inner)
+            return out
+        if isinstance(node, yaml.SequenceNode):
+            return [self._plain(item, f"{path}[{i}]", inner) for i, item in enumerate(node.value)]
+        sv = self._scalar(node, path)
+        if sv.env_vars and isinstance(sv.value, str) and sv.value:
+            self._env_strings.add(sv.value)
+        return self._retyped(sv)
+
+    # -- sections ---------------------------------------------------------
+
+    def _router(self, root: yaml.MappingNode) -> RouterConfig:
+        sections: dict[str, Callable[[yaml.ScalarNode, yaml.Node], Any]] = {
+            "listen": lambda k, v: self._listen(v),
+            "api_keys": lambda k, v: self._api_keys(v),
+            "adapter": self._adapter,
+            "store": lambda k, v: self._store(v),
+            "timeouts": lambda k, v: self._timeouts(v),
+            "limits": lambda k, v: self._limits(v),
+            "health": lambda k, v: self._health(v),
+            "instances": lambda k, v: self._instances(v),
+        }
+        top = self._mapping(root, "", tuple(sections))
+        values: dict[str, Any] = {}
+        for key, (k, v) in top.items():  # in file order
+            values[key] = sections[key](k, v)
+        if "instances" not in values:
+            self.fail(root, "instances: missing required key (list at least one instance)")
+        return RouterConfig(source=self.file, **values)
+
+    def _listen(self, node: yaml.Node) -> ListenConfig:
+        m = self._mapping(node, "listen", ("host", "port"))
+        d = ListenConfig()
+        host = self._str(m["host"][1], "listen.host") if "host" in m else d.host
+        if any(c.isspace() for c in host):
+            self.fail(m["host"][1], f"listen.host: must not contain whitespace, got {host!r}")
+        port = self._int(m["port"][1], "listen.port", 0, 65535) if "port" in m else d.port
+        return ListenConfig(host=host, port=port)
+
+    def _api_keys(self, node: yaml.Node) -> tuple[str, ...]:
+        if isinstance(node, yaml.ScalarNode) and node.tag != _NULL:
+            return (self._str(node, "api_keys", secret=True),)
+        if not isinstance(node, yaml.SequenceNode):
+            self.fail(
+                node,
+                f"api_keys: must be a list of strings or one string, got {self._node_kind(node)}"
+                " (omit the key, or write [], to disable client authentication)",
+            )
+        keys: list[str] = []
+        for i, item in enumerate(node.value):
+            path = f"api_keys[{i}]"
+            v = self._scalar(item, path, secret=True)
+            if v.env_vars and v.value == "":
+                continue  # an optional key, e.g. "${ROUTER_API_KEY_NEXT:-}", left unset
+            key = self._str(item, path, secret=True)
+            if key not in keys:
+                keys.append(key)
+        if node.value and not keys:
+            self.fail(
+                node,
+                "api_keys: every entry expanded to an empty string, which would disable "
+                "client authentication; write api_keys: [] to disable it on purpose",
+            )
+        return tuple(keys)
+
+    def _adapter(self, key_node: yaml.ScalarNode, node: yaml.Node) -> AdapterConfig:
+        m = self._mapping(node, "adapter", ("kind", "options"))
+        kind = AdapterConfig().kind
+        if "kind" in m:
+            kind_node = m["kind"][1]
+            kind = self._str(kind_node, "adapter.kind")
+            if kind not in ADAPTER_KINDS:
+                self.fail(
+                    kind_node,
+                    f"adapter.kind: unknown adapter {kind!r}{_suggest(kind, ADAPTER_KINDS)}",
+                )
+        options: dict[str, Any] = {}
+        if "options" in m:
+            opt_node = m["options"][1]
+            if not (
+                isinstance(opt_node, yaml.MappingNode)
+                or (isinstance(opt_node, yaml.ScalarNode) and opt_node.tag == _NULL)
+            ):
+                self.fail(
+                    opt_node, f"adapter.options: must be a mapping, got {self._node_kind(opt_node)}"
+                )
+            if isinstance(opt_node, yaml.MappingNode):
+                options = self._plain(opt_node, "adapter.options")
+        cfg = AdapterConfig(kind=kind, options=options)
+        self._validate_adapter(key_node, cfg)
+        return cfg
+
+    def _validate_adapter(self, key_node: yaml.Node, cfg: AdapterConfig) -> None:
+        build = _build_adapter_fn()
+        if build is None:
+            return
+        try:
+            build(cfg)
+        except (ValueError, TypeError) as exc:
+            reason = str(exc)
+            for secret in sorted(self._env_strings, key=len, reverse=True):
+                reason = reason.replace(secret, "***")
+            self.fail(key_node, f"adapter: invalid {cfg.kind} adapter settings: {reason}")
+
+    def _store(self, node: yaml.Node) -> StoreConfig:
+        m = self._mapping(node, "store", ("url", "key_prefix"))
+        d = StoreConfig()
+        url = d.url
+        if "url" in m:
+            url_node = m["url"][1]
+            url = self._str(url_node, "store.url", secret=True)
+            reason = _store_url_problem(url)
+            if reason:
+                self.fail(url_node, f"store.url: {reason}")
+        prefix = d.key_prefix
+        if "key_prefix" in m:
+            p_node = m["key_prefix"][1]
+            prefix = self._str(p_node, "store.key_prefix")
+            if any(c.isspace() for c in prefix):
+                self.fail(p_node, f"store.key_prefix: must not contain whitespace, got {prefix!r}")
+        return StoreConfig(url=url, key_prefix=prefix)
+
+    def _timeouts(self, node: yaml.Node) -> Timeouts:
+        m = self._mapping(node, "timeouts", ("connect", "read", "idle_keepalive"))
+        d = Timeouts()
+        vals = {k: self._positive(v, f"timeouts.{k}") for k, (_, v) in m.items()}
+        return Timeouts(
+            connect=vals.get("connect", d.connect),
+            read=vals.get("read", d.read),
+            idle_keepalive=vals.get("idle_keepalive", d.idle_keepalive),
+        )
+
+    def _limits(self, node: yaml.Node) -> Limits:
+        m = self._mapping(node, "limits", ("max_body_bytes", "max_connections_per_instance"))
+        d = Limits()
+        body = d.max_body_bytes
+        if "max_body_bytes" in m:
+            body = self._size(m["max_body_bytes"][1], "limits.max_body_bytes")
+        conns = d.max_connections_per_instance
+        if "max_connections_per_instance" in m:
+            conns = self._int(
+                m["max_connections_per_instance"][1], "limits.max_connections_per_instance", 0
+            )
+        return Limits(max_body_bytes=body, max_connections_per_instance=conns)
+
+    def _health(self, node: yaml.Node) -> HealthConfig:
+        m = self._mapping(node, "health", ("interval", "timeout", "rise", "fall"))
+        d = HealthConfig()
+        interval = self._positive(m["interval"][1], "health.interval") if "interval" in m else None
+        timeout = self._positive(m["timeout"][1], "health.timeout") if "timeout" in m else None
+        rise = self._int(m["rise"][1], "health.rise", 1) if "rise" in m else d.rise
+        fall = self._int(m["fall"][1], "health.fall", 1) if "fall" in m else d.fall
+        iv = d.interval if interval is None else interval
+        to = d.timeout if timeout is None else timeout
+        if to >= iv:
+            where = m["timeout"][1] if "timeout" in m else m["interval"][1]
+            to_s = f"{to:g}" if timeout is not None else f"default {to:g}"
+            iv_s = f"{iv:g}" if interval is not None else f"default {iv:g}"
+            self.fail(
+                where,
+                f"health.timeout ({to_s}) must be less than health.interval ({iv_s}), "
+                "so one check ends before the next begins",
+            )
+        return HealthConfig(interval=iv, timeout=to, rise=rise, fall=fall)
+
+    def _instances(self, node: yaml.Node) -> tuple[InstanceConfig, ...]:
+        if not isinstance(node, yaml.SequenceNode) or not node.value:
+            got = "an empty list" if isinstance(node, yaml.SequenceNode) else self._node_kind(node)
+            self.fail(node, f"instances: must be a non-empty list of instances, got {got}")
+        out: list[InstanceConfig] = []
+        names: dict[str, tuple[int, int]] = {}
+        urls: dict[str, tuple[int, int]] = {}
+        for i, item in enumerate(node.value):
+            path = f"instances[{i}]"
+            inst, m = self._instance(item, path)
+            if inst.name in names:
+                j, line = names[inst.name]
+                self.fail(
+                    m["name"][1],
+                    f"{path}.name: duplicate instance name {inst.name!r} "
+                    f"(also instances[{j}] at line {line})",
+                )
+            names[inst.name] = (i, _line(m["name"][1]))
+            ukey = _url_identity(inst.url)
+            if ukey in urls:
+                j, line = urls[ukey]
+                self.fail(
+                    m["url"][1],
+                    f"{path}.url: {inst.url} is already used by instances[{j}] (line {line})",
+                )
+            urls[ukey] = (i, _line(m["url"][1]))
+            out.append(inst)
+        return tuple(out)
+
+    def _instance(
+        self, node: yaml.Node, path: str
+    ) -> tuple[InstanceConfig, dict[str, tuple[yaml.ScalarNode, yaml.Node]]]:
+        m = self._mapping(node, path, _INSTANCE_KEYS, required=("name", "url"))
+        defaults = InstanceConfig(name="", url="")
+        d_max, d_weight = defaults.max_sessions, defaults.weight
+
+        name_node = m["name"][1]
+        name = self._str(name_node, f"{path}.name")
+        if not INSTANCE_NAME_RE.fullmatch(name):
+            self.fail(
+                name_node,
+                f"{path}.name: must be 1-63 characters of letters, digits, '_', '.', '-' "
+                f"starting with a letter or digit, got {name!r}",
+            )
+        url = self._instance_url(m["url"][1], f"{path}.url")
+        max_sessions = (
+            self._int(m["max_sessions"][1], f"{path}.max_sessions", 1)
+            if "max_sessions" in m
+            else d_max
+        )
+        weight = self._positive(m["weight"][1], f"{path}.weight") if "weight" in m else d_weight
+        api_key: str | None = None
+        if "api_key" in m:
+            key_node = m["api_key"][1]
+            if not (isinstance(key_node, yaml.ScalarNode) and key_node.tag == _NULL):
+                api_key = self._str(key_node, f"{path}.api_key", secret=True)
+        inst = InstanceConfig(
+            name=name, url=url, max_sessions=max_sessions, weight=weight, api_key=api_key
+        )
+        return inst, m
+
+    def _instance_url(self, node: yaml.Node, path: str) -> str:
+        v = self._scalar(node, path)
+        raw = v.value
+        if not isinstance(raw, str) or not raw.strip():
+            self.fail(node, f"{path}: must be an http:// or https:// URL, got {v.shown()}")
+        shown = v.shown()
+        try:
+            parts = urlsplit(raw.strip())
+            port = parts.port
+        except ValueError as exc:
+            self.fail(node, f"{path}: not a valid URL ({exc}): {shown}")
+        problem = None
+        if parts.scheme.lower() not in ("http", "https"):
+            problem = "must start with http:// or https://"
+        elif parts.username is not None or parts.password is not None:
+            # Do not echo: the user-info part is a credential.
+            self.fail(node, f"{path}: must not contain credentials (user:password@); use api_key")
+        elif not parts.hostname:
+            problem = "has no host"
+        elif port == 0:
+            problem = "port must be in 1..65535"
+        elif parts.query or raw.rstrip().endswith("?"):
+            problem = "must not have a query string"
+        elif parts.fragment or "#" in raw:
+            problem = "must not have a fragment"
+        elif any(c.isspace() for c in raw.strip()):
+            problem = "must not contain whitespace"
+        if problem:
+            self.fail(node, f"{path}: {problem}, got {shown}")
+        clean = SplitResult(parts.scheme.lower(), parts.netloc, parts.path.rstrip("/"), "", "")
+        return urlunsplit(clean)
+
+
+_INSTANCE_KEYS = ("name", "url", "max_sessions", "weight", "api_key")
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _suggest(word: str, choices: tuple[str, ...]) -> str:
+    lower = {c.lower(): c for c in choices}
+    if word.lower() in lower:
+        return f"; did you mean {lower[word.lower()]!r}?"
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    if not close:
+        close = difflib.get_close_matches(word.lower(), list(lower), n=1, cutoff=0.6)
+        close = [lower[c] for c in close]
+    if close:
+        return f"; did you mean {close[0]!r}?"
+    return f" (expected one of: {', '.join(choices)})"
+
+
+def _url_identity(url: str) -> str:
+    """Two instance URLs that reach the same place compare equal."""
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    return f"{parts.scheme}://{(parts.hostname or '').lower()}:{port}{parts.path.rstrip('/')}"
+
+
+def _store_url_problem(url: str) -> str | None:
+    """Why ``url`` is not a usable store URL, without echoing it (passwords)."""
+    if url == "memory":
+        return None
+    expected = "must be 'memory' or a redis://, rediss:// or unix:// URL"
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - validates the port
+    except ValueError:
+        return f"{expected}; the URL does not parse"
+    scheme = parts.scheme.lower()
+    if scheme in ("redis", "rediss"):
+        if not parts.hostname:
+            return f"{scheme}:// URL has no host (write {scheme}://HOST:6379/0)"
+        db = parts.path.lstrip("/")
+        if db and not db.isdigit():
+            return f"{scheme}:// URL path must be a database number (like /0)"
+        return None
+    if scheme == "unix":
+        if not parts.path:
+            return "unix:// URL has no socket path (write unix:///run/redis.sock)"
+        return None
+    if not scheme:
+        return f"{expected}, got a value without a scheme"
+    return f"{expected}, got scheme {scheme!r}"
+
+
+_BuildFn = Callable[[AdapterConfig], object]
+
+
+def _build_adapter_fn() -> _BuildFn | None:
+    """``router.adapters.build_adapter`` if it exists yet, else None."""
+    try:
+        from router import adapters
+    except ModuleNotFoundError as exc:
+        if exc.name in ("router.adapters", "router"):
+            return None
+        raise
+    fn = getattr(adapters, "build_adapter", None)
+    return fn if callable(fn) else None

@@ -1,0 +1,37 @@
+"""Where a new session goes: the placeable instance with the lowest load.
+
+Load is sessions / (max_sessions * weight); ``max_sessions`` is a hard cap.
+Ties go to the instance with fewer sessions, then to config order, so the
+choice is deterministic and testable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+from router.instances import Instance
+
+
+def load_ratio(inst: Instance, sessions: int) -> float:
+    return sessions / (inst.config.max_sessions * inst.config.weight)
+
+
+def choose(
+    instances: Iterable[Instance],
+    counts: Mapping[str, int],
+    *,
+    exclude: frozenset[str] = frozenset(),
+) -> Instance | None:
+    """The instance a new session should start on, or None when the fleet is full."""
+    best: Instance | None = None
+    best_key: tuple[float, int] | None = None
+    for inst in instances:
+        if not inst.placeable or inst.name in exclude:
+            continue
+        n = counts.get(inst.name, 0)
+        if n >= inst.config.max_sessions:
+            continue
+        key = (load_ratio(inst, n), n)
+        if best_key is None or key < best_key:
+            best, best_key = inst, key
+    return best

@@ -1,0 +1,115 @@
+"""Which instance owns a session: cache, then store, then ask the instances.
+
+Design principle 2, "never guess": a session nobody has mapped is looked for
+on every reachable instance (the adapter's probe, in parallel) and only
+recorded once an instance says it runs it. Concurrent requests for the same
+unknown session share one lookup (single-flight).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import aiohttp
+
+from router.adapters.base import Adapter, SessionInfo, SessionStatus
+from router.instances import Fleet, Instance
+from router.sessionmap import SessionMap
+from router.store.base import StoreUnavailable
+
+log = logging.getLogger(__name__)
+
+# Order in which to prefer copies when a session answers on several instances.
+_PREFERENCE = {
+    SessionStatus.READY: 0,
+    SessionStatus.STARTING: 1,
+    SessionStatus.NEEDS_AUTH: 2,
+    SessionStatus.FAILED: 3,
+    SessionStatus.STOPPED: 4,
+}
+
+
+class Resolver:
+    def __init__(self, smap: SessionMap, probe_timeout: float = 2.0) -> None:
+        self.smap = smap
+        self.probe_timeout = probe_timeout
+        self._inflight: dict[str, asyncio.Future[Instance | None]] = {}
+
+    async def owner(self, session: str, fleet: Fleet, adapter: Adapter) -> Instance | None:
+        """The instance running ``session``, or None when it runs nowhere."""
+        name = self.smap.cached(session)
+        if name is not None:
+            inst = fleet.get(name)
+            if inst is not None:
+                return inst
+        pending = self._inflight.get(session)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        fut: asyncio.Future[Instance | None] = asyncio.get_running_loop().create_future()
+        self._inflight[session] = fut
+        try:
+            inst = await self._resolve(session, fleet, adapter)
+            fut.set_result(inst)
+            return inst
+        except BaseException as exc:
+            fut.set_exception(exc)
+            # Retrieve it so a lone waiter-less future does not log a warning.
+            fut.exception()
+            raise
+        finally:
+            del self._inflight[session]
+
+    async def _resolve(self, session: str, fleet: Fleet, adapter: Adapter) -> Instance | None:
+        try:
+            name = await self.smap.fetch(session)
+        except StoreUnavailable:
+            log.warning("session store unavailable; locating %s by asking instances", session)
+            name = None
+        if name is not None:
+            inst = fleet.get(name)
+            if inst is not None:
+                return inst
+        found = await self.locate(session, fleet, adapter)
+        if found is not None:
+            await self.record(session, found)
+        return found
+
+    async def record(self, session: str, inst: Instance) -> None:
+        try:
+            await self.smap.assign(session, inst.name)
+        except StoreUnavailable:
+            # assign() updated this replica's cache before the store failed:
+            # keep serving; the next reconcile writes the entry back.
+            log.warning(
+                "session store unavailable; %s -> %s kept in cache only", session, inst.name
+            )
+
+    async def locate(self, session: str, fleet: Fleet, adapter: Adapter) -> Instance | None:
+        """Probe every healthy instance in parallel; the best copy wins."""
+        candidates = fleet.healthy()
+        if not candidates:
+            return None
+        results = await asyncio.gather(
+            *(self._probe(adapter, inst, session) for inst in candidates)
+        )
+        hits = [(inst, info) for inst, info in zip(candidates, results, strict=True) if info]
+        if not hits:
+            return None
+        if len(hits) > 1:
+            log.warning(
+                "session %s runs on %d instances: %s",
+                session,
+                len(hits),
+                ", ".join(i.name for i, _ in hits),
+            )
+        hits.sort(key=lambda h: _PREFERENCE.get(h[1].status, 9))
+        return hits[0][0]
+
+    async def _probe(self, adapter: Adapter, inst: Instance, session: str) -> SessionInfo | None:
+        try:
+            async with asyncio.timeout(self.probe_timeout):
+                return await adapter.probe(inst.http, inst.config, session)
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            log.info("probe of %s on %s failed: %r", session, inst.name, exc)
+            return None

@@ -1,0 +1,35 @@
+"""Everything a request needs, behind one reference that a reload swaps.
+
+The proxy reads ``runtime.config``, ``runtime.adapter`` and ``runtime.fleet``
+once per request; a reload builds new ones and assigns them, so a request
+in flight keeps a consistent set.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+from router.adapters.base import Adapter
+from router.config import RouterConfig
+from router.instances import Fleet, Instance
+from router.resolver import Resolver
+from router.sessionmap import SessionMap
+
+
+@dataclass(slots=True)
+class Runtime:
+    config: RouterConfig
+    adapter: Adapter
+    fleet: Fleet
+    smap: SessionMap
+    resolver: Resolver
+    api_keys: frozenset[str] = frozenset()
+    _rr: itertools.count[int] = field(default_factory=itertools.count)
+
+    def any_instance(self) -> Instance | None:
+        """A healthy instance for a request that names no session (round robin)."""
+        healthy = self.fleet.healthy()
+        if not healthy:
+            return None
+        return healthy[next(self._rr) % len(healthy)]

@@ -1,0 +1,107 @@
+"""Build and run one simulated instance."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable
+
+from aiohttp import web
+
+from router.simulator import blazz, control, waha
+from router.simulator.context import SIM, SimContext
+from router.simulator.faults import fault_middleware
+from router.simulator.options import SimulatorOptions
+from router.simulator.recorder import Recorder
+from router.simulator.sessions import AuthStore, SessionRegistry
+
+READY_PREFIX = "SIMULATOR READY"
+# Big enough for base64 media in a WAHA sendImage body.
+CLIENT_MAX_SIZE = 64 * 1024 * 1024
+
+
+def build_app(opts: SimulatorOptions) -> web.Application:
+    """An aiohttp application speaking ``opts.dialect``, plus ``/_sim/*``."""
+    registry = SessionRegistry(
+        opts.name, AuthStore(opts.auth_dir), opts.start_delay, opts.auto_auth
+    )
+    ctx = SimContext(opts, registry, Recorder(opts.name, opts.record))
+    app = web.Application(
+        middlewares=[fault_middleware(ctx.faults)], client_max_size=CLIENT_MAX_SIZE
+    )
+    app[SIM] = ctx
+    control.setup(app)
+    (waha if opts.dialect == "waha" else blazz).setup(app)
+    app.on_startup.append(_on_startup)
+    app.on_shutdown.append(_on_shutdown)
+    app.on_cleanup.append(_on_cleanup)
+    return app
+
+
+async def _on_startup(app: web.Application) -> None:
+    app[SIM].recorder.open()
+
+
+async def _on_shutdown(app: web.Application) -> None:
+    for ws in list(app[SIM].websockets):
+        await ws.close(code=1001, message=b"server shutdown")
+
+
+async def _on_cleanup(app: web.Application) -> None:
+    ctx = app[SIM]
+    ctx.sessions.close()
+    ctx.recorder.close()
+
+
+def _url(sockname: tuple[str, int] | tuple[str, int, int, int]) -> str:
+    host, port = sockname[0], sockname[1]
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+async def _watch_parent(parent_pid: int, stop: Callable[[], None]) -> None:
+    # Polling: there is no event for "my parent died" short of prctl.
+    while True:
+        await asyncio.sleep(0.5)
+        if os.getppid() != parent_pid:
+            stop()
+            return
+
+
+async def serve(opts: SimulatorOptions) -> None:
+    """Listen, print the READY line, run until SIGTERM/SIGINT (or the parent dies)."""
+    runner = web.AppRunner(build_app(opts), access_log=None, shutdown_timeout=1.0)
+    await runner.setup()
+    site = web.TCPSite(runner, opts.host, opts.port)
+    await site.start()
+    print(f"{READY_PREFIX} {_url(runner.addresses[0])}", flush=True)
+
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    watcher = None
+    if opts.parent_pid is not None:
+        watcher = asyncio.create_task(_watch_parent(opts.parent_pid, stopping.set))
+    try:
+        await stopping.wait()
+    finally:
+        if watcher is not None:
+            watcher.cancel()
+        await runner.cleanup()
+
+
+def run(opts: SimulatorOptions) -> None:
+    """Blocking: serve ``opts`` until SIGTERM/SIGINT, on uvloop when available."""
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        loop_factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(serve(opts))

@@ -1,0 +1,35 @@
+"""The per-process state every handler reaches through ``request.app``."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Final
+
+from aiohttp import web
+
+from router.simulator.faults import FaultSwitch
+from router.simulator.options import SimulatorOptions
+from router.simulator.recorder import Recorder
+from router.simulator.sessions import SessionRegistry
+
+
+@dataclass(slots=True)
+class SimContext:
+    options: SimulatorOptions
+    sessions: SessionRegistry
+    recorder: Recorder
+    faults: FaultSwitch = field(default_factory=FaultSwitch)
+    started_at: float = field(default_factory=time.time)
+    websockets: set[web.WebSocketResponse] = field(default_factory=set)
+
+    @property
+    def name(self) -> str:
+        return self.options.name
+
+
+SIM: Final = web.AppKey("sim", SimContext)
+
+
+def sim(request: web.Request) -> SimContext:
+    return request.app[SIM]

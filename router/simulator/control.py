@@ -1,0 +1,178 @@
+"""``/_sim/*``: test control (no auth, never faulted) and streaming helpers.
+
+Control: ``GET /_sim/sent``, ``GET /_sim/state``, ``GET|POST /_sim/fault``,
+``POST /_sim/sessions/{s}/pair``.
+Proxy helpers: ``/_sim/stream``, ``/_sim/sse``, ``/_sim/gzip``, ``/_sim/big``,
+``/_sim/echo/{tail}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import hashlib
+import json
+import os
+import time
+
+from aiohttp import web
+
+from router.simulator.context import sim
+from router.simulator.faults import Fault, crash
+from router.simulator.sessions import SimSession
+from router.simulator.util import echo, json_object
+
+GZIP_TEXT = ("The router must pass this gzip body through untouched.\n" * 64).encode()
+GZIP_BODY = gzip.compress(GZIP_TEXT, mtime=0)
+BIG_BLOCK = bytes(range(256)) * 256  # 64 KiB pattern for /_sim/big
+
+
+def _session_state(s: SimSession) -> dict[str, object]:
+    return {
+        "name": s.name,
+        "status": s.status.value,
+        "workspace_id": s.workspace_id,
+        "phone": s.phone,
+        "connected_at": s.connected_at,
+    }
+
+
+async def sent(request: web.Request) -> web.Response:
+    ctx = sim(request)
+    return web.json_response({"instance": ctx.name, "sent": ctx.recorder.records})
+
+
+async def state(request: web.Request) -> web.Response:
+    ctx = sim(request)
+    return web.json_response(
+        {
+            "instance": ctx.name,
+            "dialect": ctx.options.dialect,
+            "pid": os.getpid(),
+            "started_at": ctx.started_at,
+            "fault": ctx.faults.current.as_dict(),
+            "sessions": [_session_state(s) for s in ctx.sessions.sessions.values()],
+            "websockets": len(ctx.websockets),
+        }
+    )
+
+
+async def get_fault(request: web.Request) -> web.Response:
+    return web.json_response(sim(request).faults.current.as_dict())
+
+
+async def set_fault(request: web.Request) -> web.StreamResponse:
+    ctx = sim(request)
+    try:
+        fault = Fault.parse(await json_object(request))
+    except ValueError as exc:
+        return web.json_response({"error": str(exc)}, status=400)
+    if fault.mode == "crash" and fault.paths is None:
+        resp = web.json_response({"instance": ctx.name, "crashing": True})
+        await resp.prepare(request)
+        await resp.write_eof()
+        crash()
+    ctx.faults.set(fault)
+    return web.json_response({"instance": ctx.name, "fault": fault.as_dict()})
+
+
+async def pair(request: web.Request) -> web.Response:
+    ctx = sim(request)
+    session = ctx.sessions.get(request.match_info["session"])
+    if session is None:
+        return web.json_response({"error": "Session not found"}, status=404)
+    ctx.sessions.pair(session)
+    return web.json_response(_session_state(session))
+
+
+def _number(request: web.Request, name: str, default: float) -> float:
+    try:
+        return float(request.query.get(name, default))
+    except ValueError:
+        raise web.HTTPBadRequest(text=f"{name} must be a number") from None
+
+
+async def stream(request: web.Request) -> web.StreamResponse:
+    """``n`` JSON lines, one per chunk, ``interval`` seconds apart."""
+    n, interval = int(_number(request, "n", 5)), _number(request, "interval", 0.05)
+    resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+    resp.enable_chunked_encoding()
+    await resp.prepare(request)
+    for i in range(n):
+        if i:
+            await asyncio.sleep(interval)
+        await resp.write(json.dumps({"i": i, "ts": time.time()}).encode() + b"\n")
+    await resp.write_eof()
+    return resp
+
+
+async def sse(request: web.Request) -> web.StreamResponse:
+    n, interval = int(_number(request, "n", 5)), _number(request, "interval", 0.05)
+    resp = web.StreamResponse(
+        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+    )
+    await resp.prepare(request)
+    for i in range(n):
+        if i:
+            await asyncio.sleep(interval)
+        data = json.dumps({"i": i, "ts": time.time()})
+        await resp.write(f"id: {i}\nevent: tick\ndata: {data}\n\n".encode())
+    await resp.write_eof()
+    return resp
+
+
+async def gzipped(request: web.Request) -> web.Response:
+    """A pre-gzipped body; headers carry the hashes of both forms."""
+    return web.Response(
+        body=GZIP_BODY,
+        headers={
+            "Content-Type": "text/plain; charset=utf-8",
+            "Content-Encoding": "gzip",
+            "X-Sim-Sha256": hashlib.sha256(GZIP_BODY).hexdigest(),
+            "X-Sim-Plain-Sha256": hashlib.sha256(GZIP_TEXT).hexdigest(),
+        },
+    )
+
+
+def _big_chunks(size: int) -> list[memoryview]:
+    block = memoryview(BIG_BLOCK)
+    return [block[: min(len(block), size - off)] for off in range(0, size, len(block))]
+
+
+async def big(request: web.Request) -> web.StreamResponse:
+    """``bytes`` bytes of a fixed pattern; ``?chunked=1`` omits Content-Length."""
+    size = int(_number(request, "bytes", 1024 * 1024))
+    chunks = _big_chunks(size)
+    digest = hashlib.sha256()
+    for chunk in chunks:
+        digest.update(chunk)
+    resp = web.StreamResponse(
+        headers={"Content-Type": "application/octet-stream", "X-Sim-Sha256": digest.hexdigest()}
+    )
+    if request.query.get("chunked") in ("1", "true"):
+        resp.enable_chunked_encoding()
+    else:
+        resp.content_length = size
+    await resp.prepare(request)
+    for chunk in chunks:
+        await resp.write(chunk)
+    await resp.write_eof()
+    return resp
+
+
+async def echo_any(request: web.Request) -> web.Response:
+    return web.json_response(await echo(request, sim(request).name, None))
+
+
+def setup(app: web.Application) -> None:
+    r = app.router
+    r.add_get("/_sim/sent", sent)
+    r.add_get("/_sim/state", state)
+    r.add_get("/_sim/fault", get_fault)
+    r.add_post("/_sim/fault", set_fault)
+    r.add_post("/_sim/sessions/{session}/pair", pair)
+    r.add_get("/_sim/stream", stream)
+    r.add_get("/_sim/sse", sse)
+    r.add_get("/_sim/gzip", gzipped)
+    r.add_get("/_sim/big", big)
+    r.add_route("*", "/_sim/echo/{tail:.*}", echo_any)

@@ -1,0 +1,185 @@
+"""The shared store: one redis hash, ``{key_prefix}sessions``, field = session id.
+
+A single hash keeps the whole map in one key (HGET / HSET / HDEL on the hot
+write path, HSCAN to list it), so several router replicas share one view
+and a router restart keeps it.
+
+Failure behaviour, which the proxy relies on:
+
+* every call is bounded: connect ~1 s, each command ~1 s, waiting for a
+  pooled connection ~1 s; a redis that is down or hung costs a caller at
+  most a couple of seconds, never a hang;
+* every redis / socket error becomes ``StoreUnavailable`` with a one-line
+  message (no password, no redis traceback chained to it);
+* a redis restart is survived: a pooled connection found dead is dropped
+  and the command retried once on a fresh connection (all commands used
+  here are idempotent), and idle connections are PINGed before reuse
+  (``health_check_interval``). Nothing has to be reset by the caller.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Iterator, Mapping
+from itertools import islice
+from typing import NoReturn, cast
+from urllib.parse import urlsplit
+
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+
+from router.store.base import SessionStore, StoreUnavailable
+
+# Everything a redis call may raise that means "the store cannot answer".
+# (``TimeoutError`` and ``asyncio.TimeoutError`` are ``OSError`` on 3.11.)
+_ERRORS: tuple[type[BaseException], ...] = (RedisError, OSError)
+
+
+def redact_url(url: str) -> str:
+    """``url`` without credentials or query string, safe for logs and errors."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        return "<invalid redis url>"
+    return f"{parts.scheme}://{host}{port}{parts.path}"
+
+
+class RedisStore(SessionStore):
+    def __init__(
+        self,
+        url: str,
+        *,
+        key_prefix: str = "wa-router:",
+        connect_timeout: float = 1.0,
+        op_timeout: float = 1.0,
+        health_check_interval: float = 10.0,
+        max_connections: int = 64,
+        batch: int = 1000,
+    ) -> None:
+        """Build the client and its pool; no I/O happens until the first call.
+
+        ``url`` is a redis://, rediss:// or unix:// URL (``ValueError`` if not).
+        ``batch`` is the HSCAN COUNT hint and the number of fields per HSET
+        in ``set_many``.
+        """
+        if batch < 1:
+            raise ValueError("batch must be >= 1")
+        self.key = f"{key_prefix}sessions"
+        self.where = redact_url(url)
+        self._batch = batch
+        pool = BlockingConnectionPool.from_url(
+            url,
+            max_connections=max_connections,
+            # How long a call waits for a free pooled connection.
+            timeout=op_timeout,
+            socket_connect_timeout=connect_timeout,
+            socket_timeout=op_timeout,
+            socket_keepalive=True,
+            health_check_interval=health_check_interval,
+            decode_responses=True,
+            # One immediate retry on a fresh connection after a connection
+            # error (stale socket after a redis restart). Timeouts are not
+            # retried: a hung redis must cost one timeout, not several.
+            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+        )
+        self._redis: Redis = Redis.from_pool(pool)
+
+    @property
+    def client(self) -> Redis:
+        """The underlying client, for features beside the map (pub/sub, locks)."""
+        return self._redis
+
+    def _fail(self, op: str, exc: BaseException) -> NoReturn:
+        detail = str(exc) or type(exc).__name__
+        raise StoreUnavailable(
+            f"redis {op} at {self.where} failed: {type(exc).__name__}: {detail}"
+        ) from None
+
+    async def get(self, session: str) -> str | None:
+        try:
+            value = await self._redis.hget(self.key, session)
+        except _ERRORS as exc:
+            self._fail("HGET", exc)
+        return cast("str | None", value)  # decode_responses=True: str, never bytes
+
+    async def set(self, session: str, instance: str) -> None:
+        try:
+            await self._redis.hset(self.key, session, instance)
+        except _ERRORS as exc:
+            self._fail("HSET", exc)
+
+    async def set_many(self, mapping: Mapping[str, str]) -> None:
+        """Write in HSETs of ``batch`` fields, up to 10 HSETs per pipeline round trip.
+
+        Not atomic as a whole: on ``StoreUnavailable`` a prefix may be written.
+        """
+        items = iter(mapping.items())
+        while True:
+            chunks = list(islice(_chunks(items, self._batch), 10))
+            if not chunks:
+                return
+            try:
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for chunk in chunks:
+                        pipe.hset(self.key, items=chunk)
+                    await pipe.execute()
+            except _ERRORS as exc:
+                self._fail("HSET (pipeline)", exc)
+
+    async def delete(self, session: str) -> None:
+        try:
+            await self._redis.hdel(self.key, session)
+        except _ERRORS as exc:
+            self._fail("HDEL", exc)
+
+    async def scan(self) -> AsyncIterator[tuple[str, str]]:
+        """HSCAN in batches. Like HSCAN itself, may yield a pair more than once."""
+        cursor: int = 0
+        while True:
+            try:
+                result = await self._redis.hscan(self.key, cursor, count=self._batch)
+            except _ERRORS as exc:
+                self._fail("HSCAN", exc)
+            cursor, chunk = result
+            for session, instance in cast("dict[str, str]", chunk).items():
+                yield session, instance
+            if cursor == 0:
+                return
+
+    async def ping(self) -> bool:
+        try:
+            return bool(await self._redis.ping())
+        except _ERRORS:
+            return False
+
+    async def count(self) -> int:
+        """Number of mapped sessions (HLEN)."""
+        try:
+            return int(await self._redis.hlen(self.key))
+        except _ERRORS as exc:
+            self._fail("HLEN", exc)
+
+    async def clear(self) -> None:
+        """Drop the whole map (admin / tests)."""
+        try:
+            await self._redis.delete(self.key)
+        except _ERRORS as exc:
+            self._fail("DEL", exc)
+
+    async def close(self) -> None:
+        with contextlib.suppress(*_ERRORS):
+            await self._redis.aclose()
+
+
+def _chunks(items: Iterator[tuple[str, str]], size: int) -> Iterator[list[str]]:
+    """Flat ``[field, value, field, value, ...]`` lists of ``size`` pairs each."""
+    while True:
+        chunk = [part for pair in islice(items, size) for part in pair]
+        if not chunk:
+            return
+        yield chunk

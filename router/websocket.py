@@ -1,0 +1,154 @@
+"""WebSocket proxying (WAHA ``/ws?session=…``), one session or fanned out.
+
+``session=*`` means "events of every session": the router opens one upstream
+socket per healthy instance and merges what they send; frames from the
+client go to all of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+import aiohttp
+from aiohttp import web
+
+from router.adapters.base import UpstreamRequest
+from router.errors import REQUEST_ID_HEADER, RouterError
+from router.instances import Instance
+
+if TYPE_CHECKING:
+    from router.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+# Headers the WebSocket handshake owns; aiohttp's client sets its own.
+_WS_DROP = frozenset(
+    {
+        "sec-websocket-key",
+        "sec-websocket-version",
+        "sec-websocket-extensions",
+        "sec-websocket-protocol",
+    }
+)
+
+
+def _ws_headers(ureq: UpstreamRequest) -> dict[str, str]:
+    return {k: v for k, v in ureq.headers.items() if k.lower() not in _WS_DROP}
+
+
+def _ws_url(inst: Instance, ureq: UpstreamRequest) -> str:
+    from urllib.parse import urlencode
+
+    base = str(inst.base) + ureq.path
+    return base + ("?" + urlencode(list(ureq.query.items())) if ureq.query else "")
+
+
+async def _connect(
+    inst: Instance, ureq: UpstreamRequest, protocols: tuple[str, ...]
+) -> aiohttp.ClientWebSocketResponse:
+    try:
+        return await inst.http.ws_connect(
+            _ws_url(inst, ureq),
+            headers=_ws_headers(ureq),
+            protocols=protocols,
+            autoping=True,
+            heartbeat=30,
+        )
+    except aiohttp.WSServerHandshakeError as exc:
+        raise RouterError(
+            exc.status if 400 <= exc.status < 600 else 502,
+            "upstream_ws_refused",
+            f"instance {inst.name} refused the WebSocket ({exc.status})",
+            instance=inst.name,
+        ) from exc
+    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+        raise RouterError(
+            502, "upstream_unreachable", f"instance {inst.name} is unreachable", instance=inst.name
+        ) from exc
+
+
+async def _pump_to_client(
+    up: aiohttp.ClientWebSocketResponse, client: web.WebSocketResponse
+) -> None:
+    async for msg in up:
+        if msg.type is aiohttp.WSMsgType.TEXT:
+            await client.send_str(msg.data)
+        elif msg.type is aiohttp.WSMsgType.BINARY:
+            await client.send_bytes(msg.data)
+        elif msg.type is aiohttp.WSMsgType.ERROR:
+            break
+
+
+async def _pump_to_upstreams(
+    client: web.WebSocketResponse, ups: list[aiohttp.ClientWebSocketResponse]
+) -> None:
+    async for msg in client:
+        for up in ups:
+            if msg.type is aiohttp.WSMsgType.TEXT:
+                await up.send_str(msg.data)
+            elif msg.type is aiohttp.WSMsgType.BINARY:
+                await up.send_bytes(msg.data)
+
+
+async def _bridge(
+    request: web.BaseRequest,
+    ups: list[aiohttp.ClientWebSocketResponse],
+    request_id: str,
+) -> web.WebSocketResponse:
+    client = web.WebSocketResponse(autoping=True)
+    client.headers[REQUEST_ID_HEADER] = request_id
+    await client.prepare(request)
+    tasks = [asyncio.create_task(_pump_to_client(up, client)) for up in ups]
+    tasks.append(asyncio.create_task(_pump_to_upstreams(client, ups)))
+    try:
+        # Either side closing ends the bridge (for a fan-out: the client, or
+        # every upstream).
+        while tasks:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            if tasks[-1] in done or all(t.done() for t in tasks[:-1]):
+                break
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for up in ups:
+            await up.close()
+        await client.close()
+    return client
+
+
+async def proxy_websocket(
+    rt: Runtime,
+    request: web.BaseRequest,
+    ureq: UpstreamRequest,
+    inst: Instance,
+    request_id: str,
+) -> web.StreamResponse:
+    protocols = tuple(
+        p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()
+    )
+    up = await _connect(inst, ureq, protocols)
+    return await _bridge(request, [up], request_id)
+
+
+async def proxy_websocket_fanout(
+    rt: Runtime, request: web.BaseRequest, ureq: UpstreamRequest, request_id: str
+) -> web.StreamResponse:
+    instances = rt.fleet.healthy()
+    if not instances:
+        raise RouterError(503, "no_healthy_instance", "no healthy instance is available")
+    ups: list[aiohttp.ClientWebSocketResponse] = []
+    for inst in instances:
+        per = UpstreamRequest(
+            ureq.method, ureq.path, ureq.query.copy(), ureq.headers.copy(), ureq.json
+        )
+        rt.adapter.apply_credential(per, inst.config)
+        try:
+            ups.append(await _connect(inst, per, ()))
+        except RouterError as exc:
+            log.warning("fan-out WebSocket skips %s: %s", inst.name, exc.message)
+    if not ups:
+        raise RouterError(502, "upstream_unreachable", "no instance accepted the WebSocket")
+    return await _bridge(request, ups, request_id)
