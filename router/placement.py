@@ -35,3 +35,32 @@ def choose(
         if best_key is None or key < best_key:
             best, best_key = inst, key
     return best
+
+
+class Reservations:
+    """Placements decided but not yet confirmed by the instance.
+
+    Without them, a burst of concurrent creates all see the same counts and
+    land on the same "least loaded" instance.
+    """
+
+    def __init__(self) -> None:
+        self._pending: dict[str, int] = {}
+
+    def add(self, instance: str) -> None:
+        self._pending[instance] = self._pending.get(instance, 0) + 1
+
+    def release(self, instance: str) -> None:
+        left = self._pending.get(instance, 0) - 1
+        if left > 0:
+            self._pending[instance] = left
+        else:
+            self._pending.pop(instance, None)
+
+    def with_counts(self, counts: Mapping[str, int]) -> Mapping[str, int]:
+        if not self._pending:
+            return counts
+        merged = dict(counts)
+        for name, n in self._pending.items():
+            merged[name] = merged.get(name, 0) + n
+        return merged

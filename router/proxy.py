@@ -9,6 +9,7 @@ as they arrive); small responses with a known length are sent in one write.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import uuid
@@ -158,8 +159,28 @@ class ProxyHandler:
 
             return await proxy_websocket_fanout(rt, request, ureq, request_id)
 
+        if ext.create and ext.session is not None:
+            lock = rt.create_locks.setdefault(ext.session, asyncio.Lock())
+            try:
+                async with lock:
+                    return await self._send(request, request_id, ureq, body, ext, websocket)
+            finally:
+                if not lock.locked() and rt.create_locks.get(ext.session) is lock:
+                    del rt.create_locks[ext.session]
+        return await self._send(request, request_id, ureq, body, ext, websocket)
+
+    async def _send(
+        self,
+        request: web.BaseRequest,
+        request_id: str,
+        ureq: UpstreamRequest,
+        body: bytes | None,
+        ext: Extraction,
+        websocket: bool,
+    ) -> web.StreamResponse:
+        rt = self.rt
         inst, placed = await self._route(ext)
-        adapter.apply_credential(ureq, inst.config)
+        rt.adapter.apply_credential(ureq, inst.config)
         _add_forwarded(ureq.headers, request, request_id)
         if ureq.json_dirty and ureq.json is not None:
             body = json.dumps(ureq.json, separators=(",", ":")).encode()
@@ -169,7 +190,13 @@ class ProxyHandler:
             from router.websocket import proxy_websocket
 
             return await proxy_websocket(rt, request, ureq, inst, request_id)
-        return await self._forward(request, ureq, body, inst, ext, placed, request_id)
+        if not placed:
+            return await self._forward(request, ureq, body, inst, ext, placed, request_id)
+        rt.reservations.add(inst.name)
+        try:
+            return await self._forward(request, ureq, body, inst, ext, placed, request_id)
+        finally:
+            rt.reservations.release(inst.name)
 
     async def _route(self, ext: Extraction) -> tuple[Instance, bool]:
         """The owner of the request's session; ``placed`` when it is a new placement."""
@@ -192,7 +219,7 @@ class ProxyHandler:
             if inst is None:
                 raise RouterError(503, "no_healthy_instance", "no healthy instance is available")
             return inst, False
-        inst = choose(fleet, rt.smap.counts())
+        inst = choose(fleet, rt.reservations.with_counts(rt.smap.counts()))
         if inst is None:
             raise RouterError(
                 503,

@@ -7,12 +7,14 @@ in flight keeps a consistent set.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from dataclasses import dataclass, field
 
 from router.adapters.base import Adapter
 from router.config import RouterConfig
 from router.instances import Fleet, Instance
+from router.placement import Reservations
 from router.resolver import Resolver
 from router.sessionmap import SessionMap
 
@@ -25,6 +27,10 @@ class Runtime:
     smap: SessionMap
     resolver: Resolver
     api_keys: frozenset[str] = frozenset()
+    reservations: Reservations = field(default_factory=Reservations)
+    # One create per session name at a time, so two concurrent creates of
+    # the same session cannot start it on two instances.
+    create_locks: dict[str, asyncio.Lock] = field(default_factory=dict)
     _rr: itertools.count[int] = field(default_factory=itertools.count)
 
     def any_instance(self) -> Instance | None:

@@ -1130,3 +1130,29 @@ def test_status_enum_values_are_stable() -> None:
 def test_registry_options_must_be_a_mapping() -> None:
     with pytest.raises(ValueError, match=r"adapter\.options: must be a mapping"):
         build_adapter(AdapterConfig("waha", ["timeout"]))  # type: ignore[arg-type]
+
+
+def test_option_errors_do_not_echo_values() -> None:
+    secret = "s3cr3t-token-value"
+    for options in ({"timeout": secret}, {"extra_body_roots": [secret, 1]}):
+        with pytest.raises(ValueError) as info:
+            WahaAdapter(options)
+        assert secret not in str(info.value)
+
+
+def test_generic_accepts_tuples_and_read_only_mappings() -> None:
+    from types import MappingProxyType
+
+    a = GenericAdapter(
+        MappingProxyType(
+            {
+                "session_rules": ({"query": "s"},),
+                "probe": MappingProxyType({"path": "/p/{session}"}),
+                "health": {"path": "/h", "healthy_values": ("ok",)},
+                "start": {"path": "/s", "json": MappingProxyType({"id": "{session}"})},
+                "missing": {"status": (404, 410)},
+            }
+        )
+    )
+    assert extract(a, "GET", "/x?s=abc") == S("abc")
+    assert a.session_missing(410, b"")

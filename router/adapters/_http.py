@@ -18,7 +18,13 @@ from typing import Any
 
 import aiohttp
 
-from router.adapters.base import Adapter, BadSessionId, SessionStatus, valid_session_id
+from router.adapters.base import (
+    Adapter,
+    BadSessionId,
+    Extraction,
+    SessionStatus,
+    valid_session_id,
+)
 from router.config import InstanceConfig
 
 log = logging.getLogger("router.adapters")
@@ -140,7 +146,8 @@ def check_keys(where: str, options: object, allowed: Iterable[str]) -> Mapping[s
 def opt_timeout(where: str, options: Mapping[str, Any]) -> float:
     value = options.get("timeout", DEFAULT_TIMEOUT)
     if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-        raise ValueError(f"{where}.timeout: must be a positive number of seconds, got {value!r}")
+        # values are not echoed: an interpolated ${SECRET} may sit in the wrong key
+        raise ValueError(f"{where}.timeout: must be a positive number of seconds")
     return float(value)
 
 
@@ -148,7 +155,7 @@ def opt_str_list(where: str, value: Any) -> list[str]:
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, list | tuple) or not all(isinstance(v, str) and v for v in value):
-        raise ValueError(f"{where}: must be a list of non-empty strings, got {value!r}")
+        raise ValueError(f"{where}: must be a list of non-empty strings")
     return list(value)
 
 
@@ -170,6 +177,8 @@ class JsonAdapter(Adapter):
     def __init__(self, options: Mapping[str, Any] | None = None) -> None:
         super().__init__(options)
         self.timeout = opt_timeout(OPTIONS_WHERE, self.options)
+        # session id -> Extraction for ids already seen (validated once)
+        self._ids = ExtractionCache()
 
     async def _call(
         self,
@@ -214,3 +223,38 @@ def checked_id(value: object) -> str | None:
         return valid_session_id(value)
     except BadSessionId:
         return None
+
+
+class ExtractionCache:
+    """Valid session id -> its shared ``Extraction``, bounded.
+
+    On the hot path, building a frozen dataclass and running the id regex
+    cost more than everything else ``extract`` does; a session that was seen
+    once is a dict hit afterwards. ``Extraction`` is immutable, so sharing is
+    safe. When full the cache is simply emptied (hostile floods of random
+    valid ids cost one rebuild per ``max_size`` requests, no unbounded growth).
+    """
+
+    __slots__ = ("_items", "_max")
+
+    def __init__(self, max_size: int = 65536) -> None:
+        self._items: dict[str, Extraction] = {}
+        self._max = max_size
+
+    def peek(self, value: str) -> Extraction | None:
+        """The cached extraction of ``value``, without validating a miss."""
+        return self._items.get(value)
+
+    def get(self, value: object) -> Extraction:
+        """The extraction for session ``value``; ``BadSessionId`` when invalid."""
+        if type(value) is str:
+            found = self._items.get(value)
+            if found is not None:
+                return found
+        session = valid_session_id(value)
+        ext = Extraction(session)
+        items = self._items
+        if len(items) >= self._max:
+            items.clear()
+        items[session] = ext
+        return ext

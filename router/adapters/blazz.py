@@ -104,7 +104,7 @@ class BlazzAdapter(JsonAdapter):
                 return _NO_SESSION
             if rest[0] == "/":
                 slash = rest.find("/", 1)
-                return Extraction(valid_session_id(rest[1:] if slash < 0 else rest[1:slash]))
+                return self._ids.get(rest[1:] if slash < 0 else rest[1:slash])
             # "/api/sessionsX": some other route
         elif path.startswith("/api/messages/"):
             rest = path[14:]
@@ -112,11 +112,11 @@ class BlazzAdapter(JsonAdapter):
             seg = rest if slash < 0 else rest[:slash]
             if seg not in _BODY_ACTIONS:
                 if slash >= 0:
-                    return Extraction(valid_session_id(seg))
+                    return self._ids.get(seg)
                 # "/api/messages/{x}" alone is no documented route
                 return self._fallback(req)
             value = self._body_field(req)
-            return _NO_SESSION if value is None else Extraction(valid_session_id(value))
+            return _NO_SESSION if value is None else self._ids.get(value)
         if path.startswith("/api/"):
             return self._fallback(req)
         return _NO_SESSION
@@ -130,7 +130,7 @@ class BlazzAdapter(JsonAdapter):
         value = self._body_field(req)
         if value is None:
             value = req.query.get(_FIELD)
-        return _NO_SESSION if value is None else Extraction(valid_session_id(value))
+        return _NO_SESSION if value is None else self._ids.get(value)
 
     # -- 5. credentials ----------------------------------------------------------
     def client_key(self, req: UpstreamRequest) -> str | None:

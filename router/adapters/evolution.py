@@ -82,20 +82,20 @@ class EvolutionAdapter(JsonAdapter):
         path = req.path
         if path.endswith("/"):
             path = path.rstrip("/")
-        a = path.find("/", 1)
-        if a < 0 or path[0] != "/":
-            return _NO_SESSION
-        b = path.find("/", a + 1)
-        if b < 0:
-            if path == _CREATE_PATH and req.method == "POST":
+        parts = path.split("/")  # "/a/b/c" -> ["", "a", "b", "c"]
+        n = len(parts)
+        if n < 4 or parts[0]:
+            if n == 3 and path == _CREATE_PATH and req.method == "POST":
                 name = req.json.get("instanceName") if req.json is not None else None
                 if name is None or name == "":
                     return _CREATE_UNNAMED
                 return Extraction(valid_session_id(name), create=True)
+            # "/", "/manager", "/instance/fetchInstances": about no instance
             return _NO_SESSION
-        if path[1:a].lower() in self._reserved:
+        root = parts[1]
+        if root in self._reserved or root.lower() in self._reserved:
             return _NO_SESSION
-        return Extraction(valid_session_id(path[path.rfind("/") + 1 :]))
+        return self._ids.get(parts[-1])
 
     # -- 5. credentials ----------------------------------------------------------
     def client_key(self, req: UpstreamRequest) -> str | None:

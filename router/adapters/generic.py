@@ -59,6 +59,7 @@ from router.adapters._http import (
     BODY_METHODS,
     OPTIONS_WHERE,
     CallResult,
+    ExtractionCache,
     JsonAdapter,
     call,
     check_keys,
@@ -142,7 +143,7 @@ def _render(template: Any, session: str) -> Any:
         return template.replace(_PLACEHOLDER, session)
     if isinstance(template, Mapping):
         return {k: _render(v, session) for k, v in template.items()}
-    if isinstance(template, list):
+    if isinstance(template, list | tuple):
         return [_render(v, session) for v in template]
     return template
 
@@ -152,7 +153,7 @@ def _mentions_placeholder(value: Any) -> bool:
         return _PLACEHOLDER in value
     if isinstance(value, Mapping):
         return any(_mentions_placeholder(v) for v in value.values())
-    if isinstance(value, list):
+    if isinstance(value, list | tuple):
         return any(_mentions_placeholder(v) for v in value)
     return False
 
@@ -171,7 +172,7 @@ class _Rule:
     fanout: str | None
     none: bool
 
-    def apply(self, req: UpstreamRequest) -> Extraction | None:
+    def apply(self, req: UpstreamRequest, ids: ExtractionCache) -> Extraction | None:
         if self.methods is not None and req.method not in self.methods:
             return None
         if self.when is not None and self.when.search(req.path) is None:
@@ -195,7 +196,7 @@ class _Rule:
             return self.default
         if self.fanout is not None and value == self.fanout:
             return _FANOUT
-        return Extraction(valid_session_id(_as_id(value)))
+        return ids.get(_as_id(value))
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,7 +245,7 @@ def _parse_call(where: str, kind: str, raw: Any) -> _Call:
         raise ValueError(f"{where}.query: must map parameter names to strings")
     query = {k: str(v) for k, v in query_raw.items()}
     body = opts.get("json")
-    if body is not None and not isinstance(body, Mapping | list):
+    if body is not None and not isinstance(body, Mapping | list | tuple):
         raise ValueError(f"{where}.json: must be a mapping or a list")
     if body is not None and method in ("GET", "HEAD"):
         raise ValueError(f"{where}.json: a {method} call carries no body")
@@ -261,7 +262,7 @@ def _parse_call(where: str, kind: str, raw: Any) -> _Call:
         values = opts["healthy_values"]
         if isinstance(values, str | int | bool):
             values = [values]
-        if not isinstance(values, list) or not values:
+        if not isinstance(values, list | tuple) or not values:
             raise ValueError(f"{where}.healthy_values: must be a non-empty list")
         healthy = frozenset(str(v) for v in values)
     sessions_field = field("sessions_field", "")
@@ -269,7 +270,8 @@ def _parse_call(where: str, kind: str, raw: Any) -> _Call:
         method=method,
         path=path,
         query=query,
-        json=body,
+        # plain dicts / lists (rendering with the placeholder itself is a deep copy)
+        json=_render(body, _PLACEHOLDER),
         sessions_field=sessions_field if kind == "list" else "",
         id_field=field("id_field", "name"),
         status_field=field("status_field", "" if kind == "health" else "status"),
@@ -343,7 +345,7 @@ class GenericAdapter(JsonAdapter):
                 raise ValueError(f"{w}.{required}: required for the generic adapter")
 
         rules_raw = opts["session_rules"]
-        if not isinstance(rules_raw, list):
+        if not isinstance(rules_raw, list | tuple):
             raise ValueError(f"{w}.session_rules: must be a list of rules")
         self._rules: tuple[_Rule, ...] = tuple(
             _parse_rule(f"{w}.session_rules[{i}]", r) for i, r in enumerate(rules_raw)
@@ -399,7 +401,7 @@ class GenericAdapter(JsonAdapter):
             if isinstance(statuses, int):
                 statuses = [statuses]
             if (
-                not isinstance(statuses, list)
+                not isinstance(statuses, list | tuple)
                 or not statuses
                 or not all(
                     isinstance(s, int) and not isinstance(s, bool) and 100 <= s <= 599
@@ -461,7 +463,7 @@ class GenericAdapter(JsonAdapter):
                 return _CREATE_UNNAMED
             return Extraction(valid_session_id(_as_id(value)), create=True)
         for rule in self._rules:
-            found = rule.apply(req)
+            found = rule.apply(req, self._ids)
             if found is not None:
                 return found
         return _NO_SESSION

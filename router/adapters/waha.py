@@ -25,6 +25,7 @@ import aiohttp
 from router.adapters._http import (
     BODY_METHODS,
     OPTIONS_WHERE,
+    ExtractionCache,
     JsonAdapter,
     check_keys,
     checked_id,
@@ -163,6 +164,7 @@ class WahaAdapter(JsonAdapter):
                 raise ValueError(f"{OPTIONS_WHERE}: root {root!r} must be one path segment")
             table[root.lower()] = table[root]
         self._roots: dict[str, int] = table
+        self._path_ids = ExtractionCache()
 
         default = opt_str(
             f"{OPTIONS_WHERE}.default_session", opts.get("default_session", "default")
@@ -175,17 +177,14 @@ class WahaAdapter(JsonAdapter):
         self._default: Extraction = Extraction(default)
 
     # -- 1. where the session id is ------------------------------------------
-    def _root(self, first: str) -> int | None:
-        kind = self._roots.get(first)
-        if kind is None and first:
-            kind = self._roots.get(first.lower())
-        return kind
-
     def needs_body(self, method: str, path: str) -> bool:
         if method not in BODY_METHODS or not path.startswith("/api/"):
             return False
         slash = path.find("/", 5)
-        kind = self._root(path[5:] if slash < 0 else path[5:slash])
+        first = path[5:] if slash < 0 else path[5:slash]
+        kind = self._roots.get(first)
+        if kind is None:
+            kind = self._roots.get(first.lower())
         if kind == _FIELD:
             return True
         if kind == _SESSIONS and method == "POST":
@@ -197,13 +196,23 @@ class WahaAdapter(JsonAdapter):
         path = req.path
         if path.startswith("/api/"):
             slash = path.find("/", 5)
-            first = path[5:] if slash < 0 else path[5:slash]
-            kind = self._root(first)
+            if slash >= 0:
+                first = path[5:slash]
+                # the common case: a session seen before in /api/{session}/...
+                hit = self._path_ids.peek(first)
+                if hit is not None:
+                    return hit
+            else:
+                first = path[5:]
+            kind = self._roots.get(first)
+            if kind is None:
+                kind = self._roots.get(first.lower())
             if kind is None:
                 if slash < 0:
                     # "/api/x": no WAHA route has this shape; nothing to route by.
                     return _NO_SESSION
-                return Extraction(valid_session_id(first))
+                # only non-reserved segments enter this cache
+                return self._path_ids.get(first)
             if kind == _FIELD:
                 return self._field(req)
             rest = "" if slash < 0 else path[slash + 1 :]
@@ -216,7 +225,7 @@ class WahaAdapter(JsonAdapter):
             value = req.query.get("session")
             if not value or value == "*":
                 return _FANOUT
-            return Extraction(valid_session_id(value))
+            return self._ids.get(value)
         return _NO_SESSION
 
     def _field(self, req: UpstreamRequest) -> Extraction:
@@ -227,7 +236,7 @@ class WahaAdapter(JsonAdapter):
             value = req.query.get("session")
         if value is None:
             return self._default
-        return Extraction(valid_session_id(value))
+        return self._ids.get(value)
 
     def _sessions(self, req: UpstreamRequest, rest: str) -> Extraction:
         if not rest:
@@ -246,14 +255,14 @@ class WahaAdapter(JsonAdapter):
             session = self.default_session if name is None else valid_session_id(name)
             # Legacy start is WAHA's "upsert and start": it may create.
             return Extraction(session, create=seg == "start")
-        return Extraction(valid_session_id(seg))
+        return self._ids.get(seg)
 
     def _files(self, rest: str) -> Extraction:
         slash = rest.find("/")
         if slash < 0:
             # Pre-multi-session layout /api/files/{file}: the default session's media.
             return self._default if rest else _NO_SESSION
-        return Extraction(valid_session_id(rest[:slash]))
+        return self._ids.get(rest[:slash])
 
     # -- 5. credentials ----------------------------------------------------------
     def client_key(self, req: UpstreamRequest) -> str | None:

@@ -79,23 +79,20 @@ class WwebjsAdapter(JsonAdapter):
         return False
 
     def extract(self, req: UpstreamRequest) -> Extraction:
-        path = req.path
-        a = path.find("/", 1)
-        if a < 0:
+        # "/{root}/{action}/{id}[/...]" -> ["", root, action, id, ...]
+        parts = req.path.split("/", 4)
+        if len(parts) < 4:
+            # "/ping", "/session/getSessions", "/session/terminateAll": no session
             return _NO_SESSION
-        root = path[1:a]
+        root = parts[1]
         if root not in self._roots and root.lower() not in self._roots:
             return _NO_SESSION
-        b = path.find("/", a + 1)
-        if b < 0:
-            # "/session/getSessions", "/session/terminateAll": about no session.
-            return _NO_SESSION
-        c = path.find("/", b + 1)
-        seg = path[b + 1 :] if c < 0 else path[b + 1 : c]
-        if not seg and c < 0:
+        seg = parts[3]
+        if not seg and len(parts) == 4:
             return _NO_SESSION  # "/session/getSessions/"
-        create = root == "session" and path[a + 1 : b].lower() == "start"
-        return Extraction(valid_session_id(seg), create=create)
+        if root == "session" and parts[2].lower() == "start":
+            return Extraction(valid_session_id(seg), create=True)
+        return self._ids.get(seg)
 
     # -- 5. credentials ----------------------------------------------------------
     def client_key(self, req: UpstreamRequest) -> str | None:
