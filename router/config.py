@@ -99,6 +99,64 @@ class HealthConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class OutlierConfig:
+    """Passive health: eject an instance that fails live traffic."""
+
+    # Consecutive connect failures, resets or 5xx answers that eject.
+    consecutive_failures: int = 5
+    # First ejection lasts this long; each repeated ejection multiplies it.
+    base_ejection: float = 10.0
+    max_ejection: float = 300.0
+    # Never eject more than this share of the fleet (percent).
+    max_ejected_percent: int = 50
+    # A recovered instance takes new sessions at a rate ramping up over this
+    # many seconds, so it is not flooded the moment it is back.
+    slow_start: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class FailoverConfig:
+    enabled: bool = True
+    # Longest a request waits for its session to be recovered elsewhere.
+    wait: float = 20.0
+    # Longest to wait for a restored session to report ready.
+    ready_timeout: float = 15.0
+    # Expiry of the cross-replica restore lock (redis store).
+    lock_ttl: float = 30.0
+    # At most this share of requests in flight may be retries (0..1).
+    retry_budget: float = 0.2
+    # Tries per request, the first one included.
+    max_tries: int = 3
+    # Base of the jittered exponential backoff between tries, seconds.
+    backoff: float = 0.05
+    # Retry-After (seconds) on a 503 when recovery did not finish in time.
+    retry_after: int = 5
+
+
+@dataclass(frozen=True, slots=True)
+class DiscoveryConfig:
+    # List every instance's sessions before serving.
+    on_start: bool = True
+    # Reconcile the map with the instances every this many seconds (0: never).
+    interval: float = 30.0
+    # Stop the extra copy of a session found running on two instances.
+    stop_duplicates: bool = False
+    # Sessions moved at once when draining an instance.
+    migrate_concurrency: int = 4
+    # Opt-in: move sessions when the load spread exceeds the threshold.
+    rebalance: bool = False
+    rebalance_threshold: float = 0.25
+
+
+@dataclass(frozen=True, slots=True)
+class IdempotencyConfig:
+    # How long a response to an Idempotency-Key is remembered, seconds.
+    window: float = 3600.0
+    # Larger responses are not remembered (the key is released instead).
+    max_body_bytes: int = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
 class RouterConfig:
     instances: tuple[InstanceConfig, ...]
     listen: ListenConfig = ListenConfig()
@@ -107,6 +165,12 @@ class RouterConfig:
     timeouts: Timeouts = Timeouts()
     limits: Limits = Limits()
     health: HealthConfig = HealthConfig()
+    outlier: OutlierConfig = OutlierConfig()
+    failover: FailoverConfig = FailoverConfig()
+    discovery: DiscoveryConfig = DiscoveryConfig()
+    idempotency: IdempotencyConfig = IdempotencyConfig()
+    # Key for /admin (separate from client keys). None disables the admin API.
+    admin_key: str | None = field(default=None, repr=False)
     # Keys clients (the main app) present to the router. Empty means the
     # router does not authenticate clients (only sensible on a private net).
     api_keys: tuple[str, ...] = field(default=(), repr=False)

@@ -17,10 +17,11 @@ from __future__ import annotations
 import difflib
 import math
 import os
+import dataclasses
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 from urllib.parse import SplitResult, urlsplit, urlunsplit
 
 import yaml
@@ -28,7 +29,11 @@ import yaml
 from router.config import (
     AdapterConfig,
     ConfigError,
+    DiscoveryConfig,
+    FailoverConfig,
     HealthConfig,
+    IdempotencyConfig,
+    OutlierConfig,
     InstanceConfig,
     Limits,
     ListenConfig,
@@ -37,6 +42,8 @@ from router.config import (
     Timeouts,
     redact_url,
 )
+
+_D = TypeVar("_D")
 
 __all__ = [
     "ADAPTER_KINDS",
@@ -544,6 +551,43 @@ class _Parser:
             self._env_strings.add(sv.value)
         return self._retyped(sv)
 
+    def _bool(self, node: yaml.Node, path: str) -> bool:
+        v = self._scalar(node, path)
+        value = self._retyped(v)
+        if not isinstance(value, bool):
+            self.fail(node, f"{path}: must be true or false, got {v.shown()}")
+        return value
+
+    def _number(self, node: yaml.Node, path: str, lo: float) -> float:
+        v = self._scalar(node, path)
+        value = self._retyped(v)
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+            or value < lo
+        ):
+            self.fail(node, f"{path}: must be a number >= {lo:g}, got {v.shown()}")
+        return float(value)
+
+    def _section(self, node: yaml.Node, name: str, cls: type[_D]) -> _D:
+        """A flat section read straight from its dataclass: every field is
+        optional and typed by its default (bool, int >= 0, float >= 0)."""
+        defaults = cls()
+        names = tuple(f.name for f in dataclasses.fields(cls))  # type: ignore[arg-type]
+        m = self._mapping(node, name, names)
+        values: dict[str, Any] = {}
+        for key, (_, v) in m.items():
+            path = f"{name}.{key}"
+            default = getattr(defaults, key)
+            if isinstance(default, bool):
+                values[key] = self._bool(v, path)
+            elif isinstance(default, int):
+                values[key] = self._int(v, path, 0)
+            else:
+                values[key] = self._number(v, path, 0.0)
+        return dataclasses.replace(defaults, **values)  # type: ignore[type-var]
+
     # -- sections ---------------------------------------------------------
 
     def _router(self, root: yaml.MappingNode) -> RouterConfig:
@@ -556,6 +600,11 @@ class _Parser:
             "limits": lambda k, v: self._limits(v),
             "health": lambda k, v: self._health(v),
             "instances": lambda k, v: self._instances(v),
+            "outlier": lambda k, v: self._section(v, "outlier", OutlierConfig),
+            "failover": lambda k, v: self._section(v, "failover", FailoverConfig),
+            "discovery": lambda k, v: self._section(v, "discovery", DiscoveryConfig),
+            "idempotency": lambda k, v: self._section(v, "idempotency", IdempotencyConfig),
+            "admin_key": lambda k, v: self._str(v, "admin_key", secret=True),
         }
         top = self._mapping(root, "", tuple(sections))
         values: dict[str, Any] = {}

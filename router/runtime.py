@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 
 from router.adapters.base import Adapter
 from router.config import RouterConfig
+from router.events import EventLog
 from router.instances import Fleet, Instance
+from router.locks import LocalLocks, SessionLocks
 from router.placement import Reservations
 from router.resolver import Resolver
 from router.sessionmap import SessionMap
@@ -27,6 +29,10 @@ class Runtime:
     smap: SessionMap
     resolver: Resolver
     api_keys: frozenset[str] = frozenset()
+    # Per-session restore locks: in-process, or Redis-backed with several replicas.
+    locks: SessionLocks = field(default_factory=LocalLocks)
+    # Recent failovers, health changes and moves, for the admin API and dashboard.
+    events: EventLog = field(default_factory=EventLog)
     reservations: Reservations = field(default_factory=Reservations)
     # One create per session name at a time, so two concurrent creates of
     # the same session cannot start it on two instances.
