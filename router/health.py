@@ -1,8 +1,14 @@
-"""Active health checks: each instance is asked through its adapter's health call.
+"""Instance health: active checks, and passive outlier detection from live traffic.
 
-An instance goes down after ``fall`` consecutive failed checks and comes back
-after ``rise`` consecutive good ones (HAProxy's model), so one slow answer
-does not flap it. Checks run beside the hot path, never in it.
+Active: each instance is asked through its adapter's health call; it goes
+down after ``fall`` consecutive failed checks and comes back after ``rise``
+good ones (HAProxy's model), so one slow answer does not flap it.
+
+Passive (``Outliers``, Envoy's model): consecutive connect failures, resets
+or 5xx answers seen by the proxy eject an instance for a base time that
+doubles with each repeated ejection, never ejecting more than a configured
+share of the fleet. Once the ejection time is over, a passing active check
+brings it back. Both run beside the hot path; the proxy only bumps a counter.
 """
 
 from __future__ import annotations
@@ -10,19 +16,62 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 
 import aiohttp
 
 from router.adapters.base import Adapter
-from router.config import HealthConfig
+from router.config import HealthConfig, OutlierConfig
+from router.events import EventLog
 from router.instances import Fleet, Instance
 
 log = logging.getLogger(__name__)
 
 
+class Outliers:
+    """Passive health, fed by the proxy: ``success(inst)`` / ``failure(inst)``."""
+
+    def __init__(
+        self, get_state: Callable[[], tuple[Fleet, OutlierConfig]], events: EventLog
+    ) -> None:
+        self._get_state = get_state
+        self._events = events
+
+    @staticmethod
+    def success(inst: Instance) -> None:
+        inst.failures = 0
+
+    def failure(self, inst: Instance, kind: str) -> None:
+        inst.failures += 1
+        fleet, cfg = self._get_state()
+        if not inst.healthy or inst.failures < cfg.consecutive_failures:
+            return
+        ejected = sum(1 for i in fleet if not i.healthy)
+        if (ejected + 1) * 100 > cfg.max_ejected_percent * len(fleet):
+            # Ejecting more would leave too few instances for the load.
+            return
+        duration = min(cfg.max_ejection, cfg.base_ejection * (2**inst.ejections))
+        inst.ejections += 1
+        inst.healthy = False
+        inst.ejected_until = time.monotonic() + duration
+        inst.failures = 0
+        self._events.add("ejected", instance=inst.name, cause=kind, seconds=duration)
+        log.warning(
+            "instance %s ejected for %.0fs after %d consecutive %s failures",
+            inst.name,
+            duration,
+            cfg.consecutive_failures,
+            kind,
+        )
+
+
 class HealthChecker:
-    def __init__(self, get_state: Callable[[], tuple[Fleet, Adapter, HealthConfig]]) -> None:
+    def __init__(
+        self,
+        get_state: Callable[[], tuple[Fleet, Adapter, HealthConfig]],
+        events: EventLog | None = None,
+    ) -> None:
         # A callable, not the objects: a reload swaps fleet/adapter/config and
         # the next round picks them up.
         self._get_state = get_state
@@ -30,6 +79,7 @@ class HealthChecker:
         self._task: asyncio.Task[None] | None = None
         self.rounds = 0
         self._round_done = asyncio.Event()
+        self._events = events or EventLog()
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="health-checker")
@@ -64,14 +114,22 @@ class HealthChecker:
         except (aiohttp.ClientError, TimeoutError, OSError):
             ok = False
         streak = self._streak.get(inst.name, 0)
+        now = time.monotonic()
         if ok:
             streak = streak + 1 if streak > 0 else 1
-            if not inst.healthy and streak >= cfg.rise:
+            if not inst.healthy and streak >= cfg.rise and now >= inst.ejected_until:
                 inst.healthy = True
+                inst.healthy_since = now
+                inst.failures = 0
+                self._events.add("healthy", instance=inst.name)
                 log.warning("instance %s is healthy again", inst.name)
+            elif inst.healthy and inst.ejections and now - inst.ejected_until > 600:
+                # Ten quiet minutes forgive past ejections.
+                inst.ejections = 0
         else:
             streak = streak - 1 if streak < 0 else -1
             if inst.healthy and -streak >= cfg.fall:
                 inst.healthy = False
+                self._events.add("down", instance=inst.name, failed_checks=-streak)
                 log.warning("instance %s failed %d health checks: marked down", inst.name, -streak)
         self._streak[inst.name] = streak

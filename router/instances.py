@@ -49,7 +49,18 @@ def make_http_session(config: RouterConfig) -> aiohttp.ClientSession:
 
 
 class Instance:
-    __slots__ = ("admin", "base", "config", "healthy", "http", "name")
+    __slots__ = (
+        "admin",
+        "base",
+        "config",
+        "ejected_until",
+        "ejections",
+        "failures",
+        "healthy",
+        "healthy_since",
+        "http",
+        "name",
+    )
 
     def __init__(self, config: InstanceConfig, http: aiohttp.ClientSession) -> None:
         self.name = config.name
@@ -58,6 +69,13 @@ class Instance:
         self.http = http
         self.healthy = True
         self.admin = AdminState.ACTIVE
+        # Passive health (router.health.Outliers): consecutive failures seen in
+        # live traffic, how often this instance was ejected, and until when.
+        self.failures = 0
+        self.ejections = 0
+        self.ejected_until = 0.0
+        # monotonic time it last came back; 0 = healthy since start (no slow start).
+        self.healthy_since = 0.0
 
     @property
     def placeable(self) -> bool:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 
 class LockBusy(Exception):
@@ -20,7 +20,7 @@ class LockBusy(Exception):
 
 class SessionLocks(ABC):
     @abstractmethod
-    def hold(self, session: str, ttl: float) -> AsyncIterator[None]:
+    def hold(self, session: str, ttl: float) -> AbstractAsyncContextManager[None]:
         """``async with locks.hold(s, ttl):`` or raise ``LockBusy`` at once.
 
         ``ttl`` bounds how long a crashed holder can block others.
@@ -34,8 +34,11 @@ class LocalLocks(SessionLocks):
     def __init__(self) -> None:
         self._held: set[str] = set()
 
+    def hold(self, session: str, ttl: float) -> AbstractAsyncContextManager[None]:
+        return self._hold(session)
+
     @asynccontextmanager
-    async def hold(self, session: str, ttl: float) -> AsyncIterator[None]:  # type: ignore[override]
+    async def _hold(self, session: str) -> AsyncIterator[None]:
         if session in self._held:
             raise LockBusy(session)
         self._held.add(session)

@@ -1,12 +1,13 @@
 """Where a new session goes: the placeable instance with the lowest load.
 
-Load is sessions / (max_sessions * weight); ``max_sessions`` is a hard cap.
+Load is (sessions + 1) / (max_sessions * weight); ``max_sessions`` is a hard cap.
 Ties go to the instance with fewer sessions, then to config order, so the
 choice is deterministic and testable.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Mapping
 
 from router.instances import Instance
@@ -16,13 +17,28 @@ def load_ratio(inst: Instance, sessions: int) -> float:
     return sessions / (inst.config.max_sessions * inst.config.weight)
 
 
+def _placement_key(inst: Instance, sessions: int, slow_start: float, now: float) -> float:
+    # The load *after* placing one more: with "+1", weights and slow start
+    # matter even for an empty instance (0/anything would always win).
+    ramp = 1.0
+    if inst.healthy_since and slow_start > 0:
+        ramp = min(1.0, max(0.1, (now - inst.healthy_since) / slow_start))
+    return (sessions + 1) / (inst.config.max_sessions * inst.config.weight * ramp)
+
+
 def choose(
     instances: Iterable[Instance],
     counts: Mapping[str, int],
     *,
     exclude: frozenset[str] = frozenset(),
+    slow_start: float = 0.0,
 ) -> Instance | None:
-    """The instance a new session should start on, or None when the fleet is full."""
+    """The instance a new session should start on, or None when the fleet is full.
+
+    An instance that came back less than ``slow_start`` seconds ago takes
+    new sessions as if its capacity were ramping up from 10 %.
+    """
+    now = time.monotonic()
     best: Instance | None = None
     best_key: tuple[float, int] | None = None
     for inst in instances:
@@ -31,7 +47,7 @@ def choose(
         n = counts.get(inst.name, 0)
         if n >= inst.config.max_sessions:
             continue
-        key = (load_ratio(inst, n), n)
+        key = (_placement_key(inst, n, slow_start, now), n)
         if best_key is None or key < best_key:
             best, best_key = inst, key
     return best

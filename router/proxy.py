@@ -23,7 +23,6 @@ from multidict import CIMultiDict, MultiDict
 from router.adapters.base import BadSessionId, Extraction, UpstreamRequest
 from router.errors import REQUEST_ID_HEADER, RouterError, error_response
 from router.instances import Instance
-from router.placement import choose
 
 if TYPE_CHECKING:
     from router.runtime import Runtime
@@ -219,7 +218,7 @@ class ProxyHandler:
             if inst is None:
                 raise RouterError(503, "no_healthy_instance", "no healthy instance is available")
             return inst, False
-        inst = choose(fleet, rt.reservations.with_counts(rt.smap.counts()))
+        inst = rt.place()
         if inst is None:
             raise RouterError(
                 503,

@@ -87,7 +87,11 @@ class Resolver:
 
     async def locate(self, session: str, fleet: Fleet, adapter: Adapter) -> Instance | None:
         """Probe every healthy instance in parallel; the best copy wins."""
-        candidates = fleet.healthy()
+        return await self.locate_among(session, fleet.healthy(), adapter)
+
+    async def locate_among(
+        self, session: str, candidates: list[Instance], adapter: Adapter
+    ) -> Instance | None:
         if not candidates:
             return None
         results = await asyncio.gather(

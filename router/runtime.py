@@ -14,10 +14,14 @@ from dataclasses import dataclass, field
 from router.adapters.base import Adapter
 from router.config import RouterConfig
 from router.events import EventLog
+from router.failover import Failover
+from router.health import Outliers
+from router.idempotency import IdempotencyStore, MemoryIdempotency
 from router.instances import Fleet, Instance
 from router.locks import LocalLocks, SessionLocks
-from router.placement import Reservations
+from router.placement import Reservations, choose
 from router.resolver import Resolver
+from router.retry import RetryBudget
 from router.sessionmap import SessionMap
 
 
@@ -34,6 +38,11 @@ class Runtime:
     # Recent failovers, health changes and moves, for the admin API and dashboard.
     events: EventLog = field(default_factory=EventLog)
     reservations: Reservations = field(default_factory=Reservations)
+    idempotency: IdempotencyStore = field(default_factory=MemoryIdempotency)
+    budget: RetryBudget = field(default_factory=RetryBudget)
+    # Built from the runtime itself, right after it (see ``Runtime.create``).
+    failover: Failover = field(init=False)
+    outliers: Outliers = field(init=False)
     # One create per session name at a time, so two concurrent creates of
     # the same session cannot start it on two instances.
     create_locks: dict[str, asyncio.Lock] = field(default_factory=dict)
@@ -45,3 +54,18 @@ class Runtime:
         if not healthy:
             return None
         return healthy[next(self._rr) % len(healthy)]
+
+    def place(self, exclude: frozenset[str] = frozenset()) -> Instance | None:
+        """Where a new (or restored) session should start: least loaded, with
+        pending placements and slow start of recovered instances counted."""
+        return choose(
+            self.fleet,
+            self.reservations.with_counts(self.smap.counts()),
+            exclude=exclude,
+            slow_start=self.config.outlier.slow_start,
+        )
+
+    def __post_init__(self) -> None:
+        self.failover = Failover(self)
+        self.outliers = Outliers(lambda: (self.fleet, self.config.outlier), self.events)
+        self.budget.ratio = self.config.failover.retry_budget

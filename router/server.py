@@ -22,13 +22,15 @@ from router.adapters import build_adapter
 from router.adapters.base import Adapter
 from router.config import HealthConfig, RouterConfig
 from router.health import HealthChecker
+from router.idempotency import IdempotencyStore, MemoryIdempotency, RedisIdempotency
 from router.instances import Fleet
 from router.proxy import ProxyHandler
 from router.resolver import Resolver
 from router.runtime import Runtime
 from router.sessionmap import SessionMap
 from router.store import build_store
-from router.store.base import StoreUnavailable
+from router.store.base import SessionStore, StoreUnavailable
+from router.store.redis import RedisStore
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +63,9 @@ class Server:
             smap=smap,
             resolver=Resolver(smap, probe_timeout=cfg.timeouts.connect + cfg.health.timeout),
             api_keys=frozenset(cfg.api_keys),
+            idempotency=_idempotency_store(store, cfg),
         )
-        self.health = HealthChecker(self._health_state)
+        self.health = HealthChecker(self._health_state, self.runtime.events)
         self.health.start()
 
         proxy = ProxyHandler(self.runtime)
@@ -154,3 +157,10 @@ def install_uvloop() -> bool:
         return False
     uvloop.install()
     return True
+
+
+def _idempotency_store(store: SessionStore, cfg: RouterConfig) -> IdempotencyStore:
+    """Idempotency keys live beside the session map, so they work across replicas."""
+    if isinstance(store, RedisStore):
+        return RedisIdempotency(store.client, cfg.store.key_prefix)
+    return MemoryIdempotency()

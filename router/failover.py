@@ -1,0 +1,181 @@
+"""Transparent failover: bring a session back when its owner fails it.
+
+Once per session however many requests wait (single-flight, as a task that
+outlives any one client), bounded in time:
+
+1. ask the other healthy instances whether the session runs there; if so,
+   move the map entry;
+2. otherwise, under the session's lock (Redis-backed across replicas),
+   restore it on the healthy instance with the lowest load, wait until it
+   reports ready, and move the map entry;
+3. the caller then replays its request if that is safe (``router.retry``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from router.instances import Instance
+from router.locks import LockBusy
+from router.restore import start_and_wait
+from router.store.base import StoreUnavailable
+
+if TYPE_CHECKING:
+    from router.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+# Why a recovery started; also the metric label later (bounded set).
+REASONS = ("owner_down", "connect_failed", "session_missing")
+
+
+class Failover:
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+        self._inflight: dict[str, asyncio.Task[Instance | None]] = {}
+
+    def recovering(self, session: str) -> bool:
+        return session in self._inflight
+
+    async def recover(
+        self, session: str, failed: Instance | None, reason: str, *, exclude_failed: bool
+    ) -> Instance | None:
+        """The session's new owner, or None if it could not be brought back in time.
+
+        ``exclude_failed``: the instance itself is gone (do not restore there);
+        otherwise it only lacked the session and may host it again.
+        """
+        task = self._inflight.get(session)
+        if task is None:
+            task = asyncio.create_task(
+                self._recover(session, failed, reason, exclude_failed),
+                name=f"failover:{session}",
+            )
+            self._inflight[session] = task
+            task.add_done_callback(lambda _: self._inflight.pop(session, None))
+        try:
+            return await asyncio.wait_for(
+                asyncio.shield(task), timeout=self.rt.config.failover.wait
+            )
+        except TimeoutError:
+            return None
+
+    async def _recover(
+        self, session: str, failed: Instance | None, reason: str, exclude_failed: bool
+    ) -> Instance | None:
+        rt = self.rt
+        started = time.monotonic()
+        exclude = frozenset({failed.name}) if failed is not None and exclude_failed else frozenset()
+        failed_name = failed.name if failed is not None else None
+        try:
+            others = [
+                i for i in rt.fleet.healthy() if i.name not in exclude and i.name != failed_name
+            ]
+            found = await rt.resolver.locate_among(session, others, rt.adapter)
+            if found is not None:
+                await rt.resolver.record(session, found)
+                self._event(session, failed_name, found.name, reason, "found_elsewhere", started)
+                return found
+            target = await self._restore(session, exclude, failed_name)
+            self._event(
+                session,
+                failed_name,
+                target.name if target else None,
+                reason,
+                "restored" if target else "failed",
+                started,
+            )
+            return target
+        except Exception:
+            log.exception("failover of %s failed", session)
+            self._event(session, failed_name, None, reason, "error", started)
+            return None
+
+    async def _restore(
+        self, session: str, exclude: frozenset[str], failed_name: str | None
+    ) -> Instance | None:
+        rt = self.rt
+        cfg = rt.config.failover
+        try:
+            async with rt.locks.hold(session, cfg.lock_ttl):
+                moved = await self._moved_by_other(session, exclude, failed_name)
+                if moved is not None:
+                    return moved
+                target = rt.place(exclude)
+                if target is None:
+                    log.warning("no healthy instance with capacity to restore %s", session)
+                    return None
+                rt.reservations.add(target.name)
+                try:
+                    info = await start_and_wait(
+                        rt.adapter, target, session, None, cfg.ready_timeout
+                    )
+                finally:
+                    rt.reservations.release(target.name)
+                if info is None:
+                    return None
+                await rt.resolver.record(session, target)
+                return target
+        except LockBusy:
+            return await self._await_other_replica(session, exclude, failed_name)
+        except StoreUnavailable:
+            # No cross-replica lock: starting a session twice (two browsers
+            # on one phone) is worse than a 503, so do not restore blind.
+            log.warning("cannot lock %s (store unavailable): not restoring", session)
+            return None
+
+    async def _moved_by_other(
+        self, session: str, exclude: frozenset[str], failed_name: str | None
+    ) -> Instance | None:
+        """Another replica may have recovered the session while we waited for the lock."""
+        try:
+            owner = await self.rt.smap.fetch(session)
+        except StoreUnavailable:
+            return None
+        if owner is None or owner in exclude or owner == failed_name:
+            return None
+        inst = self.rt.fleet.get(owner)
+        return inst if inst is not None and inst.healthy else None
+
+    async def _await_other_replica(
+        self, session: str, exclude: frozenset[str], failed_name: str | None
+    ) -> Instance | None:
+        deadline = time.monotonic() + self.rt.config.failover.ready_timeout
+        while time.monotonic() < deadline:
+            moved = await self._moved_by_other(session, exclude, failed_name)
+            if moved is not None:
+                return moved
+            await asyncio.sleep(0.05)
+        return None
+
+    def _event(
+        self,
+        session: str,
+        failed: str | None,
+        target: str | None,
+        reason: str,
+        outcome: str,
+        started: float,
+    ) -> None:
+        took = time.monotonic() - started
+        self.rt.events.add(
+            "failover",
+            session=session,
+            source=failed,
+            target=target,
+            reason=reason,
+            outcome=outcome,
+            seconds=round(took, 3),
+        )
+        log.warning(
+            "failover of %s from %s (%s): %s%s in %.2fs",
+            session,
+            failed,
+            reason,
+            outcome,
+            f" on {target}" if target else "",
+            took,
+        )

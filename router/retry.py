@@ -1,0 +1,73 @@
+"""When a request may be sent again, and how often the fleet can afford it.
+
+The replay table of ``shared/design.md``, as code:
+
+| what happened                                   | idempotent | POST/PATCH | Idempotency-Key |
+|-------------------------------------------------|------------|------------|-----------------|
+| connection never established (refused, DNS, ...)| replay     | replay     | replay          |
+| stale pooled connection, request never written  | replay     | replay     | replay          |
+| adapter: "session not here"                     | recover    | recover    | recover         |
+| reset / timeout after the request was written   | replay     | **no**     | stored result   |
+| upstream 5xx with a body                        | pass       | pass       | pass            |
+
+A duplicated WhatsApp message is worse than an error, so everything that
+cannot prove non-delivery is answered, not retried.
+"""
+
+from __future__ import annotations
+
+import random
+
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+
+
+def may_replay(method: str, *, request_sent: bool, idempotency_key: bool) -> bool:
+    """May a request that failed at the transport level be sent again?"""
+    if not request_sent:
+        return True
+    # After the bytes left, only a method the client declared repeatable is safe.
+    # An Idempotency-Key does not make a resend safe here: the upstream may have
+    # acted, and the key only lets the router answer *client* repeats.
+    del idempotency_key
+    return method in IDEMPOTENT_METHODS
+
+
+class RetryBudget:
+    """Retries may be at most ``ratio`` of the requests in flight (plus a floor).
+
+    Stops a retry storm from multiplying load on a struggling fleet, as
+    Envoy's retry budgets do.
+    """
+
+    __slots__ = ("_active", "_retrying", "min_retries", "ratio")
+
+    def __init__(self, ratio: float = 0.2, min_retries: int = 3) -> None:
+        self.ratio = ratio
+        self.min_retries = min_retries
+        self._active = 0
+        self._retrying = 0
+
+    def enter(self) -> None:
+        self._active += 1
+
+    def leave(self) -> None:
+        self._active -= 1
+
+    def try_acquire(self) -> bool:
+        allowed = max(self.min_retries, int(self._active * self.ratio))
+        if self._retrying >= allowed:
+            return False
+        self._retrying += 1
+        return True
+
+    def release(self) -> None:
+        self._retrying -= 1
+
+    @property
+    def retrying(self) -> int:
+        return self._retrying
+
+
+def backoff(attempt: int, base: float, cap: float = 2.0) -> float:
+    """Full-jitter exponential backoff: uniform in [0, min(cap, base * 2**attempt)]."""
+    return random.uniform(0.0, min(cap, base * (2**attempt)))
