@@ -14,10 +14,10 @@ Public API: ``load_file``, ``parse_text``, ``check_config``, ``parse_size``.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import math
 import os
-import dataclasses
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -33,10 +33,10 @@ from router.config import (
     FailoverConfig,
     HealthConfig,
     IdempotencyConfig,
-    OutlierConfig,
     InstanceConfig,
     Limits,
     ListenConfig,
+    OutlierConfig,
     RouterConfig,
     StoreConfig,
     Timeouts,
