@@ -23,22 +23,42 @@ Invariants:
   string objects.
 
 With a shared store (redis) the cache holds what this process has read or
-written: ``load()`` warms it at start, later misses fill it, and another
-replica's changes reach it through ``invalidate`` (pub/sub, later).
+written: ``load()`` / ``resync()`` warm it, later misses fill it, and another
+replica's changes reach it through ``apply`` (the redis change feed, see
+``router.store.sync``), off the hot path.
+
+Remote changes and local writes of the same session can cross: replica A's
+own write and replica B's published change for one session travel on two
+different connections, so A cannot tell from arrival order which one redis
+applied last. ``apply`` therefore trusts a remote owner only for sessions
+this process has not written in the last ``conflict_window`` seconds; for
+one it is writing (or just wrote) with a different owner, it drops the
+cache entry, and the next lookup reads the store, which knows the order.
 """
 
 from __future__ import annotations
 
 import asyncio
 import sys
+import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from types import MappingProxyType
+from typing import NamedTuple
 
 from router.store.base import SessionStore, StoreUnavailable
 from router.store.memory import MemoryStore
 
-__all__ = ["SessionMap", "StoreUnavailable"]
+__all__ = ["Resync", "SessionMap", "StoreUnavailable"]
+
+
+class Resync(NamedTuple):
+    """What ``SessionMap.resync`` did."""
+
+    scanned: int  # pairs read from the store
+    changed: int  # cache entries added or given a new owner
+    dropped: int  # cache entries the store no longer has, removed
+    kept: bool  # keep_missing: cached sessions the store lacks were kept
 
 
 class _Fetch:
@@ -61,8 +81,9 @@ def _consume(task: asyncio.Future[str | None]) -> None:
 
 
 class SessionMap:
-    def __init__(self, store: SessionStore) -> None:
+    def __init__(self, store: SessionStore, *, conflict_window: float = 1.0) -> None:
         self.store = store
+        self.conflict_window = conflict_window
         self._shared = isinstance(store, MemoryStore)
         self._cache: dict[str, str] = store.data if isinstance(store, MemoryStore) else {}
         self._counts: dict[str, int] = {}
@@ -75,12 +96,25 @@ class SessionMap:
         self._loads: list[set[str]] = []
         # Bumped by invalidate_all(): a load() running stops filling.
         self._generation = 0
+        # Local writes in flight per session, and sessions a remote change
+        # crossed while being written.
+        self._writing: dict[str, int] = {}
+        self._conflicts: set[str] = set()
+        # Sessions written recently: two generations of sets, rotated every
+        # conflict_window (no per-session timestamps: a bulk write of a
+        # million sessions costs two set entries each, briefly).
+        self._recent: set[str] = set()
+        self._recent_prev: set[str] = set()
+        self._recent_since = 0.0  # when the current generation started
+        self._recent_last = 0.0  # the latest write recorded
         # Plain counters, read by metrics later.
         self.hits = 0  # cached()/lookup() answered from the cache
         self.misses = 0  # cached()/lookup() found nothing in the cache
         self.store_hits = 0  # a store read found the session
         self.store_misses = 0  # a store read did not
         self.store_errors = 0  # a store read raised StoreUnavailable
+        self.remote_applied = 0  # remote changes applied to the cache (apply)
+        self.remote_conflicts = 0  # remote changes that crossed a local write: entry dropped
 
     # -- the hot path --------------------------------------------------
 
@@ -167,12 +201,15 @@ class SessionMap:
             await self.store.set(session, instance)  # the same dict, no await inside
             self._count_move(old, instance)
             return
-        self._touch(session)
+        self._begin_write(session)
         try:
             await self.store.set(session, instance)
         finally:
             self._touch(session)
-            self._put(session, instance)
+            if self._end_write(session, time.monotonic()):
+                self._drop(session)
+            else:
+                self._put(session, instance)
 
     async def assign_many(self, mapping: Mapping[str, str]) -> None:
         """``assign`` for many sessions, one batched store write (discovery, failover)."""
@@ -185,13 +222,17 @@ class SessionMap:
             return
         interned = {session: intern(instance) for session, instance in mapping.items()}
         for session in interned:
-            self._touch(session)
+            self._begin_write(session)
         try:
             await self.store.set_many(interned)
         finally:
+            now = time.monotonic()
             for session, instance in interned.items():
                 self._touch(session)
-                self._put(session, instance)
+                if self._end_write(session, now):
+                    self._drop(session)
+                else:
+                    self._put(session, instance)
 
     async def forget(self, session: str) -> None:
         """Unmap ``session`` (deleted upstream). The cache entry goes even if the store fails."""
@@ -200,14 +241,53 @@ class SessionMap:
             await self.store.delete(session)  # the same dict, no await inside
             self._count_move(old, None)
             return
-        self._touch(session)
+        self._begin_write(session)
         try:
             await self.store.delete(session)
         finally:
             self._touch(session)
+            self._end_write(session, time.monotonic())
             self._drop(session)
 
     # -- cache control ------------------------------------------------------
+
+    def apply(self, changes: Mapping[str, str | None]) -> int:
+        """Another replica changed these sessions (owner, or ``None`` = forgotten).
+
+        Called by the change-feed subscriber, in the order redis applied the
+        changes. Updates the cache in place (no store round trip) and
+        returns how many entries changed. A session this process is writing,
+        or wrote within ``conflict_window`` with a different owner, is
+        dropped instead (the next lookup asks the store, see the module
+        docstring). A no-op with ``MemoryStore`` (one process, one dict).
+        """
+        if self._shared:
+            return 0
+        cache = self._cache
+        self.expire_recent()
+        recent, older = self._recent, self._recent_prev
+        intern = sys.intern
+        changed = 0
+        for session, owner in changes.items():
+            current = cache.get(session)
+            if session in self._writing:
+                self._conflicts.add(session)
+                self.remote_conflicts += 1
+            elif session in recent or session in older:
+                if current == owner:
+                    continue  # the same answer: nothing crossed
+                self.remote_conflicts += 1
+                owner = None  # drop: the store knows which write came last
+            self._touch(session)
+            if owner is None:
+                if current is not None:
+                    self._drop(session)
+                    changed += 1
+            elif current != owner:
+                self._put(session, intern(owner))
+                changed += 1
+        self.remote_applied += changed
+        return changed
 
     def invalidate(self, session: str) -> None:
         """Drop one cache entry (another replica changed it); the next lookup reads the store.
@@ -228,6 +308,60 @@ class SessionMap:
             fetch.stale = True
         self._cache.clear()
         self._counts.clear()
+
+    async def resync(self, *, keep_missing: bool = False) -> Resync:
+        """Bring the cache in line with the store without emptying it first.
+
+        For after a gap in the change feed (a redis outage, a dropped
+        subscriber): every stored pair whose owner differs from the cache is
+        taken, and cached sessions the store no longer has are dropped, so
+        the hot path keeps its hits and ``counts()`` stays whole meanwhile.
+        Sessions changed while it runs (local writes, ``apply``) keep their
+        fresher entry. A scan that fails part-way drops nothing
+        (``StoreUnavailable`` propagates, entries updated so far stay).
+
+        ``keep_missing``: the store lost its data (redis restarted without
+        persistence, flushed): a session it lacks is not a session gone, and
+        dropping them all would turn every request into a probe of every
+        instance. Stored pairs are still taken; nothing is dropped.
+
+        Costs one set of the scanned session ids while it runs.
+        """
+        if self._shared:
+            size = await self.load()
+            return Resync(size, 0, 0, False)
+        cache = self._cache
+        # An empty cache has nothing to drop: no set needed.
+        track = bool(cache) and not keep_missing
+        seen: set[str] = set()
+        generation = self._generation
+        touched: set[str] = set()
+        self._loads.append(touched)
+        intern = sys.intern
+        scanned = changed = dropped = 0
+        complete = False
+        try:
+            async for session, instance in self.store.scan():
+                if generation != self._generation:
+                    break  # invalidate_all() ran: lookups will fill lazily
+                scanned += 1
+                if track:
+                    seen.add(session)
+                if session in touched:
+                    continue
+                if cache.get(session) != instance:
+                    self._put(session, intern(instance))
+                    changed += 1
+            else:
+                complete = True
+            if complete and track:
+                gone = [s for s in cache if s not in seen and s not in touched]
+                for session in gone:
+                    self._drop(session)
+                dropped = len(gone)
+        finally:
+            self._loads.remove(touched)
+        return Resync(scanned, changed, dropped, keep_missing)
 
     async def load(self) -> int:
         """Warm the cache from the store (``scan``) at start; returns the cache size.
@@ -263,6 +397,15 @@ class SessionMap:
         """Sessions per instance (a live read-only view; instances with none are absent)."""
         return self._counts_view
 
+    def entries(self) -> Iterator[tuple[str, str]]:
+        """Every cached (session, owner), over a snapshot of the keys: the
+        consumer may await, and the cache change, between two pairs."""
+        cache = self._cache
+        for session in list(cache):
+            owner = cache.get(session)
+            if owner is not None:
+                yield session, owner
+
     def sessions_on(self, instance: str) -> list[str]:
         """Sessions cached on ``instance``. O(n): admin and failover only."""
         return [session for session, owner in self._cache.items() if owner == instance]
@@ -270,7 +413,45 @@ class SessionMap:
     def __len__(self) -> int:
         return len(self._cache)
 
+    def expire_recent(self, now: float | None = None) -> None:
+        """Forget local writes older than ``conflict_window`` (called by ``apply``
+        and by the change-feed task when idle, so the sets do not linger)."""
+        if not (self._recent or self._recent_prev):
+            return
+        if now is None:
+            now = time.monotonic()
+        window = self.conflict_window
+        if now - self._recent_last >= window:
+            self._recent = set()
+            self._recent_prev = set()
+        elif now - self._recent_since >= window:
+            # Everything in the older generation was written > window ago.
+            self._recent_prev = self._recent
+            self._recent = set()
+            self._recent_since = now
+
     # -- internals --------------------------------------------------------------
+
+    def _begin_write(self, session: str) -> None:
+        self._writing[session] = self._writing.get(session, 0) + 1
+        self._touch(session)
+
+    def _end_write(self, session: str, now: float) -> bool:
+        """A local write of ``session`` ended; True if a remote change crossed it."""
+        left = self._writing[session] - 1
+        conflict = session in self._conflicts
+        if left:
+            self._writing[session] = left
+        else:
+            del self._writing[session]
+            self._conflicts.discard(session)
+        if now - self._recent_since >= self.conflict_window:
+            self.expire_recent(now)
+        if not self._recent:
+            self._recent_since = now
+        self._recent.add(session)
+        self._recent_last = now
+        return conflict
 
     def _touch(self, session: str) -> None:
         """``session`` changes now: reads in flight must not cache their answer."""

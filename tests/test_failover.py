@@ -1,0 +1,311 @@
+"""Failover against real simulated instance processes: SIGKILL, SIGSTOP,
+restart with empty memory, "session not found", faults, both stores.
+
+Every test that sends checks the simulators' shared send record: no message
+may ever be delivered twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections import Counter
+from typing import Any
+
+import aiohttp
+import pytest
+
+from router.config import FailoverConfig, OutlierConfig, Timeouts
+from tests.support.router import INSTANCE_KEY, RouterHandle, StartRouter, router_config
+from tests.support.simulator import SimFleet, SimFleetFactory
+
+
+@pytest.fixture(params=["memory", "redis"])
+def store_kwargs(request: pytest.FixtureRequest) -> dict[str, Any]:
+    if request.param == "memory":
+        return {}
+    return {
+        "store": request.getfixturevalue("redis_url"),
+        "key_prefix": request.getfixturevalue("redis_prefix"),
+    }
+
+
+async def setup(
+    sim_fleet: SimFleetFactory,
+    start_router: StartRouter,
+    n: int = 3,
+    dialect: str = "waha",
+    **kwargs: Any,
+) -> tuple[SimFleet, RouterHandle]:
+    fleet = sim_fleet(n, api_key=INSTANCE_KEY, dialect=dialect)
+    cfg = router_config(
+        fleet.urls,
+        names=[p.name for p in fleet],
+        adapter=dialect,
+        **{k: v for k, v in kwargs.items() if k not in ("failover", "outlier")},
+    )
+    import dataclasses
+
+    cfg = dataclasses.replace(
+        cfg,
+        failover=kwargs.get("failover", FailoverConfig(wait=10, ready_timeout=5)),
+        outlier=kwargs.get("outlier", OutlierConfig()),
+    )
+    router = await start_router(config=cfg)
+    return fleet, router
+
+
+async def create_ready(http: aiohttp.ClientSession, router: RouterHandle, fleet: SimFleet, name: str) -> str:
+    async with http.post(f"{router.url}/api/sessions", json={"name": name}) as resp:
+        assert resp.status == 201, await resp.text()
+    owner = router.runtime.smap.cached(name)
+    assert owner is not None
+    await fleet.by_name(owner).wait_session(name)
+    return owner
+
+
+async def send(
+    http: aiohttp.ClientSession, router: RouterHandle, session: str, text: str, **headers: str
+) -> tuple[int, dict[str, Any]]:
+    body = {"session": session, "chatId": "1@c.us", "text": text}
+    async with http.post(f"{router.url}/api/sendText", json=body, headers=headers) as resp:
+        return resp.status, await resp.json()
+
+
+async def where_running(fleet: SimFleet, session: str) -> list[str]:
+    names = []
+    for proc in fleet:
+        if proc.alive and await proc.session_status(session) is not None:
+            names.append(proc.name)
+    return names
+
+
+def assert_no_duplicates(fleet: SimFleet) -> None:
+    texts = Counter((r["session"], r["text"]) for r in fleet.sent())
+    assert [k for k, n in texts.items() if n > 1] == []
+
+
+async def test_sigkill_owner_sessions_come_back_on_another_instance(
+    sim_fleet: SimFleetFactory, start_router: StartRouter, store_kwargs: dict[str, Any]
+) -> None:
+    fleet, router = await setup(sim_fleet, start_router, **store_kwargs)
+    async with router.client() as http:
+        owners = {s: await create_ready(http, router, fleet, s) for s in ("k1", "k2", "k3", "k4")}
+        victim = owners["k1"]
+        fleet.by_name(victim).kill()
+        affected = [s for s, o in owners.items() if o == victim]
+        # A send (non-idempotent) whose connection is refused provably never
+        # arrived: it is replayed on the restored session.
+        for s in affected:
+            status, body = await send(http, router, s, f"after-kill {s}")
+            assert status == 201, body
+            async with http.get(f"{router.url}/api/{s}/me") as resp:
+                assert resp.status == 200
+                assert (await resp.json())["instance"] != victim
+            assert router.runtime.smap.cached(s) not in (None, victim)
+            assert await where_running(fleet, s) == [router.runtime.smap.cached(s)]
+    assert sorted(r["text"] for r in fleet.sent()) == sorted(f"after-kill {s}" for s in affected)
+    events = router.runtime.events.recent(kind="failover")
+    assert {e["session"] for e in events} == set(affected)
+    assert all(e["outcome"] == "restored" for e in events)
+
+
+async def test_many_waiting_requests_share_one_restore(
+    sim_fleet: SimFleetFactory, start_router: StartRouter
+) -> None:
+    fleet, router = await setup(sim_fleet, start_router)
+    async with router.client() as http:
+        owner = await create_ready(http, router, fleet, "busy")
+        fleet.by_name(owner).kill()
+        results = await asyncio.gather(
+            *(send(http, router, "busy", f"m{i}") for i in range(20)),
+            *(http.get(f"{router.url}/api/busy/me") for _ in range(10)),
+        )
+    statuses = [r[0] for r in results[:20]] + [r.status for r in results[20:]]  # type: ignore[union-attr,index]
+    assert statuses == [201] * 20 + [200] * 10
+    assert len(await where_running(fleet, "busy")) == 1
+    assert len(router.runtime.events.recent(kind="failover")) == 1
+    assert sorted(r["text"] for r in fleet.sent("busy")) == sorted(f"m{i}" for i in range(20))
+
+
+async def test_restarted_owner_answers_session_not_found_and_is_recovered(
+    sim_fleet: SimFleetFactory, start_router: StartRouter, store_kwargs: dict[str, Any]
+) -> None:
+    fleet, router = await setup(sim_fleet, start_router, **store_kwargs)
+    async with router.client() as http:
+        owner = await create_ready(http, router, fleet, "amnesia")
+        await fleet.by_name(owner).restart_async()  # same port, empty memory
+        status, body = await send(http, router, "amnesia", "hello again")
+        assert status == 201, body
+    assert len(await where_running(fleet, "amnesia")) == 1
+    assert [r["text"] for r in fleet.sent("amnesia")] == ["hello again"]
+    assert router.runtime.events.recent(kind="failover")[-1]["reason"] == "session_missing"
+
+
+async def test_blazz_session_not_found_is_recovered(
+    sim_fleet: SimFleetFactory, start_router: StartRouter
+) -> None:
+    fleet, router = await setup(sim_fleet, start_router, n=2, dialect="blazz")
+    session = "webjs_7_1700000000_abcd1234"
+    payload = {"session_id": session, "workspace_id": 7, "account_id": 1, "priority": 1}
+    async with router.client() as http:
+        async with http.post(f"{router.url}/api/sessions", json=payload) as resp:
+            assert resp.status in (200, 201), await resp.text()
+        owner = router.runtime.smap.cached(session)
+        assert owner is not None
+        await fleet.by_name(owner).wait_session(session, status="connected")
+        await fleet.by_name(owner).restart_async()
+        msg = {
+            "session_id": session,
+            "workspace_id": 7,
+            "recipient_phone": "123",
+            "message": "hi blazz",
+            "type": "text",
+        }
+        async with http.post(f"{router.url}/api/messages/send", json=msg) as resp:
+            assert resp.status == 200, await resp.text()
+    assert [r["text"] for r in fleet.sent(session)] == ["hi blazz"]
+
+
+async def test_response_lost_after_delivery_is_not_replayed(
+    sim_fleet: SimFleetFactory, start_router: StartRouter
+) -> None:
+    fleet, router = await setup(sim_fleet, start_router, n=2)
+    async with router.client() as http:
+        owner = await create_ready(http, router, fleet, "lossy")
+        await fleet.by_name(owner).fault("drop_after", count=1, paths="/api/sendText")
+        status, body = await send(http, router, "lossy", "exactly once")
+        assert status == 502
+        assert body["error"] == "upstream_error"
+        assert body["session"] == "lossy"
+    # The instance received and acted on it: replaying would send it twice.
+    assert [r["text"] for r in fleet.sent("lossy")] == ["exactly once"]
+
+
+async def test_hung_owner_times_out_sends_without_duplicates_and_recovers_reads(
+    sim_fleet: SimFleetFactory, start_router: StartRouter
+) -> None:
+    fleet, router = await setup(
+        sim_fleet,
+        start_router,
+        timeouts=Timeouts(connect=0.5, read=0.5, idle_keepalive=4.0),
+    )
+    async with router.client() as http:
+        owner = await create_ready(http, router, fleet, "frozen")
+        # Keep a pooled connection to the owner, then freeze the process.
+        async with http.get(f"{router.url}/api/frozen/me") as resp:
+            assert resp.status == 200
+        fleet.by_name(owner).pause()
+        try:
+            status, body = await send(http, router, "frozen", "maybe")
+            assert status == 504
+            assert body["error"] == "upstream_timeout"
+            # Once health checks mark the owner down, reads fail over.
+            while router.runtime.fleet.get(owner).healthy:  # type: ignore[union-attr]
+                await router.server.health.wait_round()  # type: ignore[union-attr]
+            async with http.get(f"{router.url}/api/frozen/me") as resp:
+                assert resp.status == 200
+                assert (await resp.json())["instance"] != owner
+        finally:
+            fleet.by_name(owner).resume()
+    assert_no_duplicates(fleet)
+
+
+async def test_idempotency_key_answers_repeats_from_the_first_result(
+    sim_fleet: SimFleetFactory, start_router: StartRouter, store_kwargs: dict[str, Any]
+) -> None:
+    fleet, router = await setup(sim_fleet, start_router, n=2, **store_kwargs)
+    async with router.client() as http:
+        await create_ready(http, router, fleet, "idem")
+        first = await send(http, router, "idem", "once", **{"Idempotency-Key": "abc"})
+        again = await send(http, router, "idem", "once", **{"Idempotency-Key": "abc"})
+        other = await send(http, router, "idem", "once", **{"Idempotency-Key": "def"})
+        assert first[0] == again[0] == other[0] == 201
+        assert first[1] == again[1]
+        assert other[1]["id"] != first[1]["id"]
+        body = {"session": "idem", "chatId": "1@c.us", "text": "once"}
+        async with http.post(
+            f"{router.url}/api/sendText", json=body, headers={"Idempotency-Key": "abc"}
+        ) as resp:
+            assert resp.headers.get("Idempotent-Replayed") == "true"
+    assert len(fleet.sent("idem")) == 2
+
+
+async def test_no_instance_left_gives_503_with_retry_after(
+    sim_fleet: SimFleetFactory, start_router: StartRouter
+) -> None:
+    fleet, router = await setup(
+        sim_fleet, start_router, n=2, failover=FailoverConfig(wait=3, ready_timeout=1)
+    )
+    async with router.client() as http:
+        await create_ready(http, router, fleet, "alone")
+        for proc in fleet:
+            proc.kill()
+        status, body = await send(http, router, "alone", "nobody home")
+        async with http.get(f"{router.url}/api/alone/me") as resp:
+            assert resp.status == 503
+            assert int(resp.headers["Retry-After"]) > 0
+    assert status == 503
+    assert body["error"] == "session_unavailable"
+    assert body["session"] == "alone"
+    assert fleet.sent() == []
+
+
+async def test_passive_outlier_detection_ejects_an_erroring_instance(
+    sim_fleet: SimFleetFactory, start_router: StartRouter
+) -> None:
+    fleet, router = await setup(
+        sim_fleet,
+        start_router,
+        n=3,
+        outlier=OutlierConfig(consecutive_failures=3, base_ejection=30, max_ejected_percent=34),
+    )
+    async with router.client() as http:
+        owner = await create_ready(http, router, fleet, "flaky")
+        await fleet.by_name(owner).fault("error", status=500, paths="/api/flaky")
+        for _ in range(3):
+            async with http.get(f"{router.url}/api/flaky/me") as resp:
+                assert resp.status == 500  # an upstream 5xx with a body passes through
+        inst = router.runtime.fleet.get(owner)
+        assert inst is not None and not inst.healthy
+        # Never more than max_ejected_percent of the fleet: a second one stays in.
+        other = await create_ready(http, router, fleet, "flaky2")
+        assert other != owner
+        await fleet.by_name(other).fault("error", status=500, paths="/api/flaky2")
+        for _ in range(4):
+            async with http.get(f"{router.url}/api/flaky2/me") as resp:
+                assert resp.status == 500
+    ejected = router.runtime.events.recent(kind="ejected")
+    assert [e["instance"] for e in ejected] == [owner]
+    assert sum(1 for i in router.runtime.fleet if not i.healthy) == 1
+
+
+async def test_sigkill_during_steady_load_loses_no_idempotent_request(
+    sim_fleet: SimFleetFactory, start_router: StartRouter
+) -> None:
+    fleet, router = await setup(sim_fleet, start_router, n=3)
+    sessions = [f"load{i}" for i in range(30)]
+    async with router.client() as http:
+        for s in sessions:
+            await create_ready(http, router, fleet, s)
+        victim = router.runtime.smap.cached(sessions[0])
+        assert victim is not None
+        stop = asyncio.Event()
+        statuses: Counter[int] = Counter()
+
+        async def reader(s: str) -> None:
+            while not stop.is_set():
+                async with http.get(f"{router.url}/api/{s}/me") as resp:
+                    statuses[resp.status] += 1
+
+        tasks = [asyncio.create_task(reader(s)) for s in sessions]
+        await asyncio.sleep(0.3)  # steady load before the kill (the scenario)
+        fleet.by_name(victim).kill(signal.SIGKILL)
+        deadline = asyncio.get_running_loop().time() + 10
+        while any(router.runtime.smap.cached(s) == victim for s in sessions):
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.3)
+        stop.set()
+        await asyncio.gather(*tasks)
+    assert set(statuses) == {200}, statuses
