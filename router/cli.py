@@ -1,4 +1,6 @@
-"""``session-router``: run, check-config, simulate, demo."""
+"""``session-router``: run, check-config, simulate, demo, and the admin commands
+(status, instances, drain, undrain, maintenance, move, sessions, pin, unpin,
+reload: see ``router.admin_client``)."""
 
 from __future__ import annotations
 
@@ -27,7 +29,8 @@ def _cmd_run(ns: argparse.Namespace) -> int:
         print(f"config rejected: {exc}", file=sys.stderr)
         return 2
     install_uvloop()
-    asyncio.run(Server(config, drain_timeout=ns.drain_timeout).run())
+    watch = ns.watch_interval if ns.watch_interval > 0 else None
+    asyncio.run(Server(config, drain_timeout=ns.drain_timeout, watch_interval=watch).run())
     return 0
 
 
@@ -71,6 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=15.0,
         help="seconds to let in-flight requests finish on SIGTERM (default 15)",
     )
+    run.add_argument(
+        "--watch-interval",
+        type=float,
+        default=1.0,
+        help="seconds between two looks at the config file for changes; 0 turns the "
+        "watch off (SIGHUP and POST /admin/reload still reload) (default 1)",
+    )
     run.set_defaults(func=_cmd_run)
 
     check = sub.add_parser("check-config", help="validate a config file and exit")
@@ -87,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("-c", "--config", default=None, help="demo config (default config/demo.yaml)")
     demo.add_argument("--port", type=int, default=None, help="router port (default from config)")
     demo.set_defaults(func=_cmd_demo)
+
+    from router.admin_client import add_arguments as add_admin_arguments
+
+    add_admin_arguments(sub)
     return parser
 
 

@@ -156,6 +156,83 @@ class IdempotencyConfig:
     max_body_bytes: int = 1024 * 1024
 
 
+WEBHOOK_FORMATS: tuple[str, ...] = ("auto", "blazz", "waha", "raw")
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookTarget:
+    """Where events go (the main app), and which events go there."""
+
+    url: str
+    # Unique; stored with every queued event. Defaults to "target-<n>".
+    name: str = "target-1"
+    # fnmatch patterns of event types ("message*", "session.status"); empty = all.
+    events: tuple[str, ...] = ()
+    # Regex the session id must fully match; None = every session (and none).
+    sessions: str | None = None
+    # Key the router signs deliveries with (never logged).
+    hmac_key: str | None = field(default=None, repr=False)
+    # How deliveries are signed: auto (like the sending instance), blazz, waha, raw.
+    format: str = "auto"
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookIngest:
+    # When a key applies to an instance, its events must carry a valid signature.
+    blazz_hmac_key: str | None = field(default=None, repr=False)
+    waha_hmac_key: str | None = field(default=None, repr=False)
+    # Per-instance keys (instance name -> key), overriding the dialect's key.
+    instance_keys: Mapping[str, str] = field(default_factory=dict, repr=False)
+    # Seconds a signed timestamp may differ from our clock.
+    max_age_skew: float = 300.0
+    max_body_bytes: int = 8 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookDelivery:
+    # HTTP attempts in one delivery round (aiohttp-retry), and the first wait between them.
+    attempts_per_round: int = 3
+    round_backoff: float = 0.2
+    # Durable retries between rounds: min(backoff_max, backoff_base * 2**(round-1)), jittered.
+    backoff_base: float = 1.0
+    backoff_max: float = 300.0
+    # An event still undelivered this many seconds after it arrived is dead-lettered.
+    max_age: float = 86400.0
+    # Lanes (target x session) delivered at once by one router.
+    concurrency: int = 64
+    # Seconds for one HTTP attempt (connect + answer).
+    timeout: float = 10.0
+    # "session": events of one session arrive in order; "none": no ordering.
+    ordering: str = "session"
+    # Target answers that mean "this event will never be accepted": dead-letter at once.
+    dead_letter_statuses: tuple[int, ...] = (400, 413, 415, 422)
+    # Seconds a lane claimed by one router stays invisible to the others (redis).
+    lease: float = 60.0
+
+    def round_wait(self, attempt: int) -> float:
+        """Longest wait after in-round attempt ``attempt`` (1-based) failed."""
+        return min(self.backoff_max, self.round_backoff * 2.0 ** (attempt - 1))
+
+    @property
+    def round_seconds(self) -> float:
+        """Longest one delivery round can take: every attempt times out, every wait is full."""
+        waits = sum(self.round_wait(i) for i in range(1, self.attempts_per_round))
+        return self.attempts_per_round * self.timeout + waits
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookConfig:
+    targets: tuple[WebhookTarget, ...]
+    ingest: WebhookIngest = WebhookIngest()
+    delivery: WebhookDelivery = WebhookDelivery()
+    # Embedded queue file, used when the store is "memory".
+    sqlite_path: str = "./var/webhooks.db"
+    # "full" (survives power loss) or "normal" (survives a process crash).
+    sqlite_synchronous: str = "full"
+    # Stable name of this replica in the redis consumer group; default host:port.
+    consumer_name: str | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class RouterConfig:
     instances: tuple[InstanceConfig, ...]
@@ -174,6 +251,8 @@ class RouterConfig:
     # Keys clients (the main app) present to the router. Empty means the
     # router does not authenticate clients (only sensible on a private net).
     api_keys: tuple[str, ...] = field(default=(), repr=False)
+    # The durable webhook relay (router/webhooks); None = disabled.
+    webhooks: WebhookConfig | None = None
     # Where this config came from, for error messages and reload.
     source: str | None = None
 

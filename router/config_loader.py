@@ -27,6 +27,7 @@ from urllib.parse import SplitResult, urlsplit, urlunsplit
 import yaml
 
 from router.config import (
+    WEBHOOK_FORMATS,
     AdapterConfig,
     ConfigError,
     DiscoveryConfig,
@@ -40,6 +41,10 @@ from router.config import (
     RouterConfig,
     StoreConfig,
     Timeouts,
+    WebhookConfig,
+    WebhookDelivery,
+    WebhookIngest,
+    WebhookTarget,
     redact_url,
 )
 
@@ -162,6 +167,17 @@ def summarize(cfg: RouterConfig) -> str:
         f"  health:      every {h.interval:g}s, timeout {h.timeout:g}s,"
         f" rise {h.rise}, fall {h.fall}"
     )
+    if cfg.webhooks is not None:
+        wh = cfg.webhooks
+        queue = (
+            f"sqlite {wh.sqlite_path} (synchronous={wh.sqlite_synchronous})"
+            if cfg.store.is_memory
+            else "redis streams (same store)"
+        )
+        lines.append(f"  webhooks:    {len(wh.targets)} target(s), queue {queue}")
+        for tgt in wh.targets:
+            signed = "signed" if tgt.hmac_key else "unsigned"
+            lines.append(f"    - {tgt.name}: {tgt.url} (format {tgt.format}, {signed})")
     if t.idle_keepalive >= 5:
         lines.append(
             "  note: timeouts.idle_keepalive is not below Node's default 5 s keepAliveTimeout;"
@@ -271,6 +287,8 @@ class _Parser:
         self._option_nodes = 0
         # Expanded ${...} values inside adapter options, scrubbed from messages.
         self._env_strings: set[str] = set()
+        # webhooks.ingest.instance_keys names, checked against instances at the end.
+        self._webhook_instance_nodes: dict[str, yaml.ScalarNode] = {}
 
     # -- errors ---------------------------------------------------------
 
@@ -605,6 +623,7 @@ class _Parser:
             "discovery": lambda k, v: self._section(v, "discovery", DiscoveryConfig),
             "idempotency": lambda k, v: self._section(v, "idempotency", IdempotencyConfig),
             "admin_key": lambda k, v: self._str(v, "admin_key", secret=True),
+            "webhooks": lambda k, v: self._webhooks(v),
         }
         top = self._mapping(root, "", tuple(sections))
         values: dict[str, Any] = {}
@@ -612,6 +631,8 @@ class _Parser:
             values[key] = sections[key](k, v)
         if "instances" not in values:
             self.fail(root, "instances: missing required key (list at least one instance)")
+        if values.get("webhooks") is not None:
+            self._check_webhook_instances(values["instances"])
         return RouterConfig(source=self.file, **values)
 
     def _listen(self, node: yaml.Node) -> ListenConfig:
@@ -841,6 +862,293 @@ class _Parser:
             self.fail(node, f"{path}: {problem}, got {shown}")
         clean = SplitResult(parts.scheme.lower(), parts.netloc, parts.path.rstrip("/"), "", "")
         return urlunsplit(clean)
+
+    # -- webhooks ---------------------------------------------------------
+
+    def _webhooks(self, node: yaml.Node) -> WebhookConfig:
+        m = self._mapping(
+            node,
+            "webhooks",
+            ("targets", "ingest", "delivery", "sqlite_path", "sqlite_synchronous", "consumer_name"),
+            required=("targets",),
+        )
+        d = WebhookConfig(targets=())
+        ingest = self._webhook_ingest(m["ingest"][1]) if "ingest" in m else d.ingest
+        delivery = self._webhook_delivery(m["delivery"][1]) if "delivery" in m else d.delivery
+        targets = self._webhook_targets(m["targets"][1])
+        sqlite_path = d.sqlite_path
+        if "sqlite_path" in m:
+            sqlite_path = self._str(m["sqlite_path"][1], "webhooks.sqlite_path")
+        sync = d.sqlite_synchronous
+        if "sqlite_synchronous" in m:
+            s_node = m["sqlite_synchronous"][1]
+            sync = self._str(s_node, "webhooks.sqlite_synchronous").lower()
+            if sync not in ("full", "normal"):
+                self.fail(
+                    s_node,
+                    f"webhooks.sqlite_synchronous: must be 'full' (an event survives power loss)"
+                    f" or 'normal' (survives a process crash), got {sync!r}",
+                )
+        consumer: str | None = None
+        if "consumer_name" in m:
+            c_node = m["consumer_name"][1]
+            consumer = self._str(c_node, "webhooks.consumer_name")
+            if not re.fullmatch(r"[A-Za-z0-9_.:@-]{1,100}", consumer):
+                self.fail(
+                    c_node,
+                    "webhooks.consumer_name: must be 1-100 characters of letters, digits,"
+                    f" '_', '.', ':', '@', '-', got {consumer!r}",
+                )
+        return WebhookConfig(
+            targets=targets,
+            ingest=ingest,
+            delivery=delivery,
+            sqlite_path=sqlite_path,
+            sqlite_synchronous=sync,
+            consumer_name=consumer,
+        )
+
+    def _webhook_targets(self, node: yaml.Node) -> tuple[WebhookTarget, ...]:
+        if not isinstance(node, yaml.SequenceNode) or not node.value:
+            got = "an empty list" if isinstance(node, yaml.SequenceNode) else self._node_kind(node)
+            self.fail(
+                node,
+                f"webhooks.targets: must be a non-empty list of targets ({{url: ...}}), got {got}",
+            )
+        out: list[WebhookTarget] = []
+        names: dict[str, int] = {}
+        keys = ("name", "url", "events", "sessions", "hmac_key", "format")
+        for i, item in enumerate(node.value):
+            path = f"webhooks.targets[{i}]"
+            m = self._mapping(item, path, keys, required=("url",))
+            url = self._target_url(m["url"][1], f"{path}.url")
+            name = f"target-{i + 1}"
+            name_node: yaml.Node = item
+            if "name" in m:
+                name_node = m["name"][1]
+                name = self._str(name_node, f"{path}.name")
+                if not INSTANCE_NAME_RE.fullmatch(name):
+                    self.fail(
+                        name_node,
+                        f"{path}.name: must be 1-63 characters of letters, digits, '_', '.', '-'"
+                        f" starting with a letter or digit, got {name!r}",
+                    )
+            if name in names:
+                self.fail(
+                    name_node,
+                    f"{path}.name: duplicate target name {name!r} (also at line {names[name]})",
+                )
+            names[name] = _line(name_node)
+            events: tuple[str, ...] = ()
+            if "events" in m:
+                events = self._str_list(m["events"][1], f"{path}.events")
+            sessions: str | None = None
+            if "sessions" in m:
+                s_node = m["sessions"][1]
+                sessions = self._str(s_node, f"{path}.sessions")
+                try:
+                    re.compile(sessions)
+                except re.error as exc:
+                    self.fail(s_node, f"{path}.sessions: not a valid regular expression: {exc}")
+            hmac_key: str | None = None
+            if "hmac_key" in m:
+                hmac_key = self._opt_secret(m["hmac_key"][1], f"{path}.hmac_key")
+            fmt = "auto"
+            if "format" in m:
+                f_node = m["format"][1]
+                fmt = self._str(f_node, f"{path}.format").lower()
+                if fmt not in WEBHOOK_FORMATS:
+                    self.fail(
+                        f_node,
+                        f"{path}.format: unknown format {fmt!r}{_suggest(fmt, WEBHOOK_FORMATS)}",
+                    )
+            out.append(
+                WebhookTarget(
+                    url=url,
+                    name=name,
+                    events=events,
+                    sessions=sessions,
+                    hmac_key=hmac_key,
+                    format=fmt,
+                )
+            )
+        return tuple(out)
+
+    def _webhook_ingest(self, node: yaml.Node) -> WebhookIngest:
+        keys = (
+            "blazz_hmac_key",
+            "waha_hmac_key",
+            "instance_keys",
+            "max_age_skew",
+            "max_body_bytes",
+        )
+        m = self._mapping(node, "webhooks.ingest", keys)
+        d = WebhookIngest()
+        blazz = d.blazz_hmac_key
+        if "blazz_hmac_key" in m:
+            blazz = self._opt_secret(m["blazz_hmac_key"][1], "webhooks.ingest.blazz_hmac_key")
+        waha = d.waha_hmac_key
+        if "waha_hmac_key" in m:
+            waha = self._opt_secret(m["waha_hmac_key"][1], "webhooks.ingest.waha_hmac_key")
+        instance_keys: dict[str, str] = {}
+        if "instance_keys" in m:
+            path = "webhooks.ingest.instance_keys"
+            ik = self._mapping_any(m["instance_keys"][1], path)
+            for k_node, v_node in ik:
+                inst = str(k_node.value)
+                key = self._opt_secret(v_node, f"{path}.{inst}")
+                if key is not None:
+                    instance_keys[inst] = key
+                self._webhook_instance_nodes[inst] = k_node
+        skew = d.max_age_skew
+        if "max_age_skew" in m:
+            skew = self._positive(m["max_age_skew"][1], "webhooks.ingest.max_age_skew")
+        body = d.max_body_bytes
+        if "max_body_bytes" in m:
+            body = self._size(m["max_body_bytes"][1], "webhooks.ingest.max_body_bytes")
+        return WebhookIngest(
+            blazz_hmac_key=blazz,
+            waha_hmac_key=waha,
+            instance_keys=instance_keys,
+            max_age_skew=skew,
+            max_body_bytes=body,
+        )
+
+    def _webhook_delivery(self, node: yaml.Node) -> WebhookDelivery:
+        path = "webhooks.delivery"
+        keys = (
+            "attempts_per_round",
+            "round_backoff",
+            "backoff_base",
+            "backoff_max",
+            "max_age",
+            "concurrency",
+            "timeout",
+            "ordering",
+            "dead_letter_statuses",
+            "lease",
+        )
+        m = self._mapping(node, path, keys)
+        d = WebhookDelivery()
+        values: dict[str, Any] = {}
+        for key in ("attempts_per_round", "concurrency"):
+            if key in m:
+                values[key] = self._int(m[key][1], f"{path}.{key}", 1, 10_000)
+        for key in ("round_backoff", "backoff_base", "backoff_max", "max_age", "timeout", "lease"):
+            if key in m:
+                values[key] = self._positive(m[key][1], f"{path}.{key}")
+        if "ordering" in m:
+            o_node = m["ordering"][1]
+            ordering = self._str(o_node, f"{path}.ordering").lower()
+            if ordering not in ("session", "none"):
+                self.fail(
+                    o_node,
+                    f"{path}.ordering: must be 'session' (each session's events in order)"
+                    f" or 'none', got {ordering!r}",
+                )
+            values["ordering"] = ordering
+        if "dead_letter_statuses" in m:
+            s_node = m["dead_letter_statuses"][1]
+            if not isinstance(s_node, yaml.SequenceNode):
+                self.fail(
+                    s_node,
+                    f"{path}.dead_letter_statuses: must be a list of HTTP statuses 400..499,"
+                    f" got {self._node_kind(s_node)}",
+                )
+            statuses: list[int] = []
+            for i, item in enumerate(s_node.value):
+                code = self._int(item, f"{path}.dead_letter_statuses[{i}]", 400, 499)
+                if code not in statuses:
+                    statuses.append(code)
+            values["dead_letter_statuses"] = tuple(statuses)
+        cfg = dataclasses.replace(d, **values)
+        if cfg.backoff_max < cfg.backoff_base:
+            where = m["backoff_max"][1] if "backoff_max" in m else m["backoff_base"][1]
+            self.fail(
+                where,
+                f"{path}.backoff_max ({cfg.backoff_max:g}) must be >= backoff_base"
+                f" ({cfg.backoff_base:g})",
+            )
+        # A delivery round signs once, then makes up to attempts_per_round
+        # attempts: the signed timestamp must still be fresh on the last one.
+        round_max = cfg.round_seconds
+        if round_max > 240:
+            where = next((m[k][1] for k in ("attempts_per_round", "timeout") if k in m), node)
+            self.fail(
+                where,
+                f"{path}: one delivery round may take {round_max:g} s"
+                " (attempts_per_round x timeout + waits); keep it under 240 s, because a round"
+                " is signed once and receivers reject timestamps older than 300 s",
+            )
+        if cfg.lease <= round_max:
+            where = m["lease"][1] if "lease" in m else node
+            self.fail(
+                where,
+                f"{path}.lease ({cfg.lease:g}) must be longer than one delivery round"
+                f" ({round_max:g} s), or another replica would take over a lane mid-delivery",
+            )
+        return cfg
+
+    def _check_webhook_instances(self, instances: tuple[InstanceConfig, ...]) -> None:
+        known = tuple(i.name for i in instances)
+        for name, k_node in self._webhook_instance_nodes.items():
+            if name not in known:
+                self.fail(
+                    k_node,
+                    f"webhooks.ingest.instance_keys.{name}: no instance named {name!r}"
+                    f"{_suggest(name, known)}",
+                )
+
+    def _mapping_any(self, node: yaml.Node, path: str) -> list[tuple[yaml.ScalarNode, yaml.Node]]:
+        if isinstance(node, yaml.ScalarNode) and node.tag == _NULL:
+            return []
+        if not isinstance(node, yaml.MappingNode):
+            self.fail(node, f"{path}: must be a mapping, got {self._node_kind(node)}")
+        return self._pairs(node, path)
+
+    def _opt_secret(self, node: yaml.Node, path: str) -> str | None:
+        """A secret string; null, or ``${VAR:-}`` left empty, means "none"."""
+        if isinstance(node, yaml.ScalarNode) and node.tag == _NULL:
+            return None
+        v = self._scalar(node, path, secret=True)
+        if v.env_vars and v.value == "":
+            return None
+        return self._str(node, path, secret=True)
+
+    def _str_list(self, node: yaml.Node, path: str) -> tuple[str, ...]:
+        if isinstance(node, yaml.ScalarNode) and node.tag != _NULL:
+            return (self._str(node, path),)
+        if not isinstance(node, yaml.SequenceNode):
+            self.fail(node, f"{path}: must be a list of strings, got {self._node_kind(node)}")
+        return tuple(self._str(item, f"{path}[{i}]") for i, item in enumerate(node.value))
+
+    def _target_url(self, node: yaml.Node, path: str) -> str:
+        v = self._scalar(node, path)
+        raw = v.value
+        if not isinstance(raw, str) or not raw.strip():
+            self.fail(node, f"{path}: must be an http:// or https:// URL, got {v.shown()}")
+        raw = raw.strip()
+        try:
+            parts = urlsplit(raw)
+            port = parts.port
+        except ValueError as exc:
+            self.fail(node, f"{path}: not a valid URL ({exc}): {v.shown()}")
+        problem = None
+        if parts.scheme.lower() not in ("http", "https"):
+            problem = "must start with http:// or https://"
+        elif parts.username is not None or parts.password is not None:
+            self.fail(node, f"{path}: must not contain credentials (user:password@)")
+        elif not parts.hostname:
+            problem = "has no host"
+        elif port == 0:
+            problem = "port must be in 1..65535"
+        elif parts.fragment or "#" in raw:
+            problem = "must not have a fragment"
+        elif any(c.isspace() for c in raw):
+            problem = "must not contain whitespace"
+        if problem:
+            self.fail(node, f"{path}: {problem}, got {v.shown()}")
+        return raw
 
 
 _INSTANCE_KEYS = ("name", "url", "max_sessions", "weight", "api_key")

@@ -25,9 +25,13 @@ class RouterError(Exception):
         *,
         session: str | None = None,
         headers: dict[str, str] | None = None,
+        request_sent: bool = False,
         **extra: Any,
     ) -> None:
         super().__init__(message)
+        # The upstream may have received (and acted on) the request: an
+        # Idempotency-Key repeat must be told so, never sent again.
+        self.request_sent = request_sent
         self.status = status
         self.error = error
         self.message = message

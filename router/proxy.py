@@ -10,19 +10,48 @@ as they arrive); small responses with a known length are sent in one write.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
-import uuid
+import random
+import time
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
 
 import aiohttp
 from aiohttp import web
-from multidict import CIMultiDict, MultiDict
+from multidict import CIMultiDict, MultiDict, istr
 
 from router.adapters.base import BadSessionId, Extraction, UpstreamRequest
 from router.errors import REQUEST_ID_HEADER, RouterError, error_response
+from router.idempotency import (
+    IDEMPOTENCY_HEADER,
+    REPLAYED_HEADER,
+    StoredResponse,
+    scoped_key,
+)
 from router.instances import Instance
+from router.locks import LockBusy
+from router.metrics import (
+    IDEMPOTENT_REPLAYS,
+    REQUEST_DURATION,
+    REQUESTS,
+    RETRIES,
+    RETRIES_DENIED,
+    ROUTER_ERRORS,
+    UPSTREAM_DURATION,
+    UPSTREAM_ERRORS,
+)
+from router.retry import backoff, may_replay
+from router.store.base import StoreUnavailable
+from router.transport import (
+    Body,
+    ConnectFailed,
+    StaleConnection,
+    UpstreamError,
+    UpstreamResponse,
+    UpstreamTimeout,
+)
 
 if TYPE_CHECKING:
     from router.runtime import Runtime
@@ -46,7 +75,9 @@ HOP_BY_HOP = frozenset(
     )
 )
 _REQUEST_DROP = HOP_BY_HOP | {"host", "content-length"}
-_RESPONSE_DROP = HOP_BY_HOP | {"content-length"}
+_REQUEST_DROP_KEYS = tuple(istr(h) for h in sorted(_REQUEST_DROP))
+# The upstream's X-Request-Id is replaced by ours.
+_RESPONSE_DROP = HOP_BY_HOP | {"content-length", REQUEST_ID_HEADER.lower()}
 
 # Bodies up to this size are read whole even when the adapter does not need
 # them: one write upstream instead of a stream, and replayable after a
@@ -59,22 +90,34 @@ _METHODS_WITHOUT_BODY = frozenset({"GET", "HEAD", "OPTIONS", "DELETE", "TRACE"})
 
 
 def _filtered_request_headers(request: web.BaseRequest) -> CIMultiDict[str]:
-    headers: CIMultiDict[str] = CIMultiDict()
-    connection = request.headers.get("Connection")
-    extra = {t.strip().lower() for t in connection.split(",")} if connection else frozenset[str]()
-    for k, v in request.headers.items():
-        lk = k.lower()
-        if lk in _REQUEST_DROP or lk in extra:
-            continue
-        headers.add(k, v)
+    # Copy (in C), then delete: half the cost of filtering header by header.
+    headers = CIMultiDict(request.headers)
+    connection = headers.get("Connection")
+    for name in _REQUEST_DROP_KEYS:
+        if name in headers:
+            del headers[name]
+    if connection:
+        for token in connection.split(","):
+            token = token.strip()
+            if token and token in headers:
+                del headers[token]
     return headers
 
 
-def _response_headers(up: aiohttp.ClientResponse) -> CIMultiDict[str]:
-    headers: CIMultiDict[str] = CIMultiDict()
-    for k, v in up.headers.items():
-        if k.lower() not in _RESPONSE_DROP:
-            headers.add(k, v)
+_randbits = random.getrandbits
+
+
+def _new_request_id() -> str:
+    """``uuid.uuid4().hex`` without the syscall and the UUID object: random bits
+    with the version-4 and variant bits set (ids correlate logs, they are not secrets)."""
+    n = _randbits(128) & ~(0xF000 << 64) & ~(0xC000 << 48)
+    return "%032x" % (n | (0x4000 << 64) | (0x8000 << 48))
+
+
+def _response_headers(up: UpstreamResponse, request_id: str) -> list[tuple[str, str]]:
+    # A list: web.Response copies whatever it gets into its own CIMultiDict.
+    headers = [(k, v) for k, v in up.headers if k.lower() not in _RESPONSE_DROP]
+    headers.append((REQUEST_ID_HEADER, request_id))
     return headers
 
 
@@ -110,11 +153,17 @@ class ProxyHandler:
         self.rt = runtime
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
-        request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
+        request_id = request.headers.get(REQUEST_ID_HEADER) or _new_request_id()
+        started = time.monotonic()
         try:
-            return await self._handle(request, request_id)
+            resp = await self._handle(request, request_id)
         except RouterError as exc:
+            ROUTER_ERRORS.labels(exc.error).inc()
             return error_response(exc, request_id)
+        instance = request.get(_INSTANCE_KEY)
+        if instance is not None:
+            REQUEST_DURATION.labels(instance).observe(time.monotonic() - started)
+        return resp
 
     async def _handle(self, request: web.BaseRequest, request_id: str) -> web.StreamResponse:
         rt = self.rt
@@ -145,12 +194,11 @@ class ProxyHandler:
         except BadSessionId as exc:
             raise RouterError(400, "bad_session_id", str(exc)) from None
 
-        if rt.api_keys:
-            key = adapter.client_key(ureq)
-            if key is None or key not in rt.api_keys:
-                raise RouterError(
-                    401, "unauthorized", "missing or invalid router API key", session=ext.session
-                )
+        key = ureq.client_key = adapter.client_key(ureq)
+        if rt.api_keys and (key is None or key not in rt.api_keys):
+            raise RouterError(
+                401, "unauthorized", "missing or invalid router API key", session=ext.session
+            )
 
         websocket = request.headers.get("Upgrade", "").lower() == "websocket"
         if ext.fanout and websocket:
@@ -159,14 +207,49 @@ class ProxyHandler:
             return await proxy_websocket_fanout(rt, request, ureq, request_id)
 
         if ext.create and ext.session is not None:
-            lock = rt.create_locks.setdefault(ext.session, asyncio.Lock())
-            try:
-                async with lock:
-                    return await self._send(request, request_id, ureq, body, ext, websocket)
-            finally:
-                if not lock.locked() and rt.create_locks.get(ext.session) is lock:
-                    del rt.create_locks[ext.session]
+            return await self._create(request, request_id, ureq, body, ext, websocket)
         return await self._send(request, request_id, ureq, body, ext, websocket)
+
+    async def _create(
+        self,
+        request: web.BaseRequest,
+        request_id: str,
+        ureq: UpstreamRequest,
+        body: bytes | None,
+        ext: Extraction,
+        websocket: bool,
+    ) -> web.StreamResponse:
+        """One create per session name at a time: in this process (an asyncio
+        lock, so concurrent creates queue) and across replicas (the session
+        lock, so two routers cannot place the same new session twice)."""
+        rt = self.rt
+        session = ext.session
+        assert session is not None
+        lock = rt.create_locks.setdefault(session, asyncio.Lock())
+        try:
+            async with lock:
+                try:
+                    async with rt.locks.hold(session, rt.config.failover.lock_ttl):
+                        return await self._send(request, request_id, ureq, body, ext, websocket)
+                except LockBusy:
+                    raise RouterError(
+                        409,
+                        "session_busy",
+                        f"session {session!r} is being created or restored; retry shortly",
+                        session=session,
+                        headers={"Retry-After": "2"},
+                    ) from None
+                except StoreUnavailable:
+                    raise RouterError(
+                        503,
+                        "store_unavailable",
+                        "cannot lock the new session while the shared store is unreachable",
+                        session=session,
+                        headers={"Retry-After": "5"},
+                    ) from None
+        finally:
+            if not lock.locked() and rt.create_locks.get(session) is lock:
+                del rt.create_locks[session]
 
     async def _send(
         self,
@@ -241,77 +324,306 @@ class ProxyHandler:
         placed: bool,
         request_id: str,
     ) -> web.StreamResponse:
-        data: Any = body if body is not None else (request.content if request.body_exists else None)
-        url = inst.url(_path_qs(request.rel_url.raw_path, ureq))
-        try:
-            up_cm = inst.http.request(
-                ureq.method,
-                url,
-                headers=ureq.headers,
-                data=data,
-                allow_redirects=False,
-            )
-            up = await up_cm
-        except aiohttp.ClientConnectorError as exc:
-            raise RouterError(
-                502,
-                "upstream_unreachable",
-                f"instance {inst.name} refused the connection",
-                session=ext.session,
-                instance=inst.name,
-            ) from exc
-        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
-            raise RouterError(
-                504,
-                "upstream_timeout",
-                f"instance {inst.name} did not answer in time",
-                session=ext.session,
-                instance=inst.name,
-            ) from exc
-        except (aiohttp.ClientError, OSError) as exc:
-            raise RouterError(
-                502,
-                "upstream_error",
-                f"instance {inst.name} closed or reset the connection",
-                session=ext.session,
-                instance=inst.name,
-            ) from exc
+        idem = request.headers.get(IDEMPOTENCY_HEADER)
+        if idem is None:
+            return await self._attempts(request, ureq, body, inst, ext, placed, request_id)
+        return await self._idempotent(request, ureq, body, inst, ext, placed, request_id, idem)
 
-        try:
-            return await self._relay(request, up, inst, ext, placed, request_id)
-        finally:
-            up.release()
-
-    async def _relay(
+    async def _idempotent(
         self,
         request: web.BaseRequest,
-        up: aiohttp.ClientResponse,
+        ureq: UpstreamRequest,
+        body: bytes | None,
+        inst: Instance,
+        ext: Extraction,
+        placed: bool,
+        request_id: str,
+        idem: str,
+    ) -> web.StreamResponse:
+        """Answer a repeat of an ``Idempotency-Key`` from the first result."""
+        rt = self.rt
+        ttl = rt.config.idempotency.window
+        key = scoped_key(ureq.client_key, ureq.method, request.path, idem)
+        try:
+            prior = await rt.idempotency.begin(key, ttl)
+        except StoreUnavailable:
+            raise RouterError(
+                503,
+                "idempotency_unavailable",
+                "the idempotency store is unreachable; retry later",
+                session=ext.session,
+                headers={"Retry-After": "5"},
+            ) from None
+        if isinstance(prior, StoredResponse):
+            IDEMPOTENT_REPLAYS.inc()
+            headers = [*prior.headers, (REPLAYED_HEADER, "true"), (REQUEST_ID_HEADER, request_id)]
+            return web.Response(status=prior.status, body=prior.body, headers=headers)
+        if prior is not None:
+            raise RouterError(
+                409,
+                "idempotency_key_in_use",
+                "a request with this Idempotency-Key is still being processed",
+                session=ext.session,
+                headers={"Retry-After": "1"},
+            )
+        try:
+            resp = await self._attempts(request, ureq, body, inst, ext, placed, request_id)
+        except RouterError as exc:
+            if exc.request_sent:
+                # Outcome unknown: remember the error so a repeat is told, not resent.
+                stored = error_response(exc, request_id)
+                await self._remember(key, stored.status, stored.headers.items(), stored.body, ttl)
+            else:
+                with contextlib.suppress(StoreUnavailable):
+                    await rt.idempotency.abandon(key)
+            raise
+        except BaseException:
+            # Cancelled mid-flight (client gone): the upstream may have acted.
+            # Keep the claim until it expires rather than allow a second send.
+            raise
+        if isinstance(resp, web.Response) and isinstance(resp.body, bytes):
+            await self._remember(key, resp.status, resp.headers.items(), resp.body, ttl)
+        else:
+            note = json.dumps(
+                {
+                    "error": "idempotent_result_not_kept",
+                    "message": "the first request was processed; its response was too large "
+                    "to remember",
+                    "status": resp.status,
+                }
+            ).encode()
+            await self._remember(key, 200, [("Content-Type", "application/json")], note, ttl)
+        return resp
+
+    async def _remember(
+        self, key: str, status: int, headers: Any, payload: Any, ttl: float
+    ) -> None:
+        if (
+            not isinstance(payload, bytes)
+            or len(payload) > self.rt.config.idempotency.max_body_bytes
+        ):
+            payload = b""
+        kept = tuple(
+            (str(k), str(v)) for k, v in headers if str(k).lower() != REQUEST_ID_HEADER.lower()
+        )
+        try:
+            await self.rt.idempotency.complete(key, StoredResponse(status, kept, payload), ttl)
+        except StoreUnavailable:
+            log.warning("could not remember an Idempotency-Key result (store unavailable)")
+
+    async def _attempts(
+        self,
+        request: web.BaseRequest,
+        ureq: UpstreamRequest,
+        body: bytes | None,
         inst: Instance,
         ext: Extraction,
         placed: bool,
         request_id: str,
     ) -> web.StreamResponse:
-        headers = _response_headers(up)
-        headers[REQUEST_ID_HEADER] = request_id
+        """Send, and on a failure that allows it, recover the session and send again.
+
+        What may be replayed is ``router.retry.may_replay``; how often is bounded
+        by ``failover.max_tries`` and the fleet-wide retry budget (a replay
+        holds a budget slot while it is in flight, not while recovery runs).
+        """
+        rt = self.rt
+        rt.budget.enter()
+        replaying = False
+        try:
+            cfg = rt.config.failover
+            method = ureq.method
+            streamed = body is None and request.body_exists
+            data: Body = request.content.iter_any() if streamed else body
+            path_qs = _path_qs(request.rel_url.raw_path, ureq)
+            session = ext.session
+            recoverable = session is not None and not placed and cfg.enabled
+            tries = 0
+            while True:
+                tries += 1
+                if recoverable and not inst.healthy:
+                    assert session is not None
+                    inst = await self._recover(
+                        ureq, session, inst, "owner_down", exclude_failed=True
+                    )
+                started = time.monotonic()
+                try:
+                    up = await inst.transport.request(method, path_qs, ureq.headers, data)
+                except UpstreamError as exc:
+                    if replaying:
+                        rt.budget.release()
+                        replaying = False
+                    kind = _error_kind(exc)
+                    UPSTREAM_ERRORS.labels(inst.name, kind).inc()
+                    rt.outliers.failure(inst, kind)
+                    if streamed or tries >= cfg.max_tries or isinstance(exc, UpstreamTimeout):
+                        # A timeout is not retried: the instance is slow or hung,
+                        # and waiting again doubles the client's wait.
+                        RETRIES_DENIED.labels("exhausted").inc()
+                        raise _transport_error(exc, inst, session) from exc
+                    if not may_replay(method, request_sent=exc.request_sent, idempotency_key=False):
+                        RETRIES_DENIED.labels("unsafe").inc()
+                        raise _transport_error(exc, inst, session) from exc
+                    if exc.request_sent:
+                        # Same instance, idempotent method: back off first.
+                        await asyncio.sleep(backoff(tries - 1, cfg.backoff))
+                    else:
+                        inst = await self._elsewhere(ureq, ext, placed, inst, exc)
+                    replaying = await self._replay_slot(kind)
+                    if not replaying:
+                        raise _transport_error(exc, inst, session) from exc
+                    continue
+                if replaying:
+                    rt.budget.release()
+                    replaying = False
+                UPSTREAM_DURATION.labels(inst.name).observe(time.monotonic() - started)
+
+                if recoverable and up.status in _MAYBE_MISSING:
+                    payload = await self._read_upstream(up, inst, ext)
+                    up.release()
+                    assert session is not None
+                    if not rt.adapter.session_missing(up.status, payload):
+                        request[_INSTANCE_KEY] = inst.name
+                        return self._answer(up, inst, method, request_id, payload)
+                    UPSTREAM_ERRORS.labels(inst.name, "session_missing").inc()
+                    if tries >= cfg.max_tries:
+                        raise RouterError(
+                            503,
+                            "session_unavailable",
+                            f"session {session!r} keeps disappearing; retry later",
+                            session=session,
+                            headers={"Retry-After": str(cfg.retry_after)},
+                        )
+                    # The instance did not act on it: safe to send again, any method.
+                    inst = await self._recover(
+                        ureq, session, inst, "session_missing", exclude_failed=False
+                    )
+                    replaying = await self._replay_slot("session_missing")
+                    if not replaying:
+                        raise RouterError(
+                            503,
+                            "retry_budget_exhausted",
+                            "too many requests are being replayed; retry shortly",
+                            session=session,
+                            headers={"Retry-After": "1"},
+                        )
+                    continue
+
+                request[_INSTANCE_KEY] = inst.name
+                if up.status >= 500:
+                    rt.outliers.failure(inst, "status_5xx")
+                else:
+                    rt.outliers.success(inst)
+                try:
+                    return await self._relay(request, up, inst, ext, placed, request_id)
+                finally:
+                    up.release()
+        finally:
+            if replaying:
+                rt.budget.release()
+            rt.budget.leave()
+
+    async def _replay_slot(self, reason: str) -> bool:
+        """A retry-budget slot for one replay (bounded wait), counted in the metrics."""
+        if await self.rt.budget.acquire(wait=self.rt.config.timeouts.connect):
+            RETRIES.labels(reason).inc()
+            return True
+        RETRIES_DENIED.labels("budget").inc()
+        return False
+
+    async def _recover(
+        self,
+        ureq: UpstreamRequest,
+        session: str,
+        failed: Instance,
+        reason: str,
+        *,
+        exclude_failed: bool,
+    ) -> Instance:
+        """The session's new owner after a failover, with the request re-targeted."""
+        rt = self.rt
+        new = await rt.failover.recover(session, failed, reason, exclude_failed=exclude_failed)
+        if new is None:
+            raise RouterError(
+                503,
+                "session_unavailable",
+                f"session {session!r} could not be brought back on a healthy instance yet",
+                session=session,
+                instance=failed.name,
+                reason=reason,
+                headers={"Retry-After": str(rt.config.failover.retry_after)},
+            )
+        if new is not failed:
+            rt.adapter.apply_credential(ureq, new.config)
+        return new
+
+    async def _elsewhere(
+        self,
+        ureq: UpstreamRequest,
+        ext: Extraction,
+        placed: bool,
+        failed: Instance,
+        exc: UpstreamError,
+    ) -> Instance:
+        """Where to send a request again after its instance could not be reached."""
+        rt = self.rt
+        session = ext.session
+        if session is not None and not placed:
+            if not rt.config.failover.enabled:
+                raise _transport_error(exc, failed, session) from exc
+            return await self._recover(ureq, session, failed, "connect_failed", exclude_failed=True)
+        # A placement or a session-less request: any other instance will do.
+        other = rt.place(frozenset({failed.name})) if placed else rt.any_instance(exclude=failed)
+        if other is None:
+            raise _transport_error(exc, failed, session) from exc
+        rt.adapter.apply_credential(ureq, other.config)
+        return other
+
+    def _answer(
+        self,
+        up: UpstreamResponse,
+        inst: Instance,
+        method: str,
+        request_id: str,
+        payload: bytes,
+    ) -> web.Response:
+        _count(inst.name, method, up.status)
+        return web.Response(
+            status=up.status,
+            reason=up.reason,
+            body=payload,
+            headers=_response_headers(up, request_id),
+        )
+
+    async def _relay(
+        self,
+        request: web.BaseRequest,
+        up: UpstreamResponse,
+        inst: Instance,
+        ext: Extraction,
+        placed: bool,
+        request_id: str,
+    ) -> web.StreamResponse:
         length = up.content_length
-        chunked = length is None
         if placed:
             # Read the create answer whole: we may need the session name from it.
             payload = await self._read_upstream(up, inst, ext)
             await self._record_placement(up.status, payload, inst, ext)
-            return web.Response(status=up.status, reason=up.reason, body=payload, headers=headers)
-        if not chunked and length is not None and length <= SMALL_RESPONSE:
+            return self._answer(up, inst, request.method, request_id, payload)
+        if length is not None and length <= SMALL_RESPONSE:
             payload = await self._read_upstream(up, inst, ext)
-            return web.Response(status=up.status, reason=up.reason, body=payload, headers=headers)
+            return self._answer(up, inst, request.method, request_id, payload)
 
+        _count(inst.name, request.method, up.status)
+        headers = _response_headers(up, request_id)
         resp = web.StreamResponse(status=up.status, reason=up.reason, headers=headers)
         if length is not None:
             resp.content_length = length
         await resp.prepare(request)
         try:
-            async for chunk in up.content.iter_any():
+            async for chunk in up.iter_chunks():
                 await resp.write(chunk)
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+        except (UpstreamError, aiohttp.ClientError, TimeoutError, OSError) as exc:
             # Headers are gone already: all we can do is cut the client off
             # so it sees a truncated body rather than a "complete" one.
             log.warning("upstream %s broke off a streamed response: %r", inst.name, exc)
@@ -321,26 +633,26 @@ class ProxyHandler:
         await resp.write_eof()
         return resp
 
-    async def _read_upstream(
-        self, up: aiohttp.ClientResponse, inst: Instance, ext: Extraction
-    ) -> bytes:
+    async def _read_upstream(self, up: UpstreamResponse, inst: Instance, ext: Extraction) -> bytes:
         try:
             return await up.read()
-        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+        except UpstreamTimeout as exc:
             raise RouterError(
                 504,
                 "upstream_timeout",
                 f"instance {inst.name} stopped answering mid-response",
                 session=ext.session,
                 instance=inst.name,
+                request_sent=True,
             ) from exc
-        except (aiohttp.ClientError, OSError) as exc:
+        except UpstreamError as exc:
             raise RouterError(
                 502,
                 "upstream_error",
                 f"instance {inst.name} broke off its response",
                 session=ext.session,
                 instance=inst.name,
+                request_sent=True,
             ) from exc
 
     async def _record_placement(
@@ -370,3 +682,64 @@ def _parse_json_object(body: bytes) -> dict[str, Any] | None:
         # Not JSON: the adapter sees no body fields and the bytes pass as sent.
         return None
     return value if isinstance(value, dict) else None
+
+
+# Where the proxy notes which instance answered, for the duration metric.
+_INSTANCE_KEY: web.RequestKey[str] = web.RequestKey("wa_router.instance", str)
+# Answers that may mean "this session does not run here" (the adapter decides).
+_MAYBE_MISSING = frozenset({404, 410, 422})
+
+_STATUS_CLASS = {1: "1xx", 2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
+# Label children by (instance, method, status): labels() costs a lock and a
+# tuple hash; a dict hit is cheaper on the hot path.
+_request_counters: dict[tuple[str, str, int], Any] = {}
+
+
+def _count(instance: str, method: str, status: int) -> None:
+    key = (instance, method, status)
+    child = _request_counters.get(key)
+    if child is None:
+        if len(_request_counters) > 10_000:  # methods are client-chosen: stay bounded
+            _request_counters.clear()
+        child = REQUESTS.labels(instance, method, _STATUS_CLASS.get(status // 100, "other"))
+        _request_counters[key] = child
+    child.inc()
+
+
+def _error_kind(exc: UpstreamError) -> str:
+    if isinstance(exc, ConnectFailed):
+        return "connect_timeout" if exc.timeout else "connect"
+    if isinstance(exc, StaleConnection):
+        return "stale"
+    if isinstance(exc, UpstreamTimeout):
+        return "timeout"
+    return "reset"
+
+
+def _transport_error(exc: UpstreamError, inst: Instance, session: str | None) -> RouterError:
+    """The JSON answer for an upstream that failed at the transport level."""
+    if isinstance(exc, ConnectFailed) and not exc.timeout:
+        return RouterError(
+            502,
+            "upstream_unreachable",
+            f"instance {inst.name} refused the connection",
+            session=session,
+            instance=inst.name,
+        )
+    if isinstance(exc, UpstreamTimeout | ConnectFailed):
+        return RouterError(
+            504,
+            "upstream_timeout",
+            f"instance {inst.name} did not answer in time",
+            session=session,
+            instance=inst.name,
+            request_sent=exc.request_sent,
+        )
+    return RouterError(
+        502,
+        "upstream_error",
+        f"instance {inst.name} closed or reset the connection",
+        session=session,
+        instance=inst.name,
+        request_sent=exc.request_sent,
+    )

@@ -16,7 +16,10 @@ cannot prove non-delivery is answered, not retried.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import random
+from collections import deque
 
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 
@@ -33,19 +36,23 @@ def may_replay(method: str, *, request_sent: bool, idempotency_key: bool) -> boo
 
 
 class RetryBudget:
-    """Retries may be at most ``ratio`` of the requests in flight (plus a floor).
+    """Replays in flight may be at most ``ratio`` of the requests in flight
+    (never fewer than ``min_retries``), as Envoy's retry budgets.
 
-    Stops a retry storm from multiplying load on a struggling fleet, as
-    Envoy's retry budgets do.
+    A replay waits (bounded) for a slot instead of failing at once: when an
+    instance dies, every request for its sessions wants one replay at the
+    same moment, and queueing them for milliseconds beats answering errors.
+    What the budget prevents is a storm multiplying load on a struggling fleet.
     """
 
-    __slots__ = ("_active", "_retrying", "min_retries", "ratio")
+    __slots__ = ("_active", "_retrying", "_waiters", "min_retries", "ratio")
 
     def __init__(self, ratio: float = 0.2, min_retries: int = 3) -> None:
         self.ratio = ratio
         self.min_retries = min_retries
         self._active = 0
         self._retrying = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()
 
     def enter(self) -> None:
         self._active += 1
@@ -53,15 +60,44 @@ class RetryBudget:
     def leave(self) -> None:
         self._active -= 1
 
+    def _allowed(self) -> int:
+        return max(self.min_retries, int(self._active * self.ratio))
+
     def try_acquire(self) -> bool:
-        allowed = max(self.min_retries, int(self._active * self.ratio))
-        if self._retrying >= allowed:
+        if self._retrying >= self._allowed():
             return False
         self._retrying += 1
         return True
 
+    async def acquire(self, wait: float) -> bool:
+        """A replay slot within ``wait`` seconds, or False."""
+        if not self._waiters and self.try_acquire():
+            return True
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        try:
+            async with asyncio.timeout(wait):
+                while True:
+                    await fut
+                    if self.try_acquire():
+                        return True
+                    fut = asyncio.get_running_loop().create_future()
+                    self._waiters.appendleft(fut)
+        except TimeoutError:
+            return False
+        finally:
+            if not fut.done():
+                fut.cancel()
+            with contextlib.suppress(ValueError):
+                self._waiters.remove(fut)
+
     def release(self) -> None:
         self._retrying -= 1
+        while self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                break
 
     @property
     def retrying(self) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from router.adapters.base import Adapter
 from router.config import RouterConfig
@@ -23,6 +24,11 @@ from router.placement import Reservations, choose
 from router.resolver import Resolver
 from router.retry import RetryBudget
 from router.sessionmap import SessionMap
+
+if TYPE_CHECKING:
+    from router.discovery import Discovery
+    from router.migration import Migration
+    from router.reload import Reloader
 
 
 @dataclass(slots=True)
@@ -43,14 +49,23 @@ class Runtime:
     # Built from the runtime itself, right after it (see ``Runtime.create``).
     failover: Failover = field(init=False)
     outliers: Outliers = field(init=False)
+    # Rediscovery / reconcile and drain / move, set by the server at start
+    # (they outlive a reload: each reads the current runtime through a getter).
+    discovery: Discovery | None = None
+    migration: Migration | None = None
+    # Live config reload (SIGHUP, POST /admin/reload, file watch); set by the server.
+    reloader: Reloader | None = None
+    # Sessions an operator pinned to their instance (POST /admin/sessions/{s}/pin):
+    # rebalancing leaves them where they are. In process, like admin state.
+    pins: set[str] = field(default_factory=set)
     # One create per session name at a time, so two concurrent creates of
     # the same session cannot start it on two instances.
     create_locks: dict[str, asyncio.Lock] = field(default_factory=dict)
     _rr: itertools.count[int] = field(default_factory=itertools.count)
 
-    def any_instance(self) -> Instance | None:
+    def any_instance(self, exclude: Instance | None = None) -> Instance | None:
         """A healthy instance for a request that names no session (round robin)."""
-        healthy = self.fleet.healthy()
+        healthy = [i for i in self.fleet.healthy() if i is not exclude]
         if not healthy:
             return None
         return healthy[next(self._rr) % len(healthy)]

@@ -1,9 +1,9 @@
 """The router process: an explicit ``startup -> serve -> shutdown`` lifecycle.
 
 ``startup`` opens the store, warms the session cache, builds the fleet and
-starts listening; ``serve`` waits for SIGTERM/SIGINT; ``shutdown`` stops
-accepting, lets in-flight requests finish within ``drain_timeout`` and
-closes every pool.
+starts listening; ``serve`` waits for SIGTERM/SIGINT (SIGHUP reloads the
+config: ``router.reload``); ``shutdown`` stops accepting, lets in-flight
+requests finish within ``drain_timeout`` and closes every pool.
 """
 
 from __future__ import annotations
@@ -14,23 +14,37 @@ import json
 import logging
 import signal
 import socket
+import time
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from router.adapters import build_adapter
 from router.adapters.base import Adapter
+from router.admin import AdminAPI
 from router.config import HealthConfig, RouterConfig
+from router.dashboard import Dashboard
+from router.discovery import Discovery
 from router.health import HealthChecker
 from router.idempotency import IdempotencyStore, MemoryIdempotency, RedisIdempotency
 from router.instances import Fleet
+from router.locks import LocalLocks, SessionLocks
+from router.metrics import CONFIG_LAST_RELOAD_TIME, metrics_exposition, register_runtime
+from router.migration import Migration
 from router.proxy import ProxyHandler
+from router.reload import Reloader
 from router.resolver import Resolver
 from router.runtime import Runtime
 from router.sessionmap import SessionMap
 from router.store import build_store
 from router.store.base import SessionStore, StoreUnavailable
 from router.store.redis import RedisStore
+from router.store.redis_locks import RedisLocks
+from router.store.sync import MapSync
+
+if TYPE_CHECKING:
+    from router.webhooks import WebhookRelay
 
 log = logging.getLogger(__name__)
 
@@ -38,11 +52,31 @@ _JSON = "application/json"
 
 
 class Server:
-    def __init__(self, config: RouterConfig, *, drain_timeout: float = 15.0) -> None:
+    def __init__(
+        self,
+        config: RouterConfig,
+        *,
+        drain_timeout: float = 15.0,
+        watch_interval: float | None = 1.0,
+    ) -> None:
+        # The config in force (a reload replaces it: see router.reload).
         self.config = config
         self.drain_timeout = drain_timeout
+        # Seconds between two looks at the config file (None: no watch).
+        self.watch_interval = watch_interval
+        # SIGHUP, POST /admin/reload and the file watch (also on the runtime).
+        self.reloader: Reloader | None = None
         self.runtime: Runtime | None = None
         self.health: HealthChecker | None = None
+        # Rediscovery / reconcile, and drain / move / rebalance (also on the runtime).
+        self.discovery: Discovery | None = None
+        self.migration: Migration | None = None
+        # Redis store only: the change feed keeping this replica's cache in step.
+        self.sync: MapSync | None = None
+        # The durable webhook relay (config ``webhooks:``), None when disabled.
+        self.webhooks: WebhookRelay | None = None
+        # ``/dashboard`` (admin key); closed first on shutdown (it holds open streams).
+        self.dashboard: Dashboard | None = None
         self._runner: web.ServerRunner | None = None
         self._stop = asyncio.Event()
         self.port: int | None = None
@@ -52,10 +86,20 @@ class Server:
         cfg = self.config
         store = build_store(cfg.store)
         smap = SessionMap(store)
-        try:
-            await smap.load()
-        except StoreUnavailable:
-            log.warning("session store unreachable at start; the map fills from the instances")
+        locks: SessionLocks = LocalLocks()
+        if isinstance(store, RedisStore):
+            # Several replicas may share this store: restore locks live in
+            # redis, and the change feed's first connection is the initial
+            # cache load (subscribed first, so no change is missed).
+            locks = RedisLocks.for_store(store)
+            self.sync = MapSync(smap, store)
+            if not await self.sync.start():
+                log.warning("session store unreachable at start; the map fills from the instances")
+        else:
+            try:
+                await smap.load()
+            except StoreUnavailable:
+                log.warning("session store unreachable at start; the map fills from the instances")
         self.runtime = Runtime(
             config=cfg,
             adapter=build_adapter(cfg.adapter),
@@ -63,10 +107,36 @@ class Server:
             smap=smap,
             resolver=Resolver(smap, probe_timeout=cfg.timeouts.connect + cfg.health.timeout),
             api_keys=frozenset(cfg.api_keys),
+            locks=locks,
             idempotency=_idempotency_store(store, cfg),
         )
+        register_runtime(self.runtime)
         self.health = HealthChecker(self._health_state, self.runtime.events)
         self.health.start()
+
+        # Map every session the instances run before the first request.
+        self.discovery = self.runtime.discovery = Discovery(
+            self._current_runtime, list_timeout=cfg.timeouts.connect + cfg.timeouts.read
+        )
+        self.migration = self.runtime.migration = Migration(self._current_runtime)
+        self.reloader = self.runtime.reloader = Reloader(
+            self._current_runtime,
+            path=cfg.source,
+            on_apply=self._config_applied,
+            watch_interval=self.watch_interval,
+        )
+        CONFIG_LAST_RELOAD_TIME.set(time.time())
+        if cfg.discovery.on_start:
+            await self.discovery.discover()
+        self.discovery.start()
+
+        if cfg.webhooks is not None:
+            # Open the queue before listening: an event is never answered
+            # 200 before it is stored. Redelivers what a previous run left.
+            from router.webhooks import WebhookRelay
+
+            self.webhooks = WebhookRelay(cfg)
+            await self.webhooks.start()
 
         proxy = ProxyHandler(self.runtime)
         server = web.Server(self._dispatcher(proxy), access_log=None)
@@ -81,6 +151,7 @@ class Server:
             )
         await site.start()
         self.port = self._runner.addresses[0][1]
+        self.reloader.start()
         log.info(
             "router listening on http://%s:%s (%d instances, %s adapter, %s store)",
             cfg.listen.host,
@@ -91,28 +162,59 @@ class Server:
         )
 
     async def serve(self) -> None:
+        self._install_signals()
+        await self._stop.wait()
+
+    def _install_signals(self) -> None:
+        """SIGTERM / SIGINT stop, SIGHUP reloads the config (``router.reload``)."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self._stop.set)
-        await self._stop.wait()
+        with contextlib.suppress(NotImplementedError, RuntimeError, AttributeError):
+            loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
+
+    def _on_sighup(self) -> None:
+        if self.reloader is not None and not self._stop.is_set():
+            self.reloader.request("sighup")
 
     def request_stop(self) -> None:
         self._stop.set()
 
     async def shutdown(self) -> None:
+        if self.dashboard is not None:
+            # Ends the live streams, which would otherwise hold the drain below.
+            await self.dashboard.close()
         if self._runner is not None:
             # Stops accepting, then waits up to drain_timeout for handlers.
             await self._runner.cleanup()
             self._runner = None
+        if self.reloader is not None:
+            # No request is in flight now: retired pools close at once.
+            await self.reloader.close()
+        if self.webhooks is not None:
+            # After the listener: no ingest is in flight any more.
+            await self.webhooks.stop()
+            self.webhooks = None
+        if self.discovery is not None:
+            await self.discovery.stop()
+        if self.migration is not None:
+            # Moves in flight finish (a session is never left stopped half-way).
+            await self.migration.close(within=self.config.failover.ready_timeout)
         if self.health is not None:
             await self.health.stop()
+        if self.sync is not None:
+            await self.sync.stop()
+            self.sync = None
         if self.runtime is not None:
+            await self.runtime.locks.close()
             await self.runtime.fleet.close()
             await self.runtime.smap.store.close()
         log.info("router stopped")
 
     async def run(self) -> None:
+        # Before listening: a signal sent once the port is open is never fatal.
+        self._install_signals()
         await self.startup()
         try:
             await self.serve()
@@ -120,6 +222,20 @@ class Server:
             await self.shutdown()
 
     # -- plumbing -------------------------------------------------------------
+    def _current_runtime(self) -> Runtime:
+        rt = self.runtime
+        assert rt is not None
+        return rt
+
+    def _config_applied(self, cfg: RouterConfig) -> None:
+        """A reload put ``cfg`` in force (synchronously, with the runtime's switch)."""
+        self.config = cfg
+        relay_admin = getattr(self.webhooks, "admin", None)
+        if relay_admin is not None and hasattr(relay_admin, "admin_key"):
+            relay_admin.admin_key = cfg.admin_key  # one admin key for all of /admin
+        if self.webhooks is not None:
+            self.webhooks.apply_config(cfg)  # new instances may send webhooks at once
+
     def _health_state(self) -> tuple[Fleet, Adapter, HealthConfig]:
         rt = self.runtime
         assert rt is not None
@@ -128,12 +244,24 @@ class Server:
     def _dispatcher(
         self, proxy: ProxyHandler
     ) -> Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]:
+        admin = AdminAPI(self._current_runtime)
+        dashboard = self.dashboard = Dashboard(self._current_runtime, admin)
+
         async def dispatch(request: web.BaseRequest) -> web.StreamResponse:
             path = request.path
             if path == "/healthz":
                 return web.Response(body=b'{"status":"ok"}', content_type=_JSON)
             if path == "/readyz":
                 return await self._readyz()
+            if path == "/metrics":
+                return _metrics_response(request)
+            relay = self.webhooks
+            if relay is not None and relay.handles(path):
+                return await relay.handle(request)
+            if path.startswith("/admin/") or path == "/admin":
+                return await admin(request)
+            if path.startswith("/dashboard/") or path == "/dashboard":
+                return await dashboard(request)
             return await proxy(request)
 
         return dispatch
@@ -144,7 +272,8 @@ class Server:
         store_ok = await rt.smap.store.ping()
         healthy = [i.name for i in rt.fleet.healthy()]
         ready = store_ok and bool(healthy)
-        body = {"ready": ready, "store": store_ok, "healthy_instances": healthy}
+        # A runtime exists only once a config was loaded and validated.
+        body = {"ready": ready, "config": True, "store": store_ok, "healthy_instances": healthy}
         return web.Response(
             status=200 if ready else 503, body=json.dumps(body).encode(), content_type=_JSON
         )
@@ -164,3 +293,11 @@ def _idempotency_store(store: SessionStore, cfg: RouterConfig) -> IdempotencySto
     if isinstance(store, RedisStore):
         return RedisIdempotency(store.client, cfg.store.key_prefix)
     return MemoryIdempotency()
+
+
+def _metrics_response(request: web.BaseRequest) -> web.Response:
+    # Prometheus text format (or OpenMetrics when the scraper asks for it).
+    output, content_type = metrics_exposition(request.headers.get("Accept", ""))
+    resp = web.Response(body=output)
+    resp.headers["Content-Type"] = content_type
+    return resp

@@ -20,7 +20,13 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from multidict import CIMultiDict, MultiDict
 
-from router.adapters.base import Adapter, SessionInfo, SessionStatus, UpstreamRequest
+from router.adapters.base import (
+    Adapter,
+    ListFailed,
+    SessionInfo,
+    SessionStatus,
+    UpstreamRequest,
+)
 from router.adapters.blazz import BlazzAdapter
 from router.adapters.evolution import EvolutionAdapter
 from router.adapters.generic import GenericAdapter
@@ -718,3 +724,142 @@ async def test_evolution_network(
     assert await a.probe(http, bad, "shop") is None
     assert not await a.start(http, bad, "shop")
     assert (await a.health(http, bad)).healthy
+
+
+# =============================================================================
+# stop (keeps the login) and strict listing, for every adapter
+# =============================================================================
+
+
+async def test_waha_stop_keeps_the_login_and_strict_list_raises(
+    http: aiohttp.ClientSession, sim: Callable[..., Awaitable[InstanceConfig]]
+) -> None:
+    a = WahaAdapter({"timeout": 2})
+    one = await sim("w1", "waha")
+    two = await sim("w2", "waha", auto_auth=False)  # no auth file: it would wait for a QR
+    assert await a.start(http, one, "s1")
+    await eventually(lambda: _is(a, http, one, "s1", SessionStatus.READY))
+    assert await a.stop(http, one, "s1")
+    assert await status_of(a, http, one, "s1") is SessionStatus.STOPPED
+    assert await a.stop(http, one, "never-here")  # not running there: fine
+    # The login survived the stop: another instance starts it straight to READY.
+    assert await a.start(http, two, "s1")
+    await eventually(lambda: _is(a, http, two, "s1", SessionStatus.READY))
+
+    bad = wrong_key(one)
+    assert not await a.stop(http, bad, "s1")
+    assert await a.list_sessions(http, bad) == []
+    with pytest.raises(ListFailed):
+        await a.list_sessions(http, bad, strict=True)
+    await set_fault(http, one, mode="error", status=500, paths="/api/sessions", count=1)
+    with pytest.raises(ListFailed):
+        await a.list_sessions(http, one, strict=True)
+    assert [i.session for i in await a.list_sessions(http, one, strict=True)] == ["s1"]
+
+
+async def test_blazz_stop_keeps_the_login_and_strict_list_raises(
+    http: aiohttp.ClientSession, sim: Callable[..., Awaitable[InstanceConfig]]
+) -> None:
+    a = BlazzAdapter({"timeout": 2})
+    one = await sim("b1", "blazz")
+    two = await sim("b2", "blazz", auto_auth=False)
+    assert await a.start(http, one, BLAZZ_ID)
+    await eventually(lambda: _is(a, http, one, BLAZZ_ID, SessionStatus.READY))
+    info = await a.probe(http, one, BLAZZ_ID)
+    assert await a.stop(http, one, BLAZZ_ID)
+    assert await a.probe(http, one, BLAZZ_ID) is None
+    assert await a.stop(http, one, BLAZZ_ID)  # "alreadyDisconnected"
+    assert await a.start(http, two, BLAZZ_ID, info)
+    await eventually(lambda: _is(a, http, two, BLAZZ_ID, SessionStatus.READY))
+
+    bad = wrong_key(two)
+    assert not await a.stop(http, bad, BLAZZ_ID)
+    assert await a.probe(http, two, BLAZZ_ID) is not None
+    with pytest.raises(ListFailed):
+        await a.list_sessions(http, bad, strict=True)
+
+
+def wwebjs_stop_app(states: dict[str, str], calls: list[str], *, has_stop: bool) -> web.Application:
+    async def stop(request: web.Request) -> web.Response:
+        calls.append("stop")
+        states.pop(request.match_info["id"], None)  # destroy(): the folder stays
+        return web.json_response({"success": True, "message": "Session stopped successfully"})
+
+    async def terminate(request: web.Request) -> web.Response:
+        calls.append("terminate")  # logout + folder deletion: must never be used
+        return web.json_response({"success": True, "message": "Logged out successfully"})
+
+    async def get_sessions(request: web.Request) -> web.Response:
+        if request.headers.get("x-api-key") != KEY:
+            return web.json_response({"success": False, "error": "Invalid API key"}, status=403)
+        return web.json_response({"success": True, "result": list(states)})
+
+    app = web.Application()
+    if has_stop:
+        app.router.add_get("/session/stop/{id}", stop)
+    app.router.add_get("/session/terminate/{id}", terminate)
+    app.router.add_get("/session/getSessions", get_sessions)
+    return app
+
+
+async def test_wwebjs_stop_uses_stop_never_terminate(
+    http: aiohttp.ClientSession,
+    serve: Callable[[web.Application, str], Awaitable[InstanceConfig]],
+) -> None:
+    states, calls = {"a1": "CONNECTED"}, []
+    inst = await serve(wwebjs_stop_app(states, calls, has_stop=True), "ww1")
+    a = WwebjsAdapter()
+    assert await a.stop(http, inst, "a1")
+    assert states == {} and calls == ["stop"]
+    with pytest.raises(ListFailed):
+        await a.list_sessions(http, wrong_key(inst), strict=True)
+    assert await a.list_sessions(http, inst, strict=True) == []
+
+    old_calls: list[str] = []
+    old = await serve(wwebjs_stop_app({"a1": "CONNECTED"}, old_calls, has_stop=False), "ww2")
+    assert not await a.stop(http, old, "a1")  # no /session/stop: refused, nothing else tried
+    assert old_calls == []
+
+
+async def test_evolution_stop_refuses_without_calling_anything(
+    http: aiohttp.ClientSession,
+    serve: Callable[[web.Application, str], Awaitable[InstanceConfig]],
+) -> None:
+    seen: list[str] = []
+
+    @web.middleware
+    async def record(request: web.Request, handler: Any) -> web.StreamResponse:
+        seen.append(request.path)
+        response: web.StreamResponse = await handler(request)
+        return response
+
+    app = evolution_app({"shop": "open"})
+    app.middlewares.insert(0, record)
+    inst = await serve(app, "evo1")
+    a = EvolutionAdapter()
+    assert not await a.stop(http, inst, "shop")  # logout would unpair the phone
+    assert seen == []
+    with pytest.raises(ListFailed):
+        await a.list_sessions(http, wrong_key(inst), strict=True)
+
+
+async def test_generic_stop_is_optional_and_checked(
+    http: aiohttp.ClientSession, sim: Callable[..., Awaitable[InstanceConfig]]
+) -> None:
+    inst = await sim("g1", "waha")
+    with_stop = GenericAdapter({**GENERIC_WAHA, "stop": {"path": "/api/sessions/{session}/stop"}})
+    assert await with_stop.start(http, inst, "s1")
+    await eventually(lambda: _is(with_stop, http, inst, "s1", SessionStatus.READY))
+    assert await with_stop.stop(http, inst, "s1")
+    assert await status_of(with_stop, http, inst, "s1") is SessionStatus.STOPPED
+    assert await with_stop.stop(http, inst, "zz")  # "session not found": not running there
+    assert not await with_stop.stop(http, wrong_key(inst), "s1")
+
+    without = GenericAdapter(GENERIC_WAHA)
+    assert not await without.stop(http, inst, "s1")
+    no_list = GenericAdapter({k: v for k, v in GENERIC_WAHA.items() if k != "list"})
+    assert await no_list.list_sessions(http, inst) == []
+    with pytest.raises(ListFailed):
+        await no_list.list_sessions(http, inst, strict=True)
+    with pytest.raises(ValueError, match="must mention"):
+        GenericAdapter({**GENERIC_WAHA, "stop": {"path": "/api/sessions/stop"}})

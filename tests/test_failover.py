@@ -15,7 +15,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from router.config import FailoverConfig, OutlierConfig, Timeouts
+from router.config import FailoverConfig, HealthConfig, OutlierConfig, Timeouts
 from tests.support.router import INSTANCE_KEY, RouterHandle, StartRouter, router_config
 from tests.support.simulator import SimFleet, SimFleetFactory
 
@@ -55,7 +55,9 @@ async def setup(
     return fleet, router
 
 
-async def create_ready(http: aiohttp.ClientSession, router: RouterHandle, fleet: SimFleet, name: str) -> str:
+async def create_ready(
+    http: aiohttp.ClientSession, router: RouterHandle, fleet: SimFleet, name: str
+) -> str:
     async with http.post(f"{router.url}/api/sessions", json={"name": name}) as resp:
         assert resp.status == 201, await resp.text()
     owner = router.runtime.smap.cached(name)
@@ -131,7 +133,10 @@ async def test_many_waiting_requests_share_one_restore(
 async def test_restarted_owner_answers_session_not_found_and_is_recovered(
     sim_fleet: SimFleetFactory, start_router: StartRouter, store_kwargs: dict[str, Any]
 ) -> None:
-    fleet, router = await setup(sim_fleet, start_router, **store_kwargs)
+    # Slow health checks: the restart must be seen through "session not found",
+    # not through the owner being marked down while it restarts.
+    slow = HealthConfig(interval=30, timeout=1, rise=1, fall=3)
+    fleet, router = await setup(sim_fleet, start_router, health=slow, **store_kwargs)
     async with router.client() as http:
         owner = await create_ready(http, router, fleet, "amnesia")
         await fleet.by_name(owner).restart_async()  # same port, empty memory
@@ -145,7 +150,8 @@ async def test_restarted_owner_answers_session_not_found_and_is_recovered(
 async def test_blazz_session_not_found_is_recovered(
     sim_fleet: SimFleetFactory, start_router: StartRouter
 ) -> None:
-    fleet, router = await setup(sim_fleet, start_router, n=2, dialect="blazz")
+    slow = HealthConfig(interval=30, timeout=1, rise=1, fall=3)
+    fleet, router = await setup(sim_fleet, start_router, n=2, dialect="blazz", health=slow)
     session = "webjs_7_1700000000_abcd1234"
     payload = {"session_id": session, "workspace_id": 7, "account_id": 1, "priority": 1}
     async with router.client() as http:
@@ -153,7 +159,7 @@ async def test_blazz_session_not_found_is_recovered(
             assert resp.status in (200, 201), await resp.text()
         owner = router.runtime.smap.cached(session)
         assert owner is not None
-        await fleet.by_name(owner).wait_session(session, status="connected")
+        await fleet.by_name(owner).wait_session(session)  # internal status names are WAHA's
         await fleet.by_name(owner).restart_async()
         msg = {
             "session_id": session,

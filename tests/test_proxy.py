@@ -274,10 +274,12 @@ async def test_unreachable_and_dropping_upstreams_give_502_json(
         assert body["session"] == "d1"
         await fleet[0].fault("none")
         fleet[0].kill()
+        # Its only instance is gone: failover has nowhere to restore it.
         async with http.get(f"{router.url}/api/d1/me") as resp:
-            assert resp.status == 502
+            assert resp.status == 503
+            assert int(resp.headers["Retry-After"]) > 0
             body = await resp.json()
-    assert body["error"] == "upstream_unreachable"
+    assert body["error"] == "session_unavailable"
     assert body["instance"] == "wa-1"
     assert fleet.sent() == []
 

@@ -10,6 +10,7 @@ An adapter answers five questions (see ``shared/upstreams.md``):
 2. which sessions run on an instance           -> ``list_sessions``
 3. does this one session run on an instance    -> ``probe``
 4. start / restore a session on an instance    -> ``start``
+   (and stop it, keeping its login, to move it) -> ``stop``
 5. auth and health                             -> ``client_key`` / ``apply_credential`` / ``health``
 
 plus two answers about responses: ``session_missing`` (the instance says the
@@ -32,6 +33,20 @@ from multidict import CIMultiDict, MultiDict
 from router.config import SESSION_ID_PATTERN, InstanceConfig
 
 _SESSION_RE = re.compile(SESSION_ID_PATTERN)
+
+
+class ListFailed(Exception):
+    """``list_sessions(..., strict=True)``: the instance answered, but not with a list.
+
+    Rediscovery must tell "runs nothing" from "could not say" (an error
+    status, a wrong key, an unexpected body, no list call configured): only
+    the first may ever make it forget a session.
+    """
+
+    def __init__(self, instance: str, detail: str) -> None:
+        self.instance = instance
+        self.detail = detail
+        super().__init__(f"{instance}: cannot list sessions: {detail}")
 
 
 class BadSessionId(ValueError):
@@ -64,6 +79,9 @@ class UpstreamRequest:
     headers: CIMultiDict[str]
     json: dict[str, Any] | None = None
     json_dirty: bool = False
+    # The credential the client presented (read before apply_credential
+    # replaces it); scopes Idempotency-Keys per client.
+    client_key: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,9 +157,13 @@ class Adapter(ABC):
     # -- 2. / 3. / 4. sessions on an instance ----------------------------------
     @abstractmethod
     async def list_sessions(
-        self, http: aiohttp.ClientSession, inst: InstanceConfig
+        self, http: aiohttp.ClientSession, inst: InstanceConfig, *, strict: bool = False
     ) -> list[SessionInfo]:
-        """Every session the instance runs now (rediscovery)."""
+        """Every session the instance runs now (rediscovery).
+
+        An error answer gives ``[]``, unless ``strict``: then it raises
+        ``ListFailed`` (discovery must not mistake it for an empty instance).
+        """
 
     @abstractmethod
     async def probe(
@@ -161,6 +183,16 @@ class Adapter(ABC):
 
         Returns True when the instance accepted the start (it may still be
         STARTING). ``info`` is what another instance last reported of it.
+        """
+
+    @abstractmethod
+    async def stop(self, http: aiohttp.ClientSession, inst: InstanceConfig, session: str) -> bool:
+        """Stop ``session`` on ``inst`` *keeping its login* (auth files), so that
+        another instance can start it (migration, duplicate clean-up).
+
+        True when the session no longer runs there afterwards (stopped now, or
+        it was not running there). False when the instance refused, or when
+        the API has no stop that keeps the login: never log a session out.
         """
 
     # -- 5. auth and health ----------------------------------------------------

@@ -34,6 +34,7 @@ from router.adapters._http import (
 from router.adapters.base import (
     Extraction,
     HealthReport,
+    ListFailed,
     SessionInfo,
     SessionStatus,
     UpstreamRequest,
@@ -185,11 +186,13 @@ class BlazzAdapter(JsonAdapter):
         return SessionInfo(name, map_status(_STATUSES, item.get("status")), extra)
 
     async def list_sessions(
-        self, http: aiohttp.ClientSession, inst: InstanceConfig
+        self, http: aiohttp.ClientSession, inst: InstanceConfig, *, strict: bool = False
     ) -> list[SessionInfo]:
         res = await self._call(http, inst, "GET", "/api/sessions", params=self._key_params(inst))
         items = res.data.get("sessions") if res.ok and isinstance(res.data, dict) else None
         if not isinstance(items, list):
+            if strict:
+                raise ListFailed(inst.name, f"HTTP {res.status}, not a session list")
             return []
         return [info for info in map(self._info, items) if info is not None]
 
@@ -230,6 +233,18 @@ class BlazzAdapter(JsonAdapter):
             body[_KEY] = inst.api_key
         res = await self._call(http, inst, "POST", "/api/sessions", json_body=body)
         return res.ok
+
+    async def stop(self, http: aiohttp.ClientSession, inst: InstanceConfig, session: str) -> bool:
+        # Blazz's DELETE disconnects the client and keeps the LocalAuth files
+        # in the shared storage; an unknown session answers 200
+        # ``alreadyDisconnected``.
+        # The key goes in both places: Blazz reads a DELETE's key from the body
+        # or the query depending on its version.
+        params = self._key_params(inst)
+        res = await self._call(
+            http, inst, "DELETE", f"/api/sessions/{session}", params=params, json_body=params
+        )
+        return res.ok or self.session_missing(res.status, res.body)
 
     async def health(self, http: aiohttp.ClientSession, inst: InstanceConfig) -> HealthReport:
         res = await self._call(http, inst, "GET", "/health")

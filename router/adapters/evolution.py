@@ -28,6 +28,7 @@ from router.adapters._http import (
 from router.adapters.base import (
     Extraction,
     HealthReport,
+    ListFailed,
     SessionInfo,
     SessionStatus,
     UpstreamRequest,
@@ -145,7 +146,7 @@ class EvolutionAdapter(JsonAdapter):
         return SessionInfo(session, map_status(_STATES, state), extra)
 
     async def list_sessions(
-        self, http: aiohttp.ClientSession, inst: InstanceConfig
+        self, http: aiohttp.ClientSession, inst: InstanceConfig, *, strict: bool = False
     ) -> list[SessionInfo]:
         res = await self._call(http, inst, "GET", "/instance/fetchInstances")
         items = res.data if res.ok else None
@@ -153,6 +154,8 @@ class EvolutionAdapter(JsonAdapter):
             # some versions wrap the list: {"instances": [...]} / {"response": [...]}
             items = items.get("instances", items.get("response"))
         if not isinstance(items, list):
+            if strict:
+                raise ListFailed(inst.name, f"HTTP {res.status}, not an instance list")
             return []
         return [info for info in map(self._info, items) if info is not None]
 
@@ -176,6 +179,13 @@ class EvolutionAdapter(JsonAdapter):
     ) -> bool:
         res = await self._call(http, inst, "GET", f"/instance/connect/{session}")
         return res.ok
+
+    async def stop(self, http: aiohttp.ClientSession, inst: InstanceConfig, session: str) -> bool:
+        # Evolution has no stop that keeps the login: ``DELETE /instance/logout``
+        # unpairs the phone, ``DELETE /instance/delete`` removes the instance,
+        # ``POST /instance/restart`` keeps it running. So: refuse, call nothing.
+        # A move then fails cleanly with the session left where it runs.
+        return False
 
     async def health(self, http: aiohttp.ClientSession, inst: InstanceConfig) -> HealthReport:
         res = await self._call(http, inst, "GET", "/")

@@ -22,6 +22,8 @@ Example::
                  status_field: status}
         probe:  {method: GET, path: '/api/sessions/{session}', status_field: status}
         start:  {method: POST, path: '/api/sessions/{session}/start', json: {}}
+        stop:   {method: POST, path: '/api/sessions/{session}/stop'}   # optional; must keep
+                                        # the login (never a logout): used to move sessions
         health: {method: GET, path: /health, status_field: status, healthy_values: [ok]}
         missing: {status: [404], body_contains: "not found"}
         ready_statuses: [WORKING, connected, open]
@@ -72,6 +74,7 @@ from router.adapters._http import (
 from router.adapters.base import (
     Extraction,
     HealthReport,
+    ListFailed,
     SessionInfo,
     SessionStatus,
     UpstreamRequest,
@@ -226,9 +229,16 @@ _CALL_EXTRA: Final = {
     "list": {"sessions_field", "id_field", "status_field"},
     "probe": {"status_field"},
     "start": set(),
+    "stop": set(),
     "health": {"status_field", "healthy_values", "sessions_field"},
 }
-_CALL_DEFAULT_METHOD: Final = {"list": "GET", "probe": "GET", "start": "POST", "health": "GET"}
+_CALL_DEFAULT_METHOD: Final = {
+    "list": "GET",
+    "probe": "GET",
+    "start": "POST",
+    "stop": "POST",
+    "health": "GET",
+}
 
 
 def _parse_call(where: str, kind: str, raw: Any) -> _Call:
@@ -249,7 +259,7 @@ def _parse_call(where: str, kind: str, raw: Any) -> _Call:
         raise ValueError(f"{where}.json: must be a mapping or a list")
     if body is not None and method in ("GET", "HEAD"):
         raise ValueError(f"{where}.json: a {method} call carries no body")
-    if kind in ("probe", "start") and not (
+    if kind in ("probe", "start", "stop") and not (
         _PLACEHOLDER in path or _mentions_placeholder(query) or _mentions_placeholder(body)
     ):
         raise ValueError(f"{where}: must mention {_PLACEHOLDER} in its path, query or json")
@@ -336,7 +346,8 @@ class GenericAdapter(JsonAdapter):
             w,
             self.options,
             self.COMMON_OPTIONS
-            | {"session_rules", "create", "credential", "list", "probe", "start", "health"}
+            | {"session_rules", "create", "credential", "list", "probe", "start", "stop"}
+            | {"health"}
             | {"missing"}
             | set(_STATUS_LISTS),
         )
@@ -390,6 +401,7 @@ class GenericAdapter(JsonAdapter):
         self._list = _parse_call(f"{w}.list", "list", opts["list"]) if "list" in opts else None
         self._probe = _parse_call(f"{w}.probe", "probe", opts["probe"])
         self._start = _parse_call(f"{w}.start", "start", opts["start"]) if "start" in opts else None
+        self._stop = _parse_call(f"{w}.stop", "stop", opts["stop"]) if "stop" in opts else None
         self._health = _parse_call(f"{w}.health", "health", opts["health"])
 
         self._missing_status: frozenset[int] = frozenset({404})
@@ -570,10 +582,12 @@ class GenericAdapter(JsonAdapter):
         )
 
     async def list_sessions(
-        self, http: aiohttp.ClientSession, inst: InstanceConfig
+        self, http: aiohttp.ClientSession, inst: InstanceConfig, *, strict: bool = False
     ) -> list[SessionInfo]:
         spec = self._list
         if spec is None:
+            if strict:
+                raise ListFailed(inst.name, "no list call configured (adapter.options.list)")
             return []
         res = await self._run(http, inst, spec)
         items = dig(res.data, spec.sessions_field) if res.ok else None
@@ -587,6 +601,8 @@ class GenericAdapter(JsonAdapter):
                 for item in items
             ]
         else:
+            if strict:
+                raise ListFailed(inst.name, f"HTTP {res.status}, not a session list")
             return []
         out: list[SessionInfo] = []
         for raw_name, item in pairs:
@@ -620,6 +636,12 @@ class GenericAdapter(JsonAdapter):
             return False
         res = await self._run(http, inst, self._start, session)
         return res.ok
+
+    async def stop(self, http: aiohttp.ClientSession, inst: InstanceConfig, session: str) -> bool:
+        if self._stop is None:
+            return False  # no stop configured: sessions cannot be moved
+        res = await self._run(http, inst, self._stop, session)
+        return res.ok or self.session_missing(res.status, res.body)
 
     async def health(self, http: aiohttp.ClientSession, inst: InstanceConfig) -> HealthReport:
         spec = self._health

@@ -37,6 +37,7 @@ from router.adapters._http import (
 from router.adapters.base import (
     Extraction,
     HealthReport,
+    ListFailed,
     SessionInfo,
     SessionStatus,
     UpstreamRequest,
@@ -312,10 +313,12 @@ class WahaAdapter(JsonAdapter):
         return SessionInfo(name, map_status(_STATUSES, item.get("status")), extra)
 
     async def list_sessions(
-        self, http: aiohttp.ClientSession, inst: InstanceConfig
+        self, http: aiohttp.ClientSession, inst: InstanceConfig, *, strict: bool = False
     ) -> list[SessionInfo]:
         res = await self._call(http, inst, "GET", "/api/sessions", params={"all": "true"})
         if not res.ok or not isinstance(res.data, list):
+            if strict:
+                raise ListFailed(inst.name, f"HTTP {res.status}, not a session list")
             return []
         return [info for info in map(self._info, res.data) if info is not None]
 
@@ -355,6 +358,12 @@ class WahaAdapter(JsonAdapter):
             res = await self._call(http, inst, "POST", path)
             return res.ok
         return False
+
+    async def stop(self, http: aiohttp.ClientSession, inst: InstanceConfig, session: str) -> bool:
+        # ``stop`` closes the engine and keeps the session and its login;
+        # ``DELETE`` and ``logout`` would unpair the phone.
+        res = await self._call(http, inst, "POST", f"/api/sessions/{session}/stop")
+        return res.ok or (res.status == 404 and self.session_missing(res.status, res.body))
 
     async def health(self, http: aiohttp.ClientSession, inst: InstanceConfig) -> HealthReport:
         res = await self._call(http, inst, "GET", "/health")

@@ -26,6 +26,7 @@ from router.adapters._http import (
 from router.adapters.base import (
     Extraction,
     HealthReport,
+    ListFailed,
     SessionInfo,
     SessionStatus,
     UpstreamRequest,
@@ -112,11 +113,13 @@ class WwebjsAdapter(JsonAdapter):
 
     # -- 2. / 3. / 4. ------------------------------------------------------------
     async def list_sessions(
-        self, http: aiohttp.ClientSession, inst: InstanceConfig
+        self, http: aiohttp.ClientSession, inst: InstanceConfig, *, strict: bool = False
     ) -> list[SessionInfo]:
         res = await self._call(http, inst, "GET", "/session/getSessions")
         items = res.data.get("result") if res.ok and isinstance(res.data, dict) else None
         if not isinstance(items, list):
+            if strict:
+                raise ListFailed(inst.name, f"HTTP {res.status}, not a session list")
             return []
         out: list[SessionInfo] = []
         for item in items:
@@ -152,6 +155,14 @@ class WwebjsAdapter(JsonAdapter):
             return True
         # wwebjs-api answers 422 "Session already exists" when it runs here.
         return res.status == 422 and b"already exist" in res.body.lower()
+
+    async def stop(self, http: aiohttp.ClientSession, inst: InstanceConfig, session: str) -> bool:
+        # ``/session/stop`` destroys the client (closes the browser) and keeps
+        # the LocalAuth folder. Never ``/session/terminate``: it logs the phone
+        # out and deletes the folder. An API without ``/stop`` (older
+        # wwebjs-api) answers 404 "Cannot GET": refused, nothing touched.
+        res = await self._call(http, inst, "GET", f"/session/stop/{session}")
+        return res.ok and not (isinstance(res.data, dict) and res.data.get("success") is False)
 
     async def health(self, http: aiohttp.ClientSession, inst: InstanceConfig) -> HealthReport:
         res = await self._call(http, inst, "GET", "/ping")

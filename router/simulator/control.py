@@ -1,7 +1,7 @@
 """``/_sim/*``: test control (no auth, never faulted) and streaming helpers.
 
 Control: ``GET /_sim/sent``, ``GET /_sim/state``, ``GET|POST /_sim/fault``,
-``POST /_sim/sessions/{s}/pair``.
+``POST /_sim/sessions/{s}/pair``, ``POST /_sim/bulk_sessions``.
 Proxy helpers: ``/_sim/stream``, ``/_sim/sse``, ``/_sim/gzip``, ``/_sim/big``,
 ``/_sim/echo/{tail}``.
 """
@@ -19,7 +19,7 @@ from aiohttp import web
 
 from router.simulator.context import sim
 from router.simulator.faults import Fault, crash
-from router.simulator.sessions import SimSession
+from router.simulator.sessions import SimSession, Status, phone_for, valid_name
 from router.simulator.util import echo, json_object
 
 GZIP_TEXT = ("The router must pass this gzip body through untouched.\n" * 64).encode()
@@ -83,6 +83,50 @@ async def pair(request: web.Request) -> web.Response:
         return web.json_response({"error": "Session not found"}, status=404)
     ctx.sessions.pair(session)
     return web.json_response(_session_state(session))
+
+
+async def bulk_sessions(request: web.Request) -> web.Response:
+    """Put many sessions in memory at once, already in ``status`` (default WORKING).
+
+    Body: ``{"names": [...]}`` or ``{"prefix": "s", "count": N, "first": 0}``;
+    optional ``status`` (WAHA name), ``workspace_id``, ``auth`` (also write
+    each session's auth file, default false). Sessions already here are
+    left alone. For load and discovery tests: no start-up timers run.
+    """
+    ctx = sim(request)
+    body = await json_object(request)
+    if body is None:
+        return web.json_response({"error": "body must be a JSON object"}, status=400)
+    names = body.get("names")
+    if names is None:
+        prefix, count, first = body.get("prefix", "s"), body.get("count"), body.get("first", 0)
+        if not isinstance(prefix, str) or not isinstance(count, int) or not isinstance(first, int):
+            return web.json_response({"error": "need names, or prefix and count"}, status=400)
+        names = [f"{prefix}{i}" for i in range(first, first + count)]
+    if not isinstance(names, list) or not all(valid_name(n) for n in names):
+        return web.json_response({"error": "names must be valid session names"}, status=400)
+    try:
+        status = Status(body.get("status", Status.WORKING.value))
+    except ValueError:
+        return web.json_response({"error": "unknown status"}, status=400)
+    workspace, write_auth = body.get("workspace_id"), bool(body.get("auth", False))
+    now = time.time()
+    created = 0
+    for name in names:
+        if ctx.sessions.get(name) is not None:
+            continue
+        session = ctx.sessions.create(name, workspace_id=workspace)
+        session.status = status
+        session.phone = phone_for(name)
+        if status is Status.WORKING:
+            session.connected_at = now
+        if write_auth:
+            ctx.sessions.auth.save(
+                name,
+                {"session": name, "phone_number": session.phone, "workspace_id": workspace},
+            )
+        created += 1
+    return web.json_response({"instance": ctx.name, "created": created})
 
 
 def _number(request: web.Request, name: str, default: float) -> float:
@@ -171,6 +215,7 @@ def setup(app: web.Application) -> None:
     r.add_get("/_sim/fault", get_fault)
     r.add_post("/_sim/fault", set_fault)
     r.add_post("/_sim/sessions/{session}/pair", pair)
+    r.add_post("/_sim/bulk_sessions", bulk_sessions)
     r.add_get("/_sim/stream", stream)
     r.add_get("/_sim/sse", sse)
     r.add_get("/_sim/gzip", gzipped)

@@ -19,6 +19,8 @@ import pytest
 
 from router.config import (
     AdapterConfig,
+    DiscoveryConfig,
+    FailoverConfig,
     HealthConfig,
     InstanceConfig,
     Limits,
@@ -66,6 +68,9 @@ def router_config(
     timeouts: Timeouts | None = None,
     limits: Limits | None = None,
     health: HealthConfig | None = None,
+    admin_key: str | None = None,
+    discovery: DiscoveryConfig | None = None,
+    failover: FailoverConfig | None = None,
 ) -> RouterConfig:
     caps = [max_sessions] * len(urls) if isinstance(max_sessions, int) else list(max_sessions)
     return RouterConfig(
@@ -86,6 +91,10 @@ def router_config(
         limits=limits or Limits(),
         health=health or HealthConfig(interval=0.2, timeout=0.5, rise=1, fall=2),
         api_keys=(router_key,) if router_key else (),
+        admin_key=admin_key,
+        # No periodic reconcile unless a test asks: rounds are driven explicitly.
+        discovery=discovery or DiscoveryConfig(interval=0),
+        failover=failover or FailoverConfig(),
     )
 
 

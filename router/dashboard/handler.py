@@ -1,0 +1,435 @@
+"""``/dashboard``: one live page over the fleet, behind the admin key.
+
+Endpoints (every one 404 when no ``admin_key`` is configured):
+
+====== =============================== ================================================
+GET    /dashboard                      the page; ``?key=KEY`` once sets the cookie and
+                                       redirects to the bare URL; without a valid
+                                       cookie, a login form (401)
+POST   /dashboard/login                form field ``key``: sets the cookie (303)
+POST   /dashboard/logout               clears the cookie (303)
+GET    /dashboard/api/snapshot         fleet snapshot (JSON), as the stream sends it
+GET    /dashboard/api/stream           server-sent events: ``hello`` (recent events),
+                                       ``snapshot`` every second and right after
+                                       changes, ``fleet`` for each event as it happens
+*      /dashboard/api/admin/...        what the page needs of the admin API: drain,
+                                       undrain, maintenance, session search
+                                       (``sessions?q=&limit=&cursor=``), a
+                                       session, events
+====== =============================== ================================================
+
+Authentication: the admin key, compared in constant time, as ``X-Admin-Key``
+or ``Authorization: Bearer`` (scripts), or the dashboard cookie. The cookie
+holds no key: it is ``expiry.HMAC-SHA256(admin_key, expiry)``, HttpOnly,
+SameSite=Strict, path ``/dashboard``, so changing the admin key logs every
+browser out and a stolen cookie expires. A request authenticated by cookie
+that changes something must also carry ``X-Dashboard-Request: 1`` (a header
+no cross-site form can send). No answer carries an instance's api key or
+URL credentials.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import html
+import json
+import logging
+import re
+import secrets
+import time
+from collections.abc import Callable
+from functools import cache
+from importlib import resources
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+from multidict import CIMultiDict
+from yarl import URL
+
+from router.admin import public_url
+from router.dashboard.stats import StatsSampler
+from router.placement import load_ratio
+
+if TYPE_CHECKING:
+    from router.admin import AdminAPI
+    from router.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+PREFIX = "/dashboard"
+COOKIE = "wa_router_dashboard"
+# How long a login lasts, seconds.
+SESSION_TTL = 12 * 3600
+# The header a cookie-authenticated change must carry (CSRF defence).
+CSRF_HEADER = "X-Dashboard-Request"
+# Events of these kinds are shown on the page (the stream sends every kind).
+FAILOVER_KINDS = ("failover",)
+_RECENT_FAILOVERS = 20
+_RECENT_EVENTS = 50
+_JSON = "application/json"
+_DRAIN_FIELDS = ("state", "done", "total", "moved", "skipped", "failed", "remaining")
+# What the page may do through ``/dashboard/api/admin/...`` (method, path after /admin/).
+_BRIDGE: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
+    (method, re.compile(pattern))
+    for method, pattern in (
+        ("GET", r"instances"),
+        ("GET", r"instances/[^/]+/drain"),
+        ("POST", r"instances/[^/]+/(drain|undrain|maintenance)"),
+        ("GET", r"sessions"),
+        ("GET", r"sessions/[^/]+"),
+        ("GET", r"events"),
+    )
+)
+_SECURITY_HEADERS = {
+    "Cache-Control": "no-store",
+    "Referrer-Policy": "no-referrer",
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+}
+# Put into a stream's queue by ``close()``: the stream ends.
+_CLOSE: dict[str, Any] = {"kind": "__close__"}
+
+
+@cache
+def _static(name: str) -> str:
+    return resources.files("router.dashboard").joinpath("static", name).read_text("utf-8")
+
+
+def _csp(nonce: str) -> str:
+    return (
+        "default-src 'none'; "
+        f"script-src 'nonce-{nonce}'; style-src 'nonce-{nonce}'; "
+        "connect-src 'self'; img-src 'self' data:; form-action 'self'; "
+        "base-uri 'none'; frame-ancestors 'none'"
+    )
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.Response(
+        status=status,
+        body=json.dumps(data, separators=(",", ":"), default=str).encode(),
+        content_type=_JSON,
+        headers=_SECURITY_HEADERS,
+    )
+
+
+def _see_other(location: str) -> web.Response:
+    return web.Response(status=303, headers={**_SECURITY_HEADERS, "Location": location})
+
+
+def _error(status: int, code: str, message: str) -> web.Response:
+    return _json({"error": code, "message": message}, status)
+
+
+# -- the cookie -----------------------------------------------------------------------
+
+
+def make_token(key: str, now: float | None = None, ttl: float = SESSION_TTL) -> str:
+    expires = str(int((now if now is not None else time.time()) + ttl))
+    return f"{expires}.{_mac(key, expires)}"
+
+
+def token_valid(key: str, token: str, now: float | None = None) -> bool:
+    expires, _, mac = token.partition(".")
+    if not expires.isdigit() or not mac:
+        return False
+    if not hmac.compare_digest(mac.encode(), _mac(key, expires).encode()):
+        return False
+    return int(expires) > (now if now is not None else time.time())
+
+
+def _mac(key: str, expires: str) -> str:
+    return hmac.new(key.encode(), b"dashboard:" + expires.encode(), hashlib.sha256).hexdigest()
+
+
+def key_matches(given: str, key: str) -> bool:
+    return hmac.compare_digest(given.encode(), key.encode())
+
+
+def header_key(request: web.BaseRequest) -> str | None:
+    """The admin key a script sent (``X-Admin-Key`` or ``Authorization: Bearer``)."""
+    given = request.headers.get("X-Admin-Key")
+    if given is not None:
+        return given
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else None
+
+
+# -- the handler ------------------------------------------------------------------------
+
+
+class Dashboard:
+    """The ``/dashboard`` handler. ``close()`` before the server stops: it
+    ends every open stream and the stats sampling."""
+
+    def __init__(
+        self,
+        get_runtime: Callable[[], Runtime],
+        admin: AdminAPI,
+        *,
+        sampler: StatsSampler | None = None,
+        tick: float = 1.0,
+    ) -> None:
+        self._get_runtime = get_runtime
+        self.admin = admin
+        self.sampler = sampler or StatsSampler()
+        self.tick = tick
+        self._streams: set[asyncio.Queue[dict[str, Any]]] = set()
+        self._closing = False
+
+    @property
+    def rt(self) -> Runtime:
+        return self._get_runtime()
+
+    @property
+    def streams(self) -> int:
+        """Open event streams (the page's live connections)."""
+        return len(self._streams)
+
+    async def close(self) -> None:
+        self._closing = True
+        for q in list(self._streams):
+            q.put_nowait(_CLOSE)
+        await self.sampler.stop()
+
+    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
+        key = self.rt.config.admin_key
+        if not key:
+            return _error(404, "not_found", "the dashboard is disabled (no admin_key)")
+        path = request.path.rstrip("/") or "/"
+        method = request.method
+        if path == PREFIX and method in ("GET", "HEAD"):
+            return self._page(request, key)
+        if path == PREFIX + "/login" and method == "POST":
+            return await self._login(request, key)
+        if path == PREFIX + "/logout" and method == "POST":
+            return self._logout(request)
+        if not path.startswith(PREFIX + "/api/"):
+            return _error(404, "not_found", f"no dashboard endpoint {request.path}")
+
+        via = self._auth(request, key)
+        if via is None:
+            return _error(401, "unauthorized", "log in at /dashboard or send the admin key")
+        if (
+            via == "cookie"
+            and method not in ("GET", "HEAD")
+            and request.headers.get(CSRF_HEADER) != "1"
+        ):
+            return _error(403, "forbidden", f"a change from the page needs {CSRF_HEADER}: 1")
+        if not self.sampler.running and not self._closing:
+            self.sampler.start()
+        api = path[len(PREFIX) + len("/api/") :]
+        if api == "snapshot" and method == "GET":
+            return _json(self.snapshot())
+        if api == "stream" and method == "GET":
+            return await self._stream(request)
+        if api.startswith("admin/"):
+            return await self._bridge(request, api[len("admin/") :], key)
+        return _error(404, "not_found", f"no dashboard endpoint {request.path}")
+
+    # -- authentication ---------------------------------------------------------------
+
+    def _auth(self, request: web.BaseRequest, key: str) -> str | None:
+        given = header_key(request)
+        if given is not None:
+            return "header" if key_matches(given, key) else None
+        token = request.cookies.get(COOKIE)
+        if token is not None and token_valid(key, token):
+            return "cookie"
+        return None
+
+    def _set_cookie(self, request: web.BaseRequest, resp: web.StreamResponse, key: str) -> None:
+        resp.set_cookie(
+            COOKIE,
+            make_token(key),
+            max_age=SESSION_TTL,
+            path=PREFIX,
+            httponly=True,
+            samesite="Strict",
+            secure=request.secure,
+        )
+
+    def _page(self, request: web.BaseRequest, key: str) -> web.Response:
+        given = request.query.get("key")
+        if given is not None:
+            if not key_matches(given, key):
+                return self._login_page("That admin key is not valid.", status=401)
+            # Logged in: the key leaves the address bar (and the history) at once.
+            resp = _see_other(PREFIX)
+            self._set_cookie(request, resp, key)
+            return resp
+        if self._auth(request, key) is None:
+            return self._login_page(None, status=401)
+        nonce = secrets.token_urlsafe(16)
+        body = _static("dashboard.html").replace("__CSP_NONCE__", nonce)
+        return web.Response(
+            text=body,
+            content_type="text/html",
+            charset="utf-8",
+            headers={**_SECURITY_HEADERS, "Content-Security-Policy": _csp(nonce)},
+        )
+
+    def _login_page(self, message: str | None, status: int) -> web.Response:
+        nonce = secrets.token_urlsafe(16)
+        note = f'<p role="alert" class="error">{html.escape(message)}</p>' if message else ""
+        body = _static("login.html").replace("__CSP_NONCE__", nonce).replace("__MESSAGE__", note)
+        return web.Response(
+            status=status,
+            text=body,
+            content_type="text/html",
+            charset="utf-8",
+            headers={**_SECURITY_HEADERS, "Content-Security-Policy": _csp(nonce)},
+        )
+
+    async def _login(self, request: web.BaseRequest, key: str) -> web.Response:
+        if request.content_length is not None and request.content_length > 4096:
+            return self._login_page("That request is too large.", status=413)
+        form = await request.post()
+        given = form.get("key")
+        if not isinstance(given, str) or not key_matches(given, key):
+            return self._login_page("That admin key is not valid.", status=401)
+        resp = _see_other(PREFIX)
+        self._set_cookie(request, resp, key)
+        return resp
+
+    def _logout(self, request: web.BaseRequest) -> web.Response:
+        resp = _see_other(PREFIX)
+        resp.del_cookie(COOKIE, path=PREFIX)
+        return resp
+
+    # -- data -------------------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        """Everything the page shows, at this moment (no I/O)."""
+        rt = self.rt
+        stats = self.sampler.stats
+        counts = rt.smap.counts()
+        migration = rt.migration
+        now = time.monotonic()
+        instances = []
+        healthy = sessions_total = capacity_total = 0
+        for inst in rt.fleet:
+            n = counts.get(inst.name, 0)
+            sessions_total += n
+            capacity_total += inst.config.max_sessions
+            if inst.healthy:
+                healthy += 1
+                health = "healthy"
+            elif inst.ejected_until > now:
+                health = "ejected"
+            else:
+                health = "down"
+            job = migration.jobs.get(inst.name) if migration is not None else None
+            instances.append(
+                {
+                    "name": inst.name,
+                    "url": public_url(inst.config.url),
+                    "health": health,
+                    "healthy": inst.healthy,
+                    "ejected_for": round(inst.ejected_until - now, 1)
+                    if inst.ejected_until > now
+                    else 0,
+                    "admin": inst.admin.value,
+                    "placeable": inst.placeable,
+                    "sessions": n,
+                    "capacity": inst.config.max_sessions,
+                    "weight": inst.config.weight,
+                    "load": round(load_ratio(inst, n), 4),
+                    **stats.get(inst.name).as_dict(),
+                    "drain": None if job is None else _drain_summary(job.as_dict()),
+                }
+            )
+        return {
+            "ts": time.time(),
+            # The rates' window, and how much of it the samples cover so far.
+            "window": self.sampler.window,
+            "covered": round(stats.window, 3),
+            "instances": instances,
+            "totals": {
+                "instances": len(instances),
+                "healthy": healthy,
+                "sessions": sessions_total,
+                "mapped": len(rt.smap),
+                "capacity": capacity_total,
+                **stats.total.as_dict(),
+            },
+            "failovers": list(
+                reversed(rt.events.recent(_RECENT_FAILOVERS, kind=FAILOVER_KINDS[0]))
+            ),
+        }
+
+    async def _stream(self, request: web.BaseRequest) -> web.StreamResponse:
+        resp = web.StreamResponse(
+            headers={
+                **_SECURITY_HEADERS,
+                "Content-Type": "text/event-stream; charset=utf-8",
+                "X-Accel-Buffering": "no",  # no buffering in a proxy in front
+            }
+        )
+        await resp.prepare(request)
+        events = self.rt.events
+        q = events.subscribe()
+        self._streams.add(q)
+        loop = asyncio.get_running_loop()
+        try:
+            await resp.write(b"retry: 2000\n\n")
+            await _send(resp, "hello", {"events": events.recent(_RECENT_EVENTS)})
+            await _send(resp, "snapshot", self.snapshot())
+            next_snapshot = loop.time() + self.tick
+            while not self._closing:
+                if self.rt.events is not events:
+                    # A reload built a new event log: follow it.
+                    events.unsubscribe(q)
+                    self._streams.discard(q)
+                    events = self.rt.events
+                    q = events.subscribe()
+                    self._streams.add(q)
+                wait = next_snapshot - loop.time()
+                if wait <= 0:
+                    await _send(resp, "snapshot", self.snapshot())
+                    next_snapshot = loop.time() + self.tick
+                    continue
+                try:
+                    async with asyncio.timeout(wait):
+                        event = await q.get()
+                except TimeoutError:
+                    continue
+                batch = [event]
+                while not q.empty() and len(batch) < 1000:
+                    batch.append(q.get_nowait())
+                if any(e is _CLOSE for e in batch):
+                    break
+                for e in batch:
+                    await _send(resp, "fleet", e)
+                # Show the change itself soon, several changes in one snapshot.
+                next_snapshot = min(next_snapshot, loop.time() + 0.1)
+        except ConnectionError:
+            pass  # the browser went away: seen at the next write, within a tick
+        finally:
+            events.unsubscribe(q)
+            self._streams.discard(q)
+        return resp
+
+    async def _bridge(self, request: web.BaseRequest, rest: str, key: str) -> web.StreamResponse:
+        """An allowed admin endpoint, called for the page (already authenticated)."""
+        if not any(m == request.method and p.fullmatch(rest) for m, p in _BRIDGE):
+            return _error(404, "not_found", f"the dashboard does not offer /admin/{rest}")
+        headers = CIMultiDict(request.headers)
+        for name in ("Cookie", "Authorization", CSRF_HEADER):
+            headers.popall(name, None)
+        headers["X-Admin-Key"] = key
+        url = URL.build(path="/admin/" + rest, encoded=False).with_query(request.query)
+        clone = request.clone(rel_url=url, headers=headers)
+        return await self.admin(clone)
+
+
+def _drain_summary(job: dict[str, Any]) -> dict[str, Any]:
+    # Counts only: a job's failure details may quote an upstream's answer.
+    return {k: job.get(k) for k in _DRAIN_FIELDS}
+
+
+async def _send(resp: web.StreamResponse, event: str, data: Any) -> None:
+    payload = json.dumps(data, separators=(",", ":"), default=str)
+    await resp.write(f"event: {event}\ndata: {payload}\n\n".encode())
