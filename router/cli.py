@@ -30,7 +30,12 @@ def _cmd_run(ns: argparse.Namespace) -> int:
         return 2
     install_uvloop()
     watch = ns.watch_interval if ns.watch_interval > 0 else None
-    asyncio.run(Server(config, drain_timeout=ns.drain_timeout, watch_interval=watch).run())
+    try:
+        asyncio.run(Server(config, drain_timeout=ns.drain_timeout, watch_interval=watch).run())
+    except OSError as exc:
+        # Typically the listen address is taken: say so, without a traceback.
+        print(f"cannot start the router: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -54,7 +59,13 @@ def _cmd_demo(ns: argparse.Namespace) -> int:
     from router.server import install_uvloop
 
     install_uvloop()
-    return asyncio.run(run_demo(ns.config, ns.port))
+    try:
+        return asyncio.run(run_demo(ns.config, ns.port))
+    except (ConfigError, OSError, RuntimeError) as exc:
+        print(f"demo failed: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -102,12 +102,17 @@ async def run_demo(config_path: str | None, port: int | None) -> int:
         await _create_demo_session(base, key)
         owner = server.runtime.smap.cached(DEMO_SESSION) if server.runtime else None
         body = json.dumps({"session": DEMO_SESSION, "chatId": "123@c.us", "text": "hello"})
+        dashboard = (
+            f"Dashboard: {base}/dashboard?key={config.admin_key}\n" if config.admin_key else ""
+        )
         key_header = f" -H {shlex.quote('X-Api-Key: ' + key)}" if key else ""
         print(
             f"\nwa-session-router demo: {len(procs)} simulated WAHA instances behind {base}\n"
             f"session {DEMO_SESSION!r} runs on {owner}; sends are recorded in {record}\n\n"
             f"  curl -s {base}/api/sendText -H 'Content-Type: application/json'"
             f"{key_header} -d {shlex.quote(body)}\n\n"
+            f"{dashboard}"
+            f"Metrics: {base}/metrics\n"
             "Ctrl-C stops the demo.",
             flush=True,
         )

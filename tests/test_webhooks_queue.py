@@ -7,6 +7,7 @@ import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -338,7 +339,7 @@ async def test_redis_concurrent_sorters_keep_each_lane_in_stream_order(
     try:
         # Three replicas ingest into the same two lanes at once, and all sort.
         await asyncio.gather(*(qs[i % 3].append([ev(i, f"s{i % 2}")]) for i in range(300)))
-        ids = await qs[0].client.xrange(qs[0].k_in, "-", "+")
+        ids: Any = await qs[0].client.xrange(qs[0].k_in, "-", "+")
         stream_order: dict[str, list[str]] = {}
         for _eid, f in ids:
             event_id = json.loads(f[b"m"])[0]
