@@ -112,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     from router.admin_client import add_arguments as add_admin_arguments
 
     add_admin_arguments(sub)
+
+    from router.webhooks.cli import add_arguments as add_webhooks_arguments
+
+    add_webhooks_arguments(sub)  # webhooks dead-letters | replay | purge | stats
     return parser
 
 

@@ -135,7 +135,7 @@ class Server:
             # 200 before it is stored. Redelivers what a previous run left.
             from router.webhooks import WebhookRelay
 
-            self.webhooks = WebhookRelay(cfg)
+            self.webhooks = WebhookRelay(cfg, on_session_hint=self._session_hint)
             await self.webhooks.start()
 
         proxy = ProxyHandler(self.runtime)
@@ -222,6 +222,11 @@ class Server:
             await self.shutdown()
 
     # -- plumbing -------------------------------------------------------------
+    async def _session_hint(self, session: str, instance: str) -> None:
+        """A webhook announced where a session runs: a hint, probed before trusted."""
+        if self.discovery is not None:
+            await self.discovery.hint(session, instance)
+
     def _current_runtime(self) -> Runtime:
         rt = self.runtime
         assert rt is not None

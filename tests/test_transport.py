@@ -597,6 +597,49 @@ async def test_request_bodies_bytes_and_streamed(upstream: Upstream) -> None:
 
 
 @on_both_loops
+async def test_early_answer_to_a_streamed_body_and_a_failing_body(
+    raw_server: Callable[[Script], Awaitable[RawServer]],
+) -> None:
+    async def script(conn: RawConn) -> None:
+        await conn.reader.readuntil(b"\r\n\r\n")  # the head only
+        conn.writer.write(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 0\r\n\r\n")
+        await conn.writer.drain()
+        await conn.reader.read()  # whatever else comes, until the close
+        conn.closed.set()
+
+    server = await raw_server(script)
+    t = fast(server.url)
+    answered = asyncio.Event()
+    more_read = False
+
+    async def body() -> AsyncIterator[bytes]:
+        nonlocal more_read
+        yield b"first"
+        await answered.wait()
+        more_read = True
+        yield b"second"
+
+    try:
+        resp = await t.request("POST", "/", [], body())
+        answered.set()
+        assert resp.status == 413 and await resp.read() == b""
+        # Answered before the body was out: that connection is not reused.
+        assert t.open_connections == 0
+        await wait(server.conns[0].closed.wait())
+        assert not more_read
+
+        async def broken() -> AsyncIterator[bytes]:
+            yield b"x"
+            raise ConnectionResetError("client went away")
+
+        with pytest.raises(UpstreamDisconnected) as info:
+            await t.request("POST", "/", [], broken())
+        assert info.value.request_sent
+    finally:
+        await t.close()
+
+
+@on_both_loops
 async def test_large_bodies_both_ways(upstream: Upstream) -> None:
     t = fast(upstream.url)
     try:

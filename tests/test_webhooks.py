@@ -31,6 +31,7 @@ from router.webhooks.signatures import (
     waha_signature,
 )
 from tests.support.router import StartRouter, router_config
+from tests.support.simulator import SimFleetFactory
 from tests.support.webhook_target import (
     ADMIN_KEY,
     APP_KEY,
@@ -544,3 +545,47 @@ async def test_a_reload_adds_instances_that_may_send(
     assert (await h.blazz(body, instance="wa-3"))[0] == 200
     assert (await h.admin("GET", "/stats"))[0] == 401  # the old admin key is gone
     assert (await h.admin("GET", "/stats", key="new-admin"))[0] == 200
+
+
+async def test_a_session_announcing_webhook_maps_the_session_after_a_probe(
+    sqlite_backend: Backend,
+    start_router: StartRouter,
+    app: TargetServer,
+    sim_fleet: SimFleetFactory,
+) -> None:
+    """Wiring of the relay's session hints into discovery: trusted only once probed."""
+    fleet = sim_fleet(2, dialect="blazz", api_key="inst-key")
+    session = "webjs_1_1700000000_hint0001"
+    # Started on blazz-2 behind the router's back, after the router's discovery.
+    base = router_config(fleet.urls, names=[p.name for p in fleet], adapter="blazz")
+    wh = make_config([target(app.url)], backend=sqlite_backend)
+    cfg = dataclasses.replace(
+        base,
+        webhooks=wh.webhooks,
+        discovery=dataclasses.replace(base.discovery, on_start=False),
+    )
+    router = await start_router(config=cfg)
+    async with router.client() as http:
+        payload = {"session_id": session, "workspace_id": 1, "api_key": "inst-key"}
+        async with http.post(f"{fleet[1].url}/api/sessions", json=payload) as resp:
+            assert resp.status in (200, 201)
+        await fleet[1].wait_session(session)
+
+        async def announce(instance: str) -> None:
+            body = blazz_body("session_ready", session, status="connected")
+            async with http.post(
+                f"{router.url}/webhooks/blazz/{instance}", data=body, headers=blazz_headers(body)
+            ) as r:
+                assert r.status == 200
+
+        # A false announcement (blazz-1 does not run it) is probed and ignored...
+        await announce("blazz-1")
+        await app.wait_unique(1)
+        # ...the true one maps it.
+        await announce("blazz-2")
+        deadline = time.monotonic() + 5
+        while router.runtime.smap.cached(session) != "blazz-2":
+            assert time.monotonic() < deadline, router.runtime.smap.cached(session)
+            await asyncio.sleep(0.02)
+    hints = router.runtime.events.recent()
+    assert all(e.get("instance") != "blazz-1" for e in hints if e.get("session") == session)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -181,6 +182,22 @@ async def test_sigkill_with_events_pending_and_in_flight_loses_nothing(
                     router.url + "/admin/webhooks/stats", headers={"X-Admin-Key": ADMIN_KEY}
                 ) as resp:
                     stats = await resp.json()
+        # The operator's view, through the real CLI: nothing pending, nothing dead.
+        cli = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "router", "webhooks", "stats", "-c", str(cfg)],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert cli.returncode == 0, cli.stderr
+        shown = json.loads(cli.stdout)
+        assert (shown["backend"], shown["pending"], shown["dead_letters"]) == (
+            "sqlite" if backend == "sqlite" else "redis",
+            0,
+            0,
+        )
         router.terminate()
         assert router.proc is not None and router.proc.returncode == 0
         log = router.log.read_text()

@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/webhooks/run.py                       # both backends
     .venv/bin/python bench/webhooks/run.py --backends redis --duration 10
-    .venv/bin/python bench/webhooks/run.py --write bench/webhooks/RESULTS.md
+    .venv/bin/python bench/webhooks/run.py --write /tmp/webhooks-bench.md
 
 For each backend (``sqlite``: the embedded file, ``synchronous=FULL``;
 ``redis``: a private ``redis-server`` with ``appendonly yes``,

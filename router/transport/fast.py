@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import re
 import select
 from collections import deque
@@ -95,8 +94,6 @@ _NO_BODY_NO_LENGTH: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 _POLL_FLAGS: Final = (
     select.POLLIN | select.POLLPRI | getattr(select, "POLLRDHUP", 0) | select.POLLERR
 )
-# Errors of a write that failed at once: the kernel took none of the bytes.
-_WRITE_REFUSED: Final = frozenset({errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN})
 
 
 class FastResponse(UpstreamResponse):
@@ -279,10 +276,10 @@ class _Conn(asyncio.Protocol):
         self.paused_writing = False
         self.drain_waiter: asyncio.Future[None] | None = None
         self.last_rx = 0.0
-        self.body_task: asyncio.Task[None] | None = None
         self._reset()
 
     def _reset(self) -> None:
+        self.body_task: asyncio.Task[None] | None = None
         self.head_fut: asyncio.Future[FastResponse] | None = None
         self.resp: FastResponse | None = None
         self.head_only = False
@@ -525,9 +522,15 @@ class _Conn(asyncio.Protocol):
         elif fut is not None and not fut.done():
             fut.set_exception(exc)
         self._wake_drain()
+        self._stop_body()
+
+    def _stop_body(self) -> None:
+        """Stop streaming the request body (failed, or answered before it was out)."""
         task = self.body_task
-        if task is not None and not task.done():
-            task.cancel()
+        if task is not None:
+            self.body_task = None
+            if not task.done() and task is not asyncio.current_task():
+                task.cancel()
 
     def _closed_by_peer(self, exc: Exception | None) -> None:
         if self.head_fut is None and self.resp is None:
@@ -578,6 +581,8 @@ class _Conn(asyncio.Protocol):
         if not self.closed:
             self.closed = True
             self.pool.lost(self)
+        if self.body_task is not None:
+            self._stop_body()
         transport = self.transport
         if transport is not None and not transport.is_closing():
             transport.close()
@@ -954,13 +959,11 @@ async def _stream_body(conn: _Conn, stream: AsyncIterable[bytes]) -> None:
                 conn.write_chunk(chunk)
                 await conn.drain()
         if conn.closed:
+            # Failed, or answered before the body was out (an upstream that
+            # did not wait for it): that connection was closed, not reused.
             return
         conn.write_more(b"0\r\n\r\n")
         conn.req_done = True
-        if conn.head_fut is None and conn.resp is None and not conn.closed:
-            # The answer completed before the body was out: the upstream did
-            # not wait for it, the connection's state is unclear. Close it.
-            conn.close()
     except asyncio.CancelledError:
         raise
     except Exception as exc:
