@@ -483,7 +483,7 @@ async def one_run(s: Settings, index: int, keep: bool) -> RunData:
                     running[sess].append(inst)
                 if st.get("connected_at") is not None:
                     connected[(inst, sess)] = float(st["connected_at"])
-        return RunData(
+        data = RunData(
             settings=s,
             kill_mono=kill_mono,
             kill_wall=kill_wall,
@@ -502,6 +502,16 @@ async def one_run(s: Settings, index: int, keep: bool) -> RunData:
             text_prefix=prefix,
             loadavg=loadavg,
         )
+        if keep:
+            facts = {
+                "kill_mono": kill_mono,
+                "kill_wall": kill_wall,
+                "victim": s.victim,
+                "affected": affected,
+                "events": collected,
+            }
+            (directory / "run.json").write_text(json.dumps(facts))
+        return data
     finally:
         if load is not None:
             load.kill()

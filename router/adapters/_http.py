@@ -23,6 +23,7 @@ from router.adapters.base import (
     BadSessionId,
     Extraction,
     SessionStatus,
+    UpstreamRequest,
     valid_session_id,
 )
 from router.config import InstanceConfig
@@ -258,3 +259,23 @@ class ExtractionCache:
             items.clear()
         items[session] = ext
         return ext
+
+
+class HeaderCredentialAdapter(JsonAdapter):
+    """A ``JsonAdapter`` whose API takes its key in one request header
+    (wwebjs-api ``x-api-key``, Evolution ``apikey``): the client's router key
+    is read from it and replaced there by the instance's key."""
+
+    #: the header carrying the key; set by each subclass
+    credential_header: str = "x-api-key"
+
+    def client_key(self, req: UpstreamRequest) -> str | None:
+        return req.headers.get(self.credential_header)
+
+    def apply_credential(self, req: UpstreamRequest, inst: InstanceConfig) -> None:
+        req.headers.popall(self.credential_header, None)
+        if inst.api_key:
+            req.headers[self.credential_header] = inst.api_key
+
+    def auth_headers(self, inst: InstanceConfig) -> dict[str, str]:
+        return {self.credential_header: inst.api_key} if inst.api_key else {}

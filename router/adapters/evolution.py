@@ -17,7 +17,7 @@ import aiohttp
 
 from router.adapters._http import (
     OPTIONS_WHERE,
-    JsonAdapter,
+    HeaderCredentialAdapter,
     check_keys,
     checked_id,
     dig,
@@ -50,12 +50,13 @@ _STATES: Final[Mapping[str, SessionStatus]] = {
     "closed": SessionStatus.STOPPED,
     "refused": SessionStatus.FAILED,
 }
-_HEADER: Final = "apikey"
 
 
-class EvolutionAdapter(JsonAdapter):
+class EvolutionAdapter(HeaderCredentialAdapter):
     """Evolution API v1 / v2. Options: ``reserved_roots`` / ``extra_reserved_roots``
     (first segments that are not instance routes), ``timeout``."""
+
+    credential_header = "apikey"
 
     name = "evolution"
 
@@ -99,17 +100,6 @@ class EvolutionAdapter(JsonAdapter):
         return self._ids.get(parts[-1])
 
     # -- 5. credentials ----------------------------------------------------------
-    def client_key(self, req: UpstreamRequest) -> str | None:
-        return req.headers.get(_HEADER)
-
-    def apply_credential(self, req: UpstreamRequest, inst: InstanceConfig) -> None:
-        req.headers.popall(_HEADER, None)
-        if inst.api_key:
-            req.headers[_HEADER] = inst.api_key
-
-    def auth_headers(self, inst: InstanceConfig) -> dict[str, str]:
-        return {_HEADER: inst.api_key} if inst.api_key else {}
-
     # -- answers -----------------------------------------------------------------
     def session_missing(self, status: int, body: bytes) -> bool:
         # Evolution answers 404 '{"response":{"message":["The \"x\" instance

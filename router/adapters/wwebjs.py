@@ -17,7 +17,7 @@ import aiohttp
 
 from router.adapters._http import (
     OPTIONS_WHERE,
-    JsonAdapter,
+    HeaderCredentialAdapter,
     check_keys,
     checked_id,
     map_status,
@@ -55,13 +55,14 @@ _STATES: Final[Mapping[str, SessionStatus]] = {
     # wwebjs-api's own answer when the page does not answer getState() in time
     "unresponsive": SessionStatus.FAILED,
 }
-_HEADER: Final = "x-api-key"
 _NOT_FOUND: Final = b"session_not_found"
 
 
-class WwebjsAdapter(JsonAdapter):
+class WwebjsAdapter(HeaderCredentialAdapter):
     """wwebjs-api. Options: ``roots`` / ``extra_roots`` (first path segments
     whose routes carry the session id as third segment), ``timeout``."""
+
+    credential_header = "x-api-key"
 
     name = "wwebjs"
 
@@ -96,17 +97,6 @@ class WwebjsAdapter(JsonAdapter):
         return self._ids.get(seg)
 
     # -- 5. credentials ----------------------------------------------------------
-    def client_key(self, req: UpstreamRequest) -> str | None:
-        return req.headers.get(_HEADER)
-
-    def apply_credential(self, req: UpstreamRequest, inst: InstanceConfig) -> None:
-        req.headers.popall(_HEADER, None)
-        if inst.api_key:
-            req.headers[_HEADER] = inst.api_key
-
-    def auth_headers(self, inst: InstanceConfig) -> dict[str, str]:
-        return {_HEADER: inst.api_key} if inst.api_key else {}
-
     # -- answers -----------------------------------------------------------------
     def session_missing(self, status: int, body: bytes) -> bool:
         return status == 404 and _NOT_FOUND in body[:4096]
