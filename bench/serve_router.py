@@ -1,9 +1,11 @@
 """Run the router for benchmarks: memory store pre-filled with N mapped sessions.
 
-    python bench/serve_router.py --port 18400 --sessions 100000
+    python bench/serve_router.py --port 18400 --sessions 100000 [--transport fast|aiohttp]
 
 Routes WAHA-style ``/api/<session>/…`` requests to the four static upstreams
-of ``shared/bench/peers.sh`` (127.0.0.1:18001-18004).
+of ``shared/bench/peers.sh`` (127.0.0.1:18001-18004). ``--transport aiohttp``
+forces the aiohttp-based upstream transport (what the router used before
+``router.transport.fast``), for A/B comparisons (``bench/transport_ab.py``).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+from typing import Any
 
 from router.config import (
     AdapterConfig,
@@ -42,6 +45,17 @@ def bench_config(port: int, sessions: int) -> RouterConfig:
     )
 
 
+def force_aiohttp_transport() -> None:
+    """Every instance proxies through its aiohttp.ClientSession (the old path)."""
+    import router.instances
+    from router.transport import AiohttpTransport
+
+    def make(config: RouterConfig, inst: InstanceConfig, http: Any) -> AiohttpTransport:
+        return AiohttpTransport(http, inst.url)
+
+    setattr(router.instances, "make_transport", make)  # noqa: B010
+
+
 async def main(port: int, sessions: int) -> None:
     server = Server(bench_config(port, sessions))
     await server.startup()
@@ -62,8 +76,11 @@ if __name__ == "__main__":
     ap.add_argument("--port", type=int, default=18400)
     ap.add_argument("--sessions", type=int, default=100_000)
     ap.add_argument("--no-uvloop", action="store_true")
+    ap.add_argument("--transport", choices=("fast", "aiohttp"), default="fast")
     ns = ap.parse_args()
-    logging.basicConfig(level=logging.WARNING)
+    logging.basicConfig(level=logging.ERROR)
+    if ns.transport == "aiohttp":
+        force_aiohttp_transport()
     if not ns.no_uvloop:
         install_uvloop()
     asyncio.run(main(ns.port, ns.sessions))

@@ -131,6 +131,12 @@ class FailoverConfig:
     backoff: float = 0.05
     # Retry-After (seconds) on a 503 when recovery did not finish in time.
     retry_after: int = 5
+    # When active health checks mark an instance down, recover all of its
+    # sessions (not only those that get requests): a session that only
+    # receives messages must not stay offline until the main app calls it.
+    evacuate_down: bool = True
+    # Sessions recovered at once while evacuating a down instance.
+    evacuate_concurrency: int = 8
 
 
 @dataclass(frozen=True, slots=True)

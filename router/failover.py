@@ -36,9 +36,52 @@ class Failover:
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
         self._inflight: dict[str, asyncio.Task[Instance | None]] = {}
+        self._evacuating: dict[str, asyncio.Task[int]] = {}
 
     def recovering(self, session: str) -> bool:
         return session in self._inflight
+
+    def evacuate_soon(self, inst: Instance) -> None:
+        """Recover every session of a down instance in the background."""
+        if not self.rt.config.failover.evacuate_down or inst.name in self._evacuating:
+            return
+        task = asyncio.create_task(self.evacuate(inst), name=f"evacuate:{inst.name}")
+        self._evacuating[inst.name] = task
+        task.add_done_callback(lambda _: self._evacuating.pop(inst.name, None))
+
+    async def evacuate(self, inst: Instance) -> int:
+        """Bring back, elsewhere, every session mapped to ``inst``; the number recovered.
+
+        Requests drive failover for busy sessions; this covers the idle ones
+        (a session that only receives messages sends no request). Each goes
+        through the same single-flight recovery, so a request arriving
+        meanwhile waits for the same restore.
+        """
+        cfg = self.rt.config.failover
+        sessions = self.rt.smap.sessions_on(inst.name)
+        if not sessions:
+            return 0
+        log.warning("instance %s is down: recovering its %d sessions", inst.name, len(sessions))
+        self.rt.events.add("evacuate", instance=inst.name, sessions=len(sessions))
+        gate = asyncio.Semaphore(max(1, cfg.evacuate_concurrency))
+
+        async def one(session: str) -> bool:
+            async with gate:
+                # Stop if the instance came back or the session moved meanwhile.
+                if inst.healthy or self.rt.smap.cached(session) != inst.name:
+                    return False
+                new = await self.recover(session, inst, "owner_down", exclude_failed=True)
+                return new is not None
+
+        results = await asyncio.gather(*(one(s) for s in sessions))
+        return sum(results)
+
+    async def close(self) -> None:
+        for task in [*self._evacuating.values(), *self._inflight.values()]:
+            task.cancel()
+        await asyncio.gather(
+            *self._evacuating.values(), *self._inflight.values(), return_exceptions=True
+        )
 
     async def recover(
         self, session: str, failed: Instance | None, reason: str, *, exclude_failed: bool

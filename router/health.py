@@ -80,6 +80,9 @@ class HealthChecker:
         self.rounds = 0
         self._round_done = asyncio.Event()
         self._events = events or EventLog()
+        # Called when active checks take an instance down (not on a passive
+        # ejection for 5xx answers: that instance is alive and keeps its sessions).
+        self.on_down: Callable[[Instance], None] | None = None
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="health-checker")
@@ -132,4 +135,6 @@ class HealthChecker:
                 inst.healthy = False
                 self._events.add("down", instance=inst.name, failed_checks=-streak)
                 log.warning("instance %s failed %d health checks: marked down", inst.name, -streak)
+                if self.on_down is not None:
+                    self.on_down(inst)
         self._streak[inst.name] = streak

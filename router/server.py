@@ -112,6 +112,9 @@ class Server:
         )
         register_runtime(self.runtime)
         self.health = HealthChecker(self._health_state, self.runtime.events)
+        runtime = self.runtime
+        # A down instance's idle sessions are recovered too, not only busy ones.
+        self.health.on_down = lambda inst: runtime.failover.evacuate_soon(inst)
         self.health.start()
 
         # Map every session the instances run before the first request.
@@ -203,6 +206,8 @@ class Server:
             await self.migration.close(within=self.config.failover.ready_timeout)
         if self.health is not None:
             await self.health.stop()
+        if self.runtime is not None:
+            await self.runtime.failover.close()
         if self.sync is not None:
             await self.sync.stop()
             self.sync = None

@@ -315,3 +315,28 @@ async def test_sigkill_during_steady_load_loses_no_idempotent_request(
         stop.set()
         await asyncio.gather(*tasks)
     assert set(statuses) == {200}, statuses
+
+
+async def test_idle_sessions_of_a_down_instance_come_back_without_a_request(
+    sim_fleet: SimFleetFactory, start_router: StartRouter
+) -> None:
+    """A session that only receives messages sends no request: when health
+    checks take its instance down, it must be recovered all the same."""
+    fleet, router = await setup(sim_fleet, start_router, n=3)
+    async with router.client() as http:
+        owners = {
+            s: await create_ready(http, router, fleet, s) for s in (f"idle{i}" for i in range(9))
+        }
+    victim = owners["idle0"]
+    affected = [s for s, o in owners.items() if o == victim]
+    fleet.by_name(victim).kill()
+    deadline = asyncio.get_running_loop().time() + 10
+    while any(router.runtime.smap.cached(s) in (None, victim) for s in affected):
+        assert asyncio.get_running_loop().time() < deadline, {
+            s: router.runtime.smap.cached(s) for s in affected
+        }
+        await asyncio.sleep(0.05)
+    for s in affected:
+        assert await where_running(fleet, s) == [router.runtime.smap.cached(s)]
+    evacuations = router.runtime.events.recent(kind="evacuate")
+    assert [e["instance"] for e in evacuations] == [victim]

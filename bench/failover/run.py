@@ -30,6 +30,12 @@ idempotent / non-idempotent and by status and error code; duplicated sends;
 sends answered with an error that were recorded anyway (ambiguous: must each be
 a 502/504); sends answered 2xx that were never recorded (lost).
 
+Diagnostics beside them: the router's failover events (durations, and from the
+simulators' ``connected_at`` the split into "until WORKING" and "until the router
+noticed"), how late the router's event loop wakes a 5 ms sleeper, CPU used per
+process and by the rest of the machine (the cores are shared), client connect
+times, and with ``--idle N`` whether sessions the load never asks for come back.
+
 Every process started here is stopped on exit, on an exception and on Ctrl-C
 (simulators and load generator also exit by themselves when this process dies).
 """
@@ -83,6 +89,58 @@ RESULTS_END = "<!-- results:end {label} -->"
 
 log = logging.getLogger("bench.failover")
 
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+CPU_WINDOW = 5.0  # seconds after the kill in which CPU use is compared with before
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of a live process (``/proc/<pid>/stat``)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def cpu_snapshot(pids: dict[str, int]) -> dict[str, float]:
+    """CPU seconds per process, plus the machine's busy / total / steal time."""
+    snap = {"wall": time.monotonic()}
+    for name, pid in pids.items():
+        used = cpu_seconds(pid)
+        if used is not None:
+            snap[name] = used
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        total = sum(ticks[:8])  # guest time is already inside user / nice
+        snap["machine busy"] = (total - ticks[3] - ticks[4]) / CLK_TCK
+        snap["machine total"] = total / CLK_TCK
+        snap["steal"] = ticks[7] / CLK_TCK
+    return snap
+
+
+def cpu_use(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
+    """Cores used between two snapshots, per process and for the rest of the machine."""
+    wall = max(1e-9, b["wall"] - a["wall"])
+    out = {k: (b[k] - a[k]) / wall for k in b if k in a and k not in ("wall", "machine total")}
+    if "machine busy" in out:
+        ours = sum(v for k, v in out.items() if k not in ("machine busy", "steal"))
+        out["other processes"] = max(0.0, out.pop("machine busy") - ours)
+    return out
+
+
+LAG_TICK = 0.005
+LAG_NOTE = 0.02
+
+
+async def watch_loop_lag(into: list[tuple[float, float]]) -> None:
+    """Note how late this event loop (the router's) wakes a sleeper; runs until cancelled."""
+    while True:
+        before = time.monotonic()
+        await asyncio.sleep(LAG_TICK)
+        late = time.monotonic() - before - LAG_TICK
+        if late > LAG_NOTE:
+            into.append((before, late))
+
 
 # -- settings -------------------------------------------------------------------
 
@@ -105,6 +163,7 @@ class Settings:
     outlier: OutlierConfig
     max_sessions: int
     seed: int
+    idle: int  # sessions the load never asks for (are they restored anyway?)
 
     def describe(self) -> list[str]:
         h, t, f, o = self.health, self.timeouts, self.failover, self.outlier
@@ -133,7 +192,11 @@ class Settings:
             f"{self.client_timeout:g} s",
             f"schedule: {self.warmup:g} s of load, SIGKILL `{self.victim}`, "
             f"{self.after:g} s more load",
-        ]
+        ] + (
+            [f"idle: {self.idle} sessions (random) never asked for by the load"]
+            if self.idle
+            else []
+        )
 
 
 def settings(ns: argparse.Namespace) -> Settings:
@@ -159,6 +222,7 @@ def settings(ns: argparse.Namespace) -> Settings:
         outlier=OutlierConfig(),
         max_sessions=ns.max_sessions,
         seed=ns.seed,
+        idle=ns.idle,
     )
 
 
@@ -184,8 +248,23 @@ def build_config(s: Settings, fleet: SimFleet) -> RouterConfig:
 # One request: kind ("get" | "send"), session, start, end (time.monotonic(),
 # one clock for every process on Linux), status (0: no HTTP answer), error code
 # (router's "error" field, or the client exception), answering instance (GETs),
-# text (sends).
-Record = tuple[str, str, float, float, int, str, str, str]
+# text (sends), seconds spent opening a new connection to the router (0: reused).
+Record = tuple[str, str, float, float, int, str, str, str, float]
+
+
+def _connect_timer() -> aiohttp.TraceConfig:
+    """Time spent opening a new client connection, into the request's trace context."""
+    trace = aiohttp.TraceConfig()
+
+    async def start(_: Any, ctx: Any, __: Any) -> None:
+        ctx.trace_request_ctx["c0"] = time.monotonic()
+
+    async def end(_: Any, ctx: Any, __: Any) -> None:
+        ctx.trace_request_ctx["connect"] = time.monotonic() - ctx.trace_request_ctx["c0"]
+
+    trace.on_connection_create_start.append(start)
+    trace.on_connection_create_end.append(end)
+    return trace
 
 
 async def loadgen(spec: dict[str, Any]) -> None:
@@ -207,7 +286,10 @@ async def loadgen(spec: dict[str, Any]) -> None:
     connector = aiohttp.TCPConnector(limit=workers, limit_per_host=0, force_close=False)
     timeout = aiohttp.ClientTimeout(total=spec["client_timeout"])
     async with aiohttp.ClientSession(
-        connector=connector, timeout=timeout, headers={"X-Api-Key": spec["key"]}
+        connector=connector,
+        timeout=timeout,
+        headers={"X-Api-Key": spec["key"]},
+        trace_configs=[_connect_timer()],
     ) as http:
         t0 = time.monotonic()
         end = t0 + duration
@@ -218,13 +300,14 @@ async def loadgen(spec: dict[str, Any]) -> None:
             send = rng.random() < send_ratio
             text = f"{prefix}-{i}" if send else ""
             status, error, served = 0, "", ""
+            trace: dict[str, float] = {}
             start = time.monotonic()
             try:
                 if send:
                     body = {"session": session, "chatId": "1@c.us", "text": text}
-                    ctx = http.post(f"{url}/api/sendText", json=body)
+                    ctx = http.post(f"{url}/api/sendText", json=body, trace_request_ctx=trace)
                 else:
-                    ctx = http.get(f"{url}/api/{session}/me")
+                    ctx = http.get(f"{url}/api/{session}/me", trace_request_ctx=trace)
                 async with ctx as resp:
                     status = resp.status
                     raw = await resp.read()
@@ -238,7 +321,7 @@ async def loadgen(spec: dict[str, Any]) -> None:
                 error = type(exc).__name__
             records.append(
                 ("send" if send else "get", session, start, time.monotonic(), status, error,
-                 served, text)
+                 served, text, trace.get("connect", 0.0))
             )  # fmt: skip
 
         async def worker() -> None:
@@ -273,8 +356,8 @@ async def loadgen(spec: dict[str, Any]) -> None:
 
 def load_records(path: Path) -> list[Record]:
     return [
-        (str(k), str(s), float(a), float(b), int(st), str(e), str(i), str(x))
-        for k, s, a, b, st, e, i, x in json.loads(path.read_text())
+        (str(k), str(s), float(a), float(b), int(st), str(e), str(i), str(x), float(c))
+        for k, s, a, b, st, e, i, x, c in json.loads(path.read_text())
     ]
 
 
@@ -296,7 +379,8 @@ class RunData:
     load_start: float
     load_end: float
     victim: str
-    affected: list[str]
+    affected: list[str]  # asked for by the load, mapped to the victim at the kill
+    idle_affected: list[str]  # never asked for, mapped to the victim at the kill
     placement: dict[str, int]
     records: list[Record]
     sent: list[dict[str, Any]]
@@ -308,6 +392,13 @@ class RunData:
     setup_seconds: float
     text_prefix: str
     loadavg: tuple[float, float, float]  # at the kill: other work on the machine shows here
+    # The router's event loop: (monotonic time, seconds late) of every wake-up more than
+    # LAG_NOTE late, from a task that asks to wake every LAG_TICK.
+    loop_lag: list[tuple[float, float]]
+    # Cores used per process (router, load generator, simulators, everything else on
+    # the machine) during the warm-up and during the CPU_WINDOW seconds after the kill.
+    cpu_before: dict[str, float]
+    cpu_after: dict[str, float]
 
 
 class LoadProcess:
@@ -436,10 +527,11 @@ async def one_run(s: Settings, index: int, keep: bool) -> RunData:
         log.info("run %d: %d sessions working, placement %s", index, len(names), placement)
 
         prefix = f"r{index}-{os.getpid()}"
+        idle = set(random.Random(s.seed + index).sample(names, s.idle))
         spec = {
             "url": url,
             "key": ROUTER_KEY,
-            "sessions": names,
+            "sessions": [n for n in names if n not in idle],
             "workers": s.workers,
             "rate": s.rate,
             "duration": s.warmup + s.after,
@@ -451,25 +543,37 @@ async def one_run(s: Settings, index: int, keep: bool) -> RunData:
             "parent_pid": os.getpid(),
         }
         events = rt.events.subscribe()
+        lags: list[tuple[float, float]] = []
+        lag_task = asyncio.create_task(watch_loop_lag(lags))
         load = LoadProcess(spec, directory)
         started = float((await load.line(LOADGEN_STARTED, 30)).split()[-1])
+        pids = {"router": os.getpid(), "load generator": load.proc.pid}
+        pids.update({p.name: p.pid for p in fleet})
+        cpu_start = cpu_snapshot(pids)
         await asyncio.sleep(max(0.0, started + s.warmup - time.monotonic()))
 
-        affected = sorted(n for n in names if rt.smap.cached(n) == s.victim)
+        on_victim = [n for n in names if rt.smap.cached(n) == s.victim]
+        affected = sorted(n for n in on_victim if n not in idle)
+        idle_affected = sorted(n for n in on_victim if n in idle)
         victim = fleet.by_name(s.victim)
         assert victim.proc is not None
         loadavg = os.getloadavg()
+        cpu_kill = cpu_snapshot(pids)
+        del pids[s.victim]
         kill_wall = time.time()
         kill_mono = time.monotonic()
         victim.proc.send_signal(signal.SIGKILL)
         await asyncio.to_thread(victim.kill)  # reap it (already dead)
         log.info("run %d: SIGKILL %s (%d affected sessions)", index, s.victim, len(affected))
+        await asyncio.sleep(max(0.0, kill_mono + CPU_WINDOW - time.monotonic()))
+        cpu_later = cpu_snapshot(pids)
 
         await load.line(LOADGEN_DONE, s.after + s.client_timeout + 30)
         await load.wait(10)
         records = await asyncio.to_thread(load_records, directory / "records.json")
         load_end = max((r[3] for r in records), default=kill_mono)
 
+        lag_task.cancel()
         collected: list[dict[str, Any]] = []
         while not events.empty():
             collected.append(events.get_nowait())
@@ -491,6 +595,7 @@ async def one_run(s: Settings, index: int, keep: bool) -> RunData:
             load_end=load_end,
             victim=s.victim,
             affected=affected,
+            idle_affected=idle_affected,
             placement=dict(placement),
             records=records,
             sent=[r for r in read_records(fleet.record) if str(r["text"]).startswith(prefix)],
@@ -501,6 +606,9 @@ async def one_run(s: Settings, index: int, keep: bool) -> RunData:
             setup_seconds=setup_seconds,
             text_prefix=prefix,
             loadavg=loadavg,
+            loop_lag=lags,
+            cpu_before=cpu_use(cpu_start, cpu_kill),
+            cpu_after=cpu_use(cpu_kill, cpu_later),
         )
         if keep:
             facts = {
@@ -509,6 +617,9 @@ async def one_run(s: Settings, index: int, keep: bool) -> RunData:
                 "victim": s.victim,
                 "affected": affected,
                 "events": collected,
+                "loop_lag": lags,
+                "cpu_before": data.cpu_before,
+                "cpu_after": data.cpu_after,
             }
             (directory / "run.json").write_text(json.dumps(facts))
         return data
@@ -539,6 +650,14 @@ class Figures:
     first_wait_max: float | None
     requests: int
     peak_in_flight: int  # the load generator's concurrency cap is --workers
+    new_connections: int  # client connections opened to the router
+    connect_max: float  # longest of those connects (s)
+    connect_slow: int  # connects longer than 0.5 s (a dropped SYN costs >= 1 s)
+    latency_p50: float | None
+    latency_max: float | None
+    unaffected_max: float | None  # slowest request for a session not on the victim
+    lag_max: float  # the router loop's longest stall during the load (s)
+    lag_after: float  # sum of the router loop's stalls in the 5 s after the kill
     rps_before: float
     rps_after: float
     get_errors: Counter[str]
@@ -552,6 +671,8 @@ class Figures:
     send_502_504: int
     lost: int  # 2xx sends never recorded
     double_running: int  # sessions running on two live instances afterwards
+    idle_affected: int
+    idle_restored: int  # idle affected sessions running somewhere when the load stopped
     not_running: int
     stale_map: int  # map entries naming the victim or an instance not running the session
     victim_down_after: float | None
@@ -637,7 +758,8 @@ def figures(d: RunData) -> Figures:
 
     live = {i for per in d.running_after.values() for i in per}
     double_running = sum(1 for v in d.running_after.values() if len(v) > 1)
-    not_running = sum(1 for v in d.running_after.values() if not v)
+    idle = set(d.idle_affected)
+    not_running = sum(1 for n, v in d.running_after.items() if not v and n not in idle)
     stale_map = sum(
         1
         for sess, owner in d.map_after.items()
@@ -684,6 +806,14 @@ def figures(d: RunData) -> Figures:
         first_wait_max=max(first_wait) if first_wait else None,
         requests=len(d.records),
         peak_in_flight=peak,
+        new_connections=sum(1 for r in d.records if r[8] > 0),
+        connect_max=max((r[8] for r in d.records), default=0.0),
+        connect_slow=sum(1 for r in d.records if r[8] > 0.5),
+        latency_p50=_pct([r[3] - r[2] for r in d.records], 0.5),
+        latency_max=max((r[3] - r[2] for r in d.records), default=None),
+        lag_max=max((x for t0, x in d.loop_lag if t0 >= d.load_start), default=0.0),
+        lag_after=sum(x for t0, x in d.loop_lag if kill <= t0 < kill + 5),
+        unaffected_max=max((r[3] - r[2] for r in d.records if r[1] not in affected), default=None),
         rps_before=len(before) / max(1e-9, kill - d.load_start),
         rps_after=len(after_recs) / max(1e-9, d.load_end - kill),
         get_errors=get_errors,
@@ -697,6 +827,8 @@ def figures(d: RunData) -> Figures:
         send_502_504=send_5024,
         lost=len(lost),
         double_running=double_running,
+        idle_affected=len(idle),
+        idle_restored=sum(1 for n in idle if d.running_after.get(n)),
         not_running=not_running,
         stale_map=stale_map,
         victim_down_after=event_after("down"),
@@ -766,11 +898,23 @@ def run_table(f: Figures, d: RunData) -> list[str]:
     placed = d.placement.items()
     ejected = _s(f.victim_ejected_after)
     rows = [
-        ("sessions / affected (on the victim)", f"{len(d.map_after)} / {f.affected}"),
+        ("sessions / affected (loaded, on the victim)", f"{len(d.map_after)} / {f.affected}"),
         ("placement before the kill", ", ".join(f"{k} {v}" for k, v in sorted(placed))),
         ("requests (GET / send)", f"{f.requests} ({f.get_total} / {f.send_total})"),
         ("throughput before / after the kill", f"{f.rps_before:.0f} / {f.rps_after:.0f} req/s"),
         ("peak requests in flight (cap: workers)", f"{f.peak_in_flight} ({d.settings.workers})"),
+        (
+            "request latency p50 / max / max for unaffected sessions",
+            f"{_s(f.latency_p50)} / {_s(f.latency_max)} / {_s(f.unaffected_max)}",
+        ),
+        (
+            "router event loop: longest stall / stalled in the 5 s after the kill",
+            f"{_s(f.lag_max)} / {_s(f.lag_after)}",
+        ),
+        (
+            "client connections opened: count / slowest / > 0.5 s",
+            f"{f.new_connections} / {_s(f.connect_max)} / {f.connect_slow}",
+        ),
         ("kill -> first 2xx, affected session", _s(f.first_success)),
         ("kill -> every affected session serving", _s(f.all_serving)),
         ("  affected sessions never serving again", str(f.unrecovered)),
@@ -800,12 +944,22 @@ def run_table(f: Figures, d: RunData) -> list[str]:
         ),
         ("kill -> last failover done", _s(f.last_failover_done)),
         ("sessions running twice / nowhere afterwards", f"{f.double_running} / {f.not_running}"),
+        (
+            "idle sessions on the victim running again at the end",
+            f"{f.idle_restored} of {f.idle_affected}",
+        ),
         ("map entries stale afterwards", str(f.stale_map)),
+        ("cores used before the kill", _cores(d.cpu_before)),
+        (f"cores used in the {CPU_WINDOW:g} s after the kill", _cores(d.cpu_after)),
         ("setup (fleet, router, creates, all WORKING)", f"{d.setup_seconds:.1f} s"),
         ("load average at the kill (1/5/15 min)", " ".join(f"{x:.2f}" for x in d.loadavg)),
     ]  # fmt: skip
     width = max(len(k) for k, _ in rows)
     return [f"  {k:<{width}}  {v}" for k, v in rows]
+
+
+def _cores(use: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.2f}" for k, v in use.items())
 
 
 def print_run(index: int, f: Figures, d: RunData) -> None:
@@ -850,7 +1004,13 @@ def summary(runs: Sequence[tuple[Figures, RunData]], s: Settings) -> list[str]:
         ("ambiguous sends (error answered, recorded)", lambda f: f.ambiguous),
         ("lost sends (2xx, not recorded)", lambda f: f.lost),
         ("affected sessions", lambda f: f.affected),
+        ("idle sessions on the victim (never asked for) running again at the end",
+         lambda f: f"{f.idle_restored} of {f.idle_affected}" if f.idle_affected else None),
         ("peak requests in flight (load generator cap: workers)", lambda f: f.peak_in_flight),
+        ("slowest request for an unaffected session (s)", lambda f: f.unaffected_max),
+        ("client connects to the router slower than 0.5 s", lambda f: f.connect_slow),
+        ("router event loop, longest stall (s)", lambda f: f.lag_max),
+        ("router event loop, stalled in the 5 s after the kill (s)", lambda f: f.lag_after),
         ("throughput before / after the kill (req/s)",
          lambda f: f"{f.rps_before:.0f} / {f.rps_after:.0f}"),
     ]  # fmt: skip
@@ -858,13 +1018,23 @@ def summary(runs: Sequence[tuple[Figures, RunData]], s: Settings) -> list[str]:
     head = "| figure | " + " | ".join(f"run {i + 1}" for i in range(n)) + " | median | worst |"
     lines = [head, "|---|" + "---|" * (n + 2)]
     for name, get in metrics:
-        if name.startswith("throughput"):
-            vals = [get(f) for f, _ in runs]
-            lines.append(f"| {name} | " + " | ".join(vals) + " | | |")
+        raw = [get(f) for f, _ in runs]
+        if all(v is None for v in raw):
+            continue
+        if any(isinstance(v, str) for v in raw):
+            lines.append(f"| {name} | " + " | ".join(_fmt(v) for v in raw) + " | | |")
             continue
         med, bad, vals = col(get)
         lines.append(f"| {name} | " + " | ".join(vals) + f" | {med} | {bad} |")
 
+    for who in ("router", "load generator", "other processes", "steal"):
+        lines.append(
+            f"| cores used by {who}, before / {CPU_WINDOW:g} s after the kill | "
+            + " | ".join(
+                f"{d.cpu_before.get(who, 0):.2f} / {d.cpu_after.get(who, 0):.2f}" for _, d in runs
+            )
+            + " | | |"
+        )
     lines.append(
         "| machine load average (1 min) at the kill | "
         + " | ".join(f"{d.loadavg[0]:.2f}" for _, d in runs)
@@ -891,12 +1061,14 @@ def summary(runs: Sequence[tuple[Figures, RunData]], s: Settings) -> list[str]:
 def _fmt(v: Any) -> str:
     if v is None:
         return "-"
+    if isinstance(v, float) and v.is_integer() and abs(v) >= 1:
+        return str(int(v))
     if isinstance(v, float):
         return f"{v:.3f}"
     return str(v)
 
 
-def machine_note() -> str:
+def machine_note(instances: int) -> str:
     cpus = os.cpu_count() or 0
     model = ""
     with contextlib.suppress(OSError):
@@ -907,7 +1079,7 @@ def machine_note() -> str:
     return (
         f"{cpus} cores{f' ({model})' if model else ''}, {platform.system()} "
         f"{platform.release()}, Python {platform.python_version()}; the load generator, "
-        f"the router and the {4} simulators share these cores"
+        f"the router and the {instances} simulators share these cores"
     )
 
 
@@ -949,6 +1121,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--health-rise", type=int, default=2)
     p.add_argument("--max-sessions", type=int, default=1000, help="per instance")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument(
+        "--idle", type=int, default=0, help="sessions the load never asks for (default 0)"
+    )
     p.add_argument("--keep", action="store_true", help="keep each run's directory")
     p.add_argument("--write", type=Path, default=None, help="write the figures to this file")
     p.add_argument("--label", default="main", help="which generated block of --write to replace")
@@ -975,7 +1150,7 @@ async def amain(ns: argparse.Namespace) -> int:
             f"Generated {stamp} by `.venv/bin/python bench/failover/run.py --runs {ns.runs}`"
             f"{' ' + ' '.join(_non_default_flags(ns)) if _non_default_flags(ns) else ''}.",
             "",
-            f"Machine: {machine_note()}.",
+            f"Machine: {machine_note(s.instances)}.",
             "",
             "Settings:",
             "",
@@ -1030,8 +1205,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         try:
             return runner.run(wrapped())
-        except asyncio.CancelledError:
-            print("cancelled", file=sys.stderr)
+        except (asyncio.CancelledError, KeyboardInterrupt):
+            print("interrupted: every process this run started is stopped", file=sys.stderr)
             return 130
 
 
