@@ -12,6 +12,11 @@ proxy, and the latency the router adds at one connection (router c1_p50 minus
 direct c1_p50). Needs nginx, haproxy and wrk (Debian packages; installed with
 apt-get when missing). Compare ratios, not absolute figures: every process
 shares the same cores.
+
+Unless ``--no-floor``, the same run also measures ``aiohttp-floor``
+(``bench/floor_server.py``: aiohttp's low-level server on uvloop answering a
+constant body, no routing, no upstream), the floor of any router built on
+aiohttp's server; router minus floor is what routing and the upstream hop cost.
 """
 
 from __future__ import annotations
@@ -91,6 +96,10 @@ def start_router(port: int, sessions: int, uvloop: bool) -> subprocess.Popen[str
     cmd += ["--sessions", str(sessions)]
     if not uvloop:
         cmd.append("--no-uvloop")
+    return start(cmd, "ROUTER READY")
+
+
+def start(cmd: list[str], ready: str) -> subprocess.Popen[str]:
     proc = subprocess.Popen(
         cmd,
         cwd=REPO,
@@ -104,10 +113,10 @@ def start_router(port: int, sessions: int, uvloop: bool) -> subprocess.Popen[str
         line = proc.stdout.readline()
         if not line:
             break
-        if line.startswith("ROUTER READY"):
+        if line.startswith(ready):
             return proc
     proc.kill()
-    raise SystemExit("the router did not start")
+    raise SystemExit(f"{cmd[1]} did not start")
 
 
 def machine_note() -> str:
@@ -144,6 +153,13 @@ def report(rows: list[Row]) -> str:
             p = by.get(peer)
             if p is not None and p.rps:
                 out.append(f"- router / {peer} throughput: **{router.rps / p.rps:.2f}x**")
+        floor = by.get("aiohttp-floor")
+        if floor is not None and floor.rps:
+            out.append(
+                f"- router / aiohttp-floor throughput: **{router.rps / floor.rps:.2f}x**; "
+                f"router c1_p50 - aiohttp-floor c1_p50: "
+                f"**{(router.c1_p50 - floor.c1_p50) / 1000:.3f} ms**"
+            )
         direct = by.get("direct")
         if direct is not None:
             added = router.c1_p50 - direct.c1_p50
@@ -161,15 +177,24 @@ def main() -> None:
     ap.add_argument("--dur", type=int, default=8, help="seconds of each loaded wrk run")
     ap.add_argument("--peers", type=Path, default=DEFAULT_PEERS)
     ap.add_argument("--no-uvloop", action="store_true")
+    ap.add_argument("--no-floor", action="store_true", help="skip the aiohttp-floor target")
+    ap.add_argument("--floor-port", type=int, default=18450)
     ap.add_argument("--write", type=Path, help="also write the figures (markdown) here")
     ns = ap.parse_args()
 
     ensure_tools()
+    floor = None
+    targets = [f"router {ns.port}"]
+    if not ns.no_floor:
+        floor = start(
+            [sys.executable, str(HERE / "floor_server.py"), str(ns.floor_port)], "FLOOR READY"
+        )
+        targets.append(f"aiohttp-floor {ns.floor_port}")
     router = start_router(ns.port, ns.sessions, not ns.no_uvloop)
     try:
         env = {**os.environ, "DUR": str(ns.dur), "PY": sys.executable}
         run = subprocess.run(
-            ["bash", str(ns.peers), f"router {ns.port}"],
+            ["bash", str(ns.peers), *targets],
             cwd=REPO,
             env=env,
             capture_output=True,
@@ -177,11 +202,14 @@ def main() -> None:
             check=False,
         )
     finally:
-        router.terminate()
-        try:
-            router.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            router.kill()
+        for proc in (router, floor):
+            if proc is None:
+                continue
+            proc.terminate()
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
     lines = [ln for ln in run.stdout.splitlines() if ln.startswith("== ")]
     print("\n".join(lines))
     rows = parse(lines)
