@@ -91,9 +91,9 @@ def ensure_tools() -> None:
     subprocess.run(["apt-get", "install", "-y", "-qq", *missing], check=True, env=env)
 
 
-def start_router(port: int, sessions: int, uvloop: bool) -> subprocess.Popen[str]:
+def start_router(port: int, sessions: int, uvloop: bool, *extra: str) -> subprocess.Popen[str]:
     cmd = [sys.executable, str(HERE / "serve_router.py"), "--port", str(port)]
-    cmd += ["--sessions", str(sessions)]
+    cmd += ["--sessions", str(sessions), *extra]
     if not uvloop:
         cmd.append("--no-uvloop")
     return start(cmd, "ROUTER READY")
@@ -160,6 +160,13 @@ def report(rows: list[Row]) -> str:
                 f"router c1_p50 - aiohttp-floor c1_p50: "
                 f"**{(router.c1_p50 - floor.c1_p50) / 1000:.3f} ms**"
             )
+        bare = by.get("router-nometrics")
+        if bare is not None and bare.rps:
+            out.append(
+                f"- metrics cost: router / router-nometrics throughput: "
+                f"**{router.rps / bare.rps:.2f}x** ({(1 - router.rps / bare.rps) * 100:.1f} % "
+                "of throughput)"
+            )
         direct = by.get("direct")
         if direct is not None:
             added = router.c1_p50 - direct.c1_p50
@@ -178,6 +185,11 @@ def main() -> None:
     ap.add_argument("--peers", type=Path, default=DEFAULT_PEERS)
     ap.add_argument("--no-uvloop", action="store_true")
     ap.add_argument("--no-floor", action="store_true", help="skip the aiohttp-floor target")
+    ap.add_argument(
+        "--metrics-cost",
+        action="store_true",
+        help="also run a router with per-request metrics off (target router-nometrics)",
+    )
     ap.add_argument("--floor-port", type=int, default=18450)
     ap.add_argument("--write", type=Path, help="also write the figures (markdown) here")
     ns = ap.parse_args()
@@ -191,6 +203,10 @@ def main() -> None:
         )
         targets.append(f"aiohttp-floor {ns.floor_port}")
     router = start_router(ns.port, ns.sessions, not ns.no_uvloop)
+    nometrics = None
+    if ns.metrics_cost:
+        nometrics = start_router(ns.port + 1, ns.sessions, not ns.no_uvloop, "--no-metrics")
+        targets.append(f"router-nometrics {ns.port + 1}")
     try:
         env = {**os.environ, "DUR": str(ns.dur), "PY": sys.executable}
         run = subprocess.run(
@@ -202,7 +218,7 @@ def main() -> None:
             check=False,
         )
     finally:
-        for proc in (router, floor):
+        for proc in (router, floor, nometrics):
             if proc is None:
                 continue
             proc.terminate()

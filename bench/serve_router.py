@@ -77,7 +77,14 @@ if __name__ == "__main__":
     ap.add_argument("--sessions", type=int, default=100_000)
     ap.add_argument("--no-uvloop", action="store_true")
     ap.add_argument("--transport", choices=("fast", "aiohttp"), default="fast")
+    ap.add_argument(
+        "--no-metrics", action="store_true", help="record no per-request metrics (cost check)"
+    )
     ns = ap.parse_args()
+    if ns.no_metrics:
+        import router.metrics
+
+        router.metrics.HOT_PATH = False
     logging.basicConfig(level=logging.ERROR)
     if ns.transport == "aiohttp":
         force_aiohttp_transport()

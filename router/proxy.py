@@ -22,6 +22,7 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, MultiDict, istr
 
+from router import metrics
 from router.adapters.base import BadSessionId, Extraction, UpstreamRequest
 from router.errors import REQUEST_ID_HEADER, RouterError, error_response
 from router.idempotency import (
@@ -154,16 +155,12 @@ class ProxyHandler:
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         request_id = request.headers.get(REQUEST_ID_HEADER) or _new_request_id()
-        started = time.monotonic()
+        request[_STARTED] = time.monotonic()
         try:
-            resp = await self._handle(request, request_id)
+            return await self._handle(request, request_id)
         except RouterError as exc:
             ROUTER_ERRORS.labels(exc.error).inc()
             return error_response(exc, request_id)
-        instance = request.get(_INSTANCE_KEY)
-        if instance is not None:
-            REQUEST_DURATION.labels(instance).observe(time.monotonic() - started)
-        return resp
 
     async def _handle(self, request: web.BaseRequest, request_id: str) -> web.StreamResponse:
         rt = self.rt
@@ -476,14 +473,14 @@ class ProxyHandler:
                 if replaying:
                     rt.budget.release()
                     replaying = False
-                UPSTREAM_DURATION.labels(inst.name).observe(time.monotonic() - started)
+                if metrics.HOT_PATH:
+                    _durations(inst.name, request[_STARTED], started, time.monotonic())
 
                 if recoverable and up.status in _MAYBE_MISSING:
                     payload = await self._read_upstream(up, inst, ext)
                     up.release()
                     assert session is not None
                     if not rt.adapter.session_missing(up.status, payload):
-                        request[_INSTANCE_KEY] = inst.name
                         return self._answer(up, inst, method, request_id, payload)
                     UPSTREAM_ERRORS.labels(inst.name, "session_missing").inc()
                     if tries >= cfg.max_tries:
@@ -509,7 +506,6 @@ class ProxyHandler:
                         )
                     continue
 
-                request[_INSTANCE_KEY] = inst.name
                 if up.status >= 500:
                     rt.outliers.failure(inst, "status_5xx")
                 else:
@@ -685,25 +681,31 @@ def _parse_json_object(body: bytes) -> dict[str, Any] | None:
 
 
 # Where the proxy notes which instance answered, for the duration metric.
-_INSTANCE_KEY: web.RequestKey[str] = web.RequestKey("wa_router.instance", str)
+# When the request arrived (monotonic), for the request duration metric.
+_STARTED: web.RequestKey[float] = web.RequestKey("wa_router.started", float)
 # Answers that may mean "this session does not run here" (the adapter decides).
 _MAYBE_MISSING = frozenset({404, 410, 422})
 
 _STATUS_CLASS = {1: "1xx", 2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
-# Label children by (instance, method, status): labels() costs a lock and a
-# tuple hash; a dict hit is cheaper on the hot path.
-_request_counters: dict[tuple[str, str, int], Any] = {}
+
+
+# Methods outside this set are counted as OTHER: a client must not be able
+# to grow the metric's label sets without bound.
+_METHOD_LABELS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+def _durations(instance: str, arrived: float, sent: float, now: float) -> None:
+    REQUEST_DURATION.labels(instance).observe(now - arrived)
+    UPSTREAM_DURATION.labels(instance).observe(now - sent)
 
 
 def _count(instance: str, method: str, status: int) -> None:
-    key = (instance, method, status)
-    child = _request_counters.get(key)
-    if child is None:
-        if len(_request_counters) > 10_000:  # methods are client-chosen: stay bounded
-            _request_counters.clear()
-        child = REQUESTS.labels(instance, method, _STATUS_CLASS.get(status // 100, "other"))
-        _request_counters[key] = child
-    child.inc()
+    if metrics.HOT_PATH:
+        REQUESTS.labels(
+            instance,
+            method if method in _METHOD_LABELS else "OTHER",
+            _STATUS_CLASS.get(status // 100, "other"),
+        ).inc()
 
 
 def _error_kind(exc: UpstreamError) -> str:

@@ -27,7 +27,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
-from prometheus_client import Counter, Histogram
+from prometheus_client.registry import Collector
 
 from router.metrics import REQUEST_DURATION, REQUESTS
 
@@ -80,7 +80,7 @@ class FleetStats:
         return self.instances.get(name) or WindowStats()
 
 
-def read(requests: Counter, durations: Histogram) -> dict[str, Reading]:
+def read(requests: Collector, durations: Collector) -> dict[str, Reading]:
     """One reading of every instance from the two metric objects."""
     totals: dict[str, float] = {}
     errors: dict[str, float] = {}
@@ -189,8 +189,8 @@ class StatsSampler:
 
     def __init__(
         self,
-        requests: Counter = REQUESTS,
-        durations: Histogram = REQUEST_DURATION,
+        requests: Collector = REQUESTS,
+        durations: Collector = REQUEST_DURATION,
         *,
         interval: float = 1.0,
         window: float = 10.0,
