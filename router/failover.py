@@ -18,6 +18,9 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
+import aiohttp
+
+from router.adapters.base import SessionStatus
 from router.instances import Instance
 from router.locks import LockBusy
 from router.restore import start_and_wait
@@ -27,6 +30,9 @@ if TYPE_CHECKING:
     from router.runtime import Runtime
 
 log = logging.getLogger(__name__)
+
+# A copy in one of these states runs on its instance.
+_RUNNING = frozenset({SessionStatus.READY, SessionStatus.STARTING, SessionStatus.NEEDS_AUTH})
 
 # Why a recovery started; also the metric label later (bounded set).
 REASONS = ("owner_down", "connect_failed", "session_missing")
@@ -122,6 +128,17 @@ class Failover:
                 await rt.resolver.record(session, found)
                 self._event(session, failed_name, found.name, reason, "found_elsewhere", started)
                 return found
+            if failed is not None and exclude_failed:
+                # Before starting it elsewhere, make sure the owner is really
+                # gone: an instance ejected for errors, slow, or with a full
+                # pool may still run the session (two browsers on one phone).
+                state = await self._owner_state(failed, session)
+                if state == "running":
+                    self._event(session, failed_name, failed_name, reason, "owner_alive", started)
+                    return failed
+                if state == "unknown" and failed.healthy:
+                    self._event(session, failed_name, None, reason, "owner_unknown", started)
+                    return None
             target = await self._restore(session, exclude, failed_name)
             self._event(
                 session,
@@ -136,6 +153,18 @@ class Failover:
             log.exception("failover of %s failed", session)
             self._event(session, failed_name, None, reason, "error", started)
             return None
+
+    async def _owner_state(self, inst: Instance, session: str) -> str:
+        """ "running", "absent", "unreachable" (no connection) or "unknown" (no answer)."""
+        rt = self.rt
+        try:
+            async with asyncio.timeout(rt.resolver.probe_timeout):
+                info = await rt.adapter.probe(inst.http, inst.config, session)
+        except aiohttp.ClientConnectorError:
+            return "unreachable"
+        except (aiohttp.ClientError, OSError, TimeoutError):
+            return "unknown"
+        return "running" if info is not None and info.status in _RUNNING else "absent"
 
     async def _restore(
         self, session: str, exclude: frozenset[str], failed_name: str | None
@@ -159,7 +188,7 @@ class Failover:
                 finally:
                     rt.reservations.release(target.name)
                 if info is None:
-                    return None
+                    return await self._settle_failed_start(session, target)
                 await rt.resolver.record(session, target)
                 return target
         except LockBusy:
@@ -170,12 +199,32 @@ class Failover:
             log.warning("cannot lock %s (store unavailable): not restoring", session)
             return None
 
+    async def _settle_failed_start(self, session: str, target: Instance) -> Instance | None:
+        """A start that did not settle in time must not leave an unmapped copy:
+        map it if it runs after all, else stop it."""
+        rt = self.rt
+        state = await self._owner_state(target, session)
+        if state == "running":
+            await rt.resolver.record(session, target)
+            return target
+        if state != "unreachable":
+            try:
+                async with asyncio.timeout(rt.resolver.probe_timeout):
+                    await rt.adapter.stop(target.http, target.config, session)
+            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                log.warning(
+                    "could not stop the unsettled copy of %s on %s: %r", session, target.name, exc
+                )
+        return None
+
     async def _moved_by_other(
         self, session: str, exclude: frozenset[str], failed_name: str | None
     ) -> Instance | None:
         """Another replica may have recovered the session while we waited for the lock."""
         try:
-            owner = await self.rt.smap.fetch(session)
+            # The store, not the cache: under the lock, the cache may still name
+            # the failed owner if another replica's change has not reached us yet.
+            owner = await self.rt.smap.store.get(session)
         except StoreUnavailable:
             return None
         if owner is None or owner in exclude or owner == failed_name:

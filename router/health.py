@@ -131,7 +131,10 @@ class HealthChecker:
                 inst.ejections = 0
         else:
             streak = streak - 1 if streak < 0 else -1
-            if inst.healthy and -streak >= cfg.fall:
+            if -streak == cfg.fall:
+                # Down by active checks, whether or not traffic already ejected
+                # it: a busy instance is ejected by live traffic first, and its
+                # idle sessions must be evacuated all the same.
                 inst.healthy = False
                 self._events.add("down", instance=inst.name, failed_checks=-streak)
                 log.warning("instance %s failed %d health checks: marked down", inst.name, -streak)

@@ -161,6 +161,14 @@ class ProxyHandler:
         except RouterError as exc:
             ROUTER_ERRORS.labels(exc.error).inc()
             return error_response(exc, request_id)
+        except Exception:
+            # A bug must still answer JSON, never a traceback.
+            log.exception("unexpected error handling request %s", request_id)
+            ROUTER_ERRORS.labels("internal").inc()
+            return error_response(
+                RouterError(500, "internal_error", "the router failed to handle this request"),
+                request_id,
+            )
 
     async def _handle(self, request: web.BaseRequest, request_id: str) -> web.StreamResponse:
         rt = self.rt
@@ -222,12 +230,26 @@ class ProxyHandler:
         rt = self.rt
         session = ext.session
         assert session is not None
-        lock = rt.create_locks.setdefault(session, asyncio.Lock())
+        # Already running somewhere: forward to its owner like any request
+        # (the instance answers "already exists"); no lock, so a recovery on
+        # the way cannot wait on a lock this request holds.
+        if await rt.resolver.owner(session, rt.fleet, rt.adapter) is not None:
+            return await self._send(request, request_id, ureq, body, ext, websocket)
+        entry = rt.create_locks.get(session)
+        if entry is None:
+            entry = rt.create_locks[session] = [asyncio.Lock(), 0]
+        entry[1] += 1
         try:
-            async with lock:
+            async with entry[0]:
                 try:
                     async with rt.locks.hold(session, rt.config.failover.lock_ttl):
-                        return await self._send(request, request_id, ureq, body, ext, websocket)
+                        route = await self._route(ext)
+                        if route[1]:
+                            # A new placement: forward under the lock. A placed
+                            # request is never recovered, so it cannot deadlock.
+                            return await self._send(
+                                request, request_id, ureq, body, ext, websocket, route
+                            )
                 except LockBusy:
                     raise RouterError(
                         409,
@@ -244,8 +266,11 @@ class ProxyHandler:
                         session=session,
                         headers={"Retry-After": "5"},
                     ) from None
+            # Someone placed it meanwhile: forward to that owner, outside the lock.
+            return await self._send(request, request_id, ureq, body, ext, websocket, route)
         finally:
-            if not lock.locked() and rt.create_locks.get(session) is lock:
+            entry[1] -= 1
+            if entry[1] == 0 and rt.create_locks.get(session) is entry:
                 del rt.create_locks[session]
 
     async def _send(
@@ -256,9 +281,10 @@ class ProxyHandler:
         body: bytes | None,
         ext: Extraction,
         websocket: bool,
+        route: tuple[Instance, bool] | None = None,
     ) -> web.StreamResponse:
         rt = self.rt
-        inst, placed = await self._route(ext)
+        inst, placed = route if route is not None else await self._route(ext)
         rt.adapter.apply_credential(ureq, inst.config)
         _add_forwarded(ureq.headers, request, request_id)
         if ureq.json_dirty and ureq.json is not None:
@@ -341,8 +367,11 @@ class ProxyHandler:
         rt = self.rt
         ttl = rt.config.idempotency.window
         key = scoped_key(ureq.client_key, ureq.method, request.path, idem)
+        # A claim outlives its request only this long: a router that crashed
+        # mid-request must not leave the key "in progress" for the whole window.
+        claim_ttl = min(ttl, rt.config.timeouts.read + rt.config.failover.wait + 30)
         try:
-            prior = await rt.idempotency.begin(key, ttl)
+            prior = await rt.idempotency.begin(key, claim_ttl)
         except StoreUnavailable:
             raise RouterError(
                 503,
@@ -378,14 +407,15 @@ class ProxyHandler:
             # Cancelled mid-flight (client gone): the upstream may have acted.
             # Keep the claim until it expires rather than allow a second send.
             raise
-        if isinstance(resp, web.Response) and isinstance(resp.body, bytes):
-            await self._remember(key, resp.status, resp.headers.items(), resp.body, ttl)
+        payload = resp.body if isinstance(resp, web.Response) else None
+        if isinstance(payload, bytes) and len(payload) <= rt.config.idempotency.max_body_bytes:
+            await self._remember(key, resp.status, resp.headers.items(), payload, ttl)
         else:
             note = json.dumps(
                 {
                     "error": "idempotent_result_not_kept",
                     "message": "the first request was processed; its response was too large "
-                    "to remember",
+                    "to remember (or was streamed)",
                     "status": resp.status,
                 }
             ).encode()
@@ -495,6 +525,16 @@ class ProxyHandler:
                     inst = await self._recover(
                         ureq, session, inst, "session_missing", exclude_failed=False
                     )
+                    if streamed:
+                        # The body was streamed and (partly) consumed: it cannot
+                        # be sent again. The session is back; the client resends.
+                        raise RouterError(
+                            503,
+                            "session_moved",
+                            f"session {session!r} was recovered on {inst.name}; send again",
+                            session=session,
+                            headers={"Retry-After": "1"},
+                        )
                     replaying = await self._replay_slot("session_missing")
                     if not replaying:
                         raise RouterError(

@@ -75,11 +75,13 @@ class RetryBudget:
             return True
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(fut)
+        acquired = False
         try:
             async with asyncio.timeout(wait):
                 while True:
                     await fut
                     if self.try_acquire():
+                        acquired = True
                         return True
                     fut = asyncio.get_running_loop().create_future()
                     self._waiters.appendleft(fut)
@@ -88,11 +90,18 @@ class RetryBudget:
         finally:
             if not fut.done():
                 fut.cancel()
+            elif not acquired and not fut.cancelled():
+                # Woken as we gave up: pass the wake-up on, or a free slot
+                # would go unnoticed by the others waiting.
+                self._wake_next()
             with contextlib.suppress(ValueError):
                 self._waiters.remove(fut)
 
     def release(self) -> None:
         self._retrying -= 1
+        self._wake_next()
+
+    def _wake_next(self) -> None:
         while self._waiters:
             fut = self._waiters.popleft()
             if not fut.done():

@@ -7,10 +7,9 @@ in flight keeps a consistent set.
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from router.adapters.base import Adapter
 from router.config import RouterConfig
@@ -60,7 +59,8 @@ class Runtime:
     pins: set[str] = field(default_factory=set)
     # One create per session name at a time, so two concurrent creates of
     # the same session cannot start it on two instances.
-    create_locks: dict[str, asyncio.Lock] = field(default_factory=dict)
+    # (lock, number of requests using it): the entry goes when the last one leaves.
+    create_locks: dict[str, list[Any]] = field(default_factory=dict)
     _rr: itertools.count[int] = field(default_factory=itertools.count)
 
     def any_instance(self, exclude: Instance | None = None) -> Instance | None:

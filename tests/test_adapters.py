@@ -806,6 +806,7 @@ def test_evolution_credentials_and_answers() -> None:
     assert evolution.session_missing(404, missing)
     assert not evolution.session_missing(400, b"{}")
     assert not evolution.session_missing(200, missing)
+    assert not evolution.session_missing(404, b'{"message":"Cannot GET /message/x/y"}')
     created_body = _b({"instance": {"instanceName": "inst2", "status": "created"}, "hash": "h"})
     assert evolution.created_session(201, created_body) == "inst2"
     assert evolution.created_session(403, created_body) is None

@@ -340,3 +340,24 @@ async def test_idle_sessions_of_a_down_instance_come_back_without_a_request(
         assert await where_running(fleet, s) == [router.runtime.smap.cached(s)]
     evacuations = router.runtime.events.recent(kind="evacuate")
     assert [e["instance"] for e in evacuations] == [victim]
+
+
+async def test_create_of_a_session_whose_owner_died_recovers_it_without_deadlock(
+    sim_fleet: SimFleetFactory, start_router: StartRouter
+) -> None:
+    """A create for a mapped session must not hold the session lock while the
+    failover it triggers needs that same lock."""
+    fleet, router = await setup(
+        sim_fleet, start_router, failover=FailoverConfig(wait=10, ready_timeout=8)
+    )
+    async with router.client() as http:
+        owner = await create_ready(http, router, fleet, "again")
+        fleet.by_name(owner).kill()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        async with http.post(f"{router.url}/api/sessions", json={"name": "again"}) as resp:
+            # The restored session already exists on its new instance: WAHA's 422.
+            assert resp.status in (200, 201, 422), await resp.text()
+        assert loop.time() - started < 5
+    assert len(await where_running(fleet, "again")) == 1
+    assert router.runtime.smap.cached("again") not in (None, owner)

@@ -103,8 +103,9 @@ class EvolutionAdapter(HeaderCredentialAdapter):
     # -- answers -----------------------------------------------------------------
     def session_missing(self, status: int, body: bytes) -> bool:
         # Evolution answers 404 '{"response":{"message":["The \"x\" instance
-        # does not exist"]}}' for an instance it does not hold.
-        return status == 404
+        # does not exist"]}}' for an instance it does not hold; any other 404
+        # (a wrong path, an unknown chat) passes through untouched.
+        return status == 404 and b"does not exist" in body[:4096]
 
     def created_session(self, status: int, body: bytes) -> str | None:
         if not 200 <= status < 300:
