@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING
 
 import aiohttp
 
-from router.adapters.base import SessionStatus
 from router.instances import Instance
 from router.locks import LockBusy
 from router.restore import start_and_wait
@@ -30,9 +29,6 @@ if TYPE_CHECKING:
     from router.runtime import Runtime
 
 log = logging.getLogger(__name__)
-
-# A copy in one of these states runs on its instance.
-_RUNNING = frozenset({SessionStatus.READY, SessionStatus.STARTING, SessionStatus.NEEDS_AUTH})
 
 # Why a recovery started; also the metric label later (bounded set).
 REASONS = ("owner_down", "connect_failed", "session_missing")
@@ -155,16 +151,7 @@ class Failover:
             return None
 
     async def _owner_state(self, inst: Instance, session: str) -> str:
-        """ "running", "absent", "unreachable" (no connection) or "unknown" (no answer)."""
-        rt = self.rt
-        try:
-            async with asyncio.timeout(rt.resolver.probe_timeout):
-                info = await rt.adapter.probe(inst.http, inst.config, session)
-        except aiohttp.ClientConnectorError:
-            return "unreachable"
-        except (aiohttp.ClientError, OSError, TimeoutError):
-            return "unknown"
-        return "running" if info is not None and info.status in _RUNNING else "absent"
+        return await self.rt.resolver.probe_state(inst, session, self.rt.adapter)
 
     async def _restore(
         self, session: str, exclude: frozenset[str], failed_name: str | None

@@ -43,6 +43,7 @@ from router.metrics import (
     UPSTREAM_DURATION,
     UPSTREAM_ERRORS,
 )
+from router.resolver import Unanswered
 from router.retry import backoff, may_replay
 from router.store.base import StoreUnavailable
 from router.transport import (
@@ -243,7 +244,7 @@ class ProxyHandler:
             async with entry[0]:
                 try:
                     async with rt.locks.hold(session, rt.config.failover.lock_ttl):
-                        route = await self._route(ext)
+                        route = await self._create_route(ext, session)
                         if route[1]:
                             # A new placement: forward under the lock. A placed
                             # request is never recovered, so it cannot deadlock.
@@ -272,6 +273,25 @@ class ProxyHandler:
             entry[1] -= 1
             if entry[1] == 0 and rt.create_locks.get(session) is entry:
                 del rt.create_locks[session]
+
+    async def _create_route(self, ext: Extraction, session: str) -> tuple[Instance, bool]:
+        """Under the session lock: where a create goes. Every instance is asked
+        first (healthy or not); one that cannot answer blocks the placement."""
+        rt = self.rt
+        try:
+            running = await rt.resolver.confirm_absent(session, rt.fleet, rt.adapter)
+        except Unanswered as exc:
+            raise RouterError(
+                503,
+                "session_unknown",
+                f"instance(s) {exc} did not say whether they run session {session!r}; "
+                "not creating it elsewhere",
+                session=session,
+                headers={"Retry-After": "5"},
+            ) from None
+        if running is not None:
+            return running, False
+        return await self._route(ext)
 
     async def _send(
         self,

@@ -20,6 +20,9 @@ from router.store.base import StoreUnavailable
 
 log = logging.getLogger(__name__)
 
+# A copy in one of these states runs on its instance.
+RUNNING = frozenset({SessionStatus.READY, SessionStatus.STARTING, SessionStatus.NEEDS_AUTH})
+
 # Order in which to prefer copies when a session answers on several instances.
 _PREFERENCE = {
     SessionStatus.READY: 0,
@@ -117,3 +120,41 @@ class Resolver:
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             log.info("probe of %s on %s failed: %r", session, inst.name, exc)
             return None
+
+    async def probe_state(self, inst: Instance, session: str, adapter: Adapter) -> str:
+        """Whether ``session`` runs on ``inst``: "running", "absent", "unreachable"
+        (no connection: it cannot be running there) or "unknown" (no answer)."""
+        try:
+            async with asyncio.timeout(self.probe_timeout):
+                info = await adapter.probe(inst.http, inst.config, session)
+        except aiohttp.ClientConnectorError:
+            return "unreachable"
+        except (aiohttp.ClientError, OSError, TimeoutError):
+            return "unknown"
+        return "running" if info is not None and info.status in RUNNING else "absent"
+
+    async def confirm_absent(self, session: str, fleet: Fleet, adapter: Adapter) -> Instance | None:
+        """Before a create places ``session``: ask every instance, healthy or not.
+
+        Returns the instance that runs it, None when none does, and raises
+        ``Unanswered`` when some instance could not say: "could not ask" is
+        not "not running", and guessing starts a session twice.
+        """
+        instances = list(fleet)
+        states = await asyncio.gather(*(self.probe_state(i, session, adapter) for i in instances))
+        running = [i for i, st in zip(instances, states, strict=True) if st == "running"]
+        if running:
+            await self.record(session, running[0])
+            return running[0]
+        silent = [i.name for i, st in zip(instances, states, strict=True) if st == "unknown"]
+        if silent:
+            raise Unanswered(silent)
+        return None
+
+
+class Unanswered(Exception):
+    """Some instances could not say whether they run a session."""
+
+    def __init__(self, instances: list[str]) -> None:
+        super().__init__(", ".join(instances))
+        self.instances = instances

@@ -361,3 +361,22 @@ async def test_create_of_a_session_whose_owner_died_recovers_it_without_deadlock
         assert loop.time() - started < 5
     assert len(await where_running(fleet, "again")) == 1
     assert router.runtime.smap.cached("again") not in (None, owner)
+
+
+async def test_a_create_is_not_placed_while_an_instance_cannot_say_it_lacks_the_session(
+    sim_fleet: SimFleetFactory, start_router: StartRouter
+) -> None:
+    """'Could not ask' is not 'not running': a hung instance may run it already."""
+    fleet, router = await setup(sim_fleet, start_router, n=2)
+    fleet[0].pause()
+    try:
+        async with router.client() as http:
+            async with http.post(f"{router.url}/api/sessions", json={"name": "fresh"}) as resp:
+                assert resp.status == 503
+                body = await resp.json()
+    finally:
+        fleet[0].resume()
+    assert body["error"] == "session_unknown"
+    assert body["session"] == "fresh"
+    assert router.runtime.smap.cached("fresh") is None
+    assert await where_running(fleet, "fresh") == []
