@@ -72,8 +72,10 @@ class Failover:
                 # Stop if the instance came back or the session moved meanwhile.
                 if inst.healthy or self.rt.smap.cached(session) != inst.name:
                     return False
-                new = await self.recover(session, inst, "owner_down", exclude_failed=True)
-                return new is not None
+                # Wait for the restore itself, not for a client's bounded wait:
+                # the gate must bound restores actually running.
+                task = self._task(session, inst, "owner_down", exclude_failed=True)
+                return await asyncio.shield(task) is not None
 
         results = await asyncio.gather(*(one(s) for s in sessions))
         return sum(results)
@@ -93,6 +95,18 @@ class Failover:
         ``exclude_failed``: the instance itself is gone (do not restore there);
         otherwise it only lacked the session and may host it again.
         """
+        task = self._task(session, failed, reason, exclude_failed)
+        try:
+            return await asyncio.wait_for(
+                asyncio.shield(task), timeout=self.rt.config.failover.wait
+            )
+        except TimeoutError:
+            return None
+
+    def _task(
+        self, session: str, failed: Instance | None, reason: str, exclude_failed: bool
+    ) -> asyncio.Task[Instance | None]:
+        """The one recovery task of ``session`` (single-flight)."""
         task = self._inflight.get(session)
         if task is None:
             task = asyncio.create_task(
@@ -101,12 +115,7 @@ class Failover:
             )
             self._inflight[session] = task
             task.add_done_callback(lambda _: self._inflight.pop(session, None))
-        try:
-            return await asyncio.wait_for(
-                asyncio.shield(task), timeout=self.rt.config.failover.wait
-            )
-        except TimeoutError:
-            return None
+        return task
 
     async def _recover(
         self, session: str, failed: Instance | None, reason: str, exclude_failed: bool
