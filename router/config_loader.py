@@ -831,14 +831,19 @@ class _Parser:
         )
         return inst, m
 
-    def _instance_url(self, node: yaml.Node, path: str) -> str:
+    def _http_url(
+        self, node: yaml.Node, path: str, *, query: bool, credentials_hint: str = ""
+    ) -> tuple[str, SplitResult]:
+        """An http(s) URL with a host, no user-info, fragment or whitespace
+        (and no query unless ``query``): the stripped text and its parts."""
         v = self._scalar(node, path)
         raw = v.value
         if not isinstance(raw, str) or not raw.strip():
             self.fail(node, f"{path}: must be an http:// or https:// URL, got {v.shown()}")
+        raw = raw.strip()
         shown = v.shown()
         try:
-            parts = urlsplit(raw.strip())
+            parts = urlsplit(raw)
             port = parts.port
         except ValueError as exc:
             self.fail(node, f"{path}: not a valid URL ({exc}): {shown}")
@@ -847,19 +852,25 @@ class _Parser:
             problem = "must start with http:// or https://"
         elif parts.username is not None or parts.password is not None:
             # Do not echo: the user-info part is a credential.
-            self.fail(node, f"{path}: must not contain credentials (user:password@); use api_key")
+            self.fail(
+                node, f"{path}: must not contain credentials (user:password@){credentials_hint}"
+            )
         elif not parts.hostname:
             problem = "has no host"
         elif port == 0:
             problem = "port must be in 1..65535"
-        elif parts.query or raw.rstrip().endswith("?"):
+        elif not query and (parts.query or raw.endswith("?")):
             problem = "must not have a query string"
         elif parts.fragment or "#" in raw:
             problem = "must not have a fragment"
-        elif any(c.isspace() for c in raw.strip()):
+        elif any(c.isspace() for c in raw):
             problem = "must not contain whitespace"
         if problem:
             self.fail(node, f"{path}: {problem}, got {shown}")
+        return raw, parts
+
+    def _instance_url(self, node: yaml.Node, path: str) -> str:
+        _, parts = self._http_url(node, path, query=False, credentials_hint="; use api_key")
         clean = SplitResult(parts.scheme.lower(), parts.netloc, parts.path.rstrip("/"), "", "")
         return urlunsplit(clean)
 
@@ -1123,32 +1134,7 @@ class _Parser:
         return tuple(self._str(item, f"{path}[{i}]") for i, item in enumerate(node.value))
 
     def _target_url(self, node: yaml.Node, path: str) -> str:
-        v = self._scalar(node, path)
-        raw = v.value
-        if not isinstance(raw, str) or not raw.strip():
-            self.fail(node, f"{path}: must be an http:// or https:// URL, got {v.shown()}")
-        raw = raw.strip()
-        try:
-            parts = urlsplit(raw)
-            port = parts.port
-        except ValueError as exc:
-            self.fail(node, f"{path}: not a valid URL ({exc}): {v.shown()}")
-        problem = None
-        if parts.scheme.lower() not in ("http", "https"):
-            problem = "must start with http:// or https://"
-        elif parts.username is not None or parts.password is not None:
-            self.fail(node, f"{path}: must not contain credentials (user:password@)")
-        elif not parts.hostname:
-            problem = "has no host"
-        elif port == 0:
-            problem = "port must be in 1..65535"
-        elif parts.fragment or "#" in raw:
-            problem = "must not have a fragment"
-        elif any(c.isspace() for c in raw):
-            problem = "must not contain whitespace"
-        if problem:
-            self.fail(node, f"{path}: {problem}, got {v.shown()}")
-        return raw
+        return self._http_url(node, path, query=True)[0]
 
 
 _INSTANCE_KEYS = ("name", "url", "max_sessions", "weight", "api_key")
