@@ -4,4 +4,5 @@ pytest_plugins: list[str] = [
     "tests.support.redis_server",
     "tests.support.simulator",
     "tests.support.router",
+    "tests.support.stores",
 ]

@@ -19,25 +19,7 @@ from router.sessionmap import SessionMap
 from router.store import MemoryStore, SessionStore, StoreUnavailable
 from router.store.redis import RedisStore
 from tests.support.redis_server import RedisServer
-from tests.test_store import instance_name, session_id
-
-
-@pytest.fixture(params=["memory", "redis"])
-async def store(request: pytest.FixtureRequest) -> AsyncIterator[SessionStore]:
-    if request.param == "memory":
-        backend: SessionStore = MemoryStore()
-    else:
-        url = request.getfixturevalue("redis_url")
-        backend = RedisStore(url, key_prefix=request.getfixturevalue("redis_prefix"))
-    yield backend
-    await backend.close()
-
-
-@pytest.fixture
-async def rstore(redis_url: str, redis_prefix: str) -> AsyncIterator[RedisStore]:
-    backend = RedisStore(redis_url, key_prefix=redis_prefix)
-    yield backend
-    await backend.close()
+from tests.support.stores import instance_name, session_id
 
 
 async def replica(store: SessionStore) -> SessionStore:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 
 import pytest
 
@@ -16,37 +15,11 @@ from router.config import StoreConfig
 from router.store import MemoryStore, SessionStore, StoreUnavailable, build_store
 from router.store.redis import RedisStore, redact_url
 from tests.support.redis_server import RedisServer
+from tests.support.stores import instance_name, session_id
 
 # The configured op timeout is 1 s; a down or hung redis must answer within
 # this (one timeout, plus slack for a slow CI machine), never hang.
 FAIL_BOUND = 2.5
-
-
-def session_id(i: int) -> str:
-    """A realistic id, ~28 chars: ``webjs_12_1700000123_ab12cd34``."""
-    return f"webjs_{i % 50}_{1700000000 + i}_{(i * 2654435761) % 2**32:08x}"
-
-
-def instance_name(i: int) -> str:
-    return f"wa-{i % 5}"
-
-
-@pytest.fixture(params=["memory", "redis"])
-async def store(request: pytest.FixtureRequest) -> AsyncIterator[SessionStore]:
-    if request.param == "memory":
-        backend: SessionStore = MemoryStore()
-    else:
-        url = request.getfixturevalue("redis_url")
-        backend = RedisStore(url, key_prefix=request.getfixturevalue("redis_prefix"))
-    yield backend
-    await backend.close()
-
-
-@pytest.fixture
-async def rstore(redis_url: str, redis_prefix: str) -> AsyncIterator[RedisStore]:
-    backend = RedisStore(redis_url, key_prefix=redis_prefix)
-    yield backend
-    await backend.close()
 
 
 async def collect(store: SessionStore) -> dict[str, str]:
