@@ -482,7 +482,7 @@ class ProxyHandler:
             method = ureq.method
             streamed = body is None and request.body_exists
             data: Body = request.content.iter_any() if streamed else body
-            path_qs = _path_qs(request.rel_url.raw_path, ureq)
+            path_qs = upstream_path_qs(request.rel_url.raw_path, ureq)
             session = ext.session
             recoverable = session is not None and not placed and cfg.enabled
             tries = 0
@@ -723,7 +723,7 @@ class ProxyHandler:
         await self.rt.resolver.record(session, inst)
 
 
-def _path_qs(raw_path: str, ureq: UpstreamRequest) -> str:
+def upstream_path_qs(raw_path: str, ureq: UpstreamRequest) -> str:
     # The raw (still percent-encoded) path goes upstream as the client sent
     # it; the query is rebuilt because adapters may move credentials in it.
     if not ureq.query:

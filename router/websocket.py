@@ -17,6 +17,7 @@ from aiohttp import web
 from router.adapters.base import UpstreamRequest
 from router.errors import REQUEST_ID_HEADER, RouterError
 from router.instances import Instance
+from router.proxy import upstream_path_qs
 
 if TYPE_CHECKING:
     from router.runtime import Runtime
@@ -38,19 +39,13 @@ def _ws_headers(ureq: UpstreamRequest) -> dict[str, str]:
     return {k: v for k, v in ureq.headers.items() if k.lower() not in _WS_DROP}
 
 
-def _ws_url(inst: Instance, ureq: UpstreamRequest) -> str:
-    from urllib.parse import urlencode
-
-    base = str(inst.base) + ureq.path
-    return base + ("?" + urlencode(list(ureq.query.items())) if ureq.query else "")
-
-
 async def _connect(
-    inst: Instance, ureq: UpstreamRequest, protocols: tuple[str, ...]
+    inst: Instance, ureq: UpstreamRequest, raw_path: str, protocols: tuple[str, ...]
 ) -> aiohttp.ClientWebSocketResponse:
     try:
+        # The same path and query rule as HTTP requests (router.proxy).
         return await inst.http.ws_connect(
-            _ws_url(inst, ureq),
+            inst.url(upstream_path_qs(raw_path, ureq)),
             headers=_ws_headers(ureq),
             protocols=protocols,
             autoping=True,
@@ -129,7 +124,7 @@ async def proxy_websocket(
     protocols = tuple(
         p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()
     )
-    up = await _connect(inst, ureq, protocols)
+    up = await _connect(inst, ureq, request.rel_url.raw_path, protocols)
     return await _bridge(request, [up], request_id)
 
 
@@ -146,7 +141,7 @@ async def proxy_websocket_fanout(
         )
         rt.adapter.apply_credential(per, inst.config)
         try:
-            ups.append(await _connect(inst, per, ()))
+            ups.append(await _connect(inst, per, request.rel_url.raw_path, ()))
         except RouterError as exc:
             log.warning("fan-out WebSocket skips %s: %s", inst.name, exc.message)
     if not ups:
