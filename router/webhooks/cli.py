@@ -180,6 +180,19 @@ async def _run(ns: argparse.Namespace) -> int:
         print("error: give ids or --all, not both", file=sys.stderr)
         return 2
 
+    async def each(method: str, suffix: str, done: str) -> int:
+        """The action on every id given; non-zero if any one failed."""
+        rc = 0
+        for i in ns.ids:
+            status, data = await _call(
+                method, f"{api}/dead-letters/{quote(i, safe='')}{suffix}", key, ns.timeout
+            )
+            if status == 200:
+                print(f"{done} {i}", file=out)
+            else:
+                rc = fail(status, data)
+        return rc
+
     if cmd == "replay":
         if ns.all:
             status, data = await _call(
@@ -193,16 +206,7 @@ async def _run(ns: argparse.Namespace) -> int:
                 return fail(status, data)
             print(f"replayed {data['replayed']}", file=out)
             return 0
-        rc = 0
-        for i in ns.ids:
-            status, data = await _call(
-                "POST", f"{api}/dead-letters/{quote(i, safe='')}/replay", key, ns.timeout
-            )
-            if status == 200:
-                print(f"replayed {i}", file=out)
-            else:
-                rc = fail(status, data)
-        return rc
+        return await each("POST", "/replay", "replayed")
 
     # purge
     if ns.all:
@@ -216,16 +220,7 @@ async def _run(ns: argparse.Namespace) -> int:
             return fail(status, data)
         print(f"purged {data['purged']}", file=out)
         return 0
-    rc = 0
-    for i in ns.ids:
-        status, data = await _call(
-            "DELETE", f"{api}/dead-letters/{quote(i, safe='')}", key, ns.timeout
-        )
-        if status == 200:
-            print(f"purged {i}", file=out)
-        else:
-            rc = fail(status, data)
-    return rc
+    return await each("DELETE", "", "purged")
 
 
 def run(ns: argparse.Namespace) -> int:
