@@ -1,5 +1,5 @@
 """One side-by-side benchmark run: the router next to direct, nginx, HAProxy and
-a minimal aiohttp proxy, all measured by ``shared/bench/peers.sh`` in ONE run.
+a minimal aiohttp proxy, all measured by ``bench/peers/peers.sh`` in ONE run.
 
     .venv/bin/python bench/run.py                 # or: bench/run.sh
     .venv/bin/python bench/run.py --dur 8 --write bench/RESULTS.md
@@ -35,7 +35,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-DEFAULT_PEERS = REPO.parent / "shared" / "bench" / "peers.sh"
+DEFAULT_PEERS = HERE / "peers" / "peers.sh"
 TOOLS = {"nginx": "nginx", "haproxy": "haproxy", "wrk": "wrk"}
 _UNITS = {"us": 1.0, "ms": 1000.0, "s": 1_000_000.0}
 

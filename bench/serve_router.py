@@ -3,7 +3,7 @@
     python bench/serve_router.py --port 18400 --sessions 100000 [--transport fast|aiohttp]
 
 Routes WAHA-style ``/api/<session>/…`` requests to the four static upstreams
-of ``shared/bench/peers.sh`` (127.0.0.1:18001-18004). ``--transport aiohttp``
+of ``bench/peers/peers.sh`` (127.0.0.1:18001-18004). ``--transport aiohttp``
 forces the aiohttp-based upstream transport (what the router used before
 ``router.transport.fast``), for A/B comparisons (``bench/transport_ab.py``).
 """

@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/transport_ab.py [--rounds 3] [--dur 6]
 
-Starts the static nginx upstreams of ``shared/bench/peers.sh`` once, then,
+Starts the static nginx upstreams of ``bench/peers/peers.sh`` once, then,
 alternating, a router with ``--transport fast`` and one with ``--transport
 aiohttp`` (everything else identical) and loads each with wrk (32 connections,
 then 1). Reports per variant the median requests/s, p50, c1_p50 and the
@@ -25,7 +25,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-PEERS = REPO.parent / "shared" / "bench"
+PEERS = HERE / "peers"
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -92,9 +92,10 @@ def main() -> None:
     ap.add_argument("--port", type=int, default=18400)
     ns = ap.parse_args()
     with tempfile.TemporaryDirectory() as run:
-        conf = Path(run) / "up.conf"
-        conf.write_text((PEERS / "upstream-nginx.conf").read_text().replace("@RUN@", run))
-        nginx = subprocess.Popen(["nginx", "-c", str(conf)], stderr=subprocess.DEVNULL)
+        nginx = subprocess.Popen(
+            ["nginx", "-p", run, "-e", "stderr", "-c", str(PEERS / "upstream-nginx.conf")],
+            stderr=subprocess.DEVNULL,
+        )
         time.sleep(1)
         results: dict[str, list[dict[str, float]]] = {"fast": [], "aiohttp": []}
         try:
