@@ -237,7 +237,7 @@ class MapSync:
             await self._listen(pubsub)
         finally:
             with contextlib.suppress(Exception):
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
+                await pubsub.aclose()
 
     async def _listen(self, pubsub: PubSub) -> None:
         loop = asyncio.get_running_loop()
