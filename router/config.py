@@ -280,11 +280,37 @@ class RouterConfig:
 
 
 class ConfigError(Exception):
-    """A config file was rejected: ``file:line: reason``."""
+    """A config file was rejected: ``file:line: reason``, one line per problem.
 
-    def __init__(self, file: str, line: int | None, reason: str) -> None:
+    ``line`` and ``reason`` are the first problem's; ``problems`` lists them
+    all (a file is checked whole, so one run reports every problem it has).
+    """
+
+    def __init__(
+        self,
+        file: str,
+        line: int | None,
+        reason: str,
+        *,
+        more: tuple[tuple[int | None, str], ...] = (),
+        column: int | None = None,
+    ) -> None:
         self.file = file
+        # Where on the line (0-based), to tell two problems of one line apart.
+        self.column = column
         self.line = line
         self.reason = reason
-        where = f"{file}:{line}" if line is not None else file
-        super().__init__(f"{where}: {reason}")
+        self.problems: tuple[tuple[int | None, str], ...] = ((line, reason), *more)
+        super().__init__(
+            "\n".join(
+                f"{file}:{ln}: {why}" if ln is not None else f"{file}: {why}"
+                for ln, why in self.problems
+            )
+        )
+
+    @classmethod
+    def combine(cls, errors: list[ConfigError]) -> ConfigError:
+        """One error carrying every problem of ``errors`` (in order, non-empty)."""
+        first = errors[0]
+        more = tuple(p for e in errors for p in e.problems)[1:]
+        return cls(first.file, first.line, first.reason, more=more)

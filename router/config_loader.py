@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import math
 import os
 import re
@@ -289,12 +290,37 @@ class _Parser:
         self._env_strings: set[str] = set()
         # webhooks.ingest.instance_keys names, checked against instances at the end.
         self._webhook_instance_nodes: dict[str, yaml.ScalarNode] = {}
+        # ``instance_defaults``: fields every instance gets unless it sets them.
+        self._instance_defaults: dict[str, Any] = {}
+        # Problems found so far: the whole file is checked, then all are reported.
+        self._errors: list[ConfigError] = []
 
     # -- errors ---------------------------------------------------------
 
+    def note(self, exc: ConfigError) -> None:
+        """Keep a problem and go on checking. One per place: a second problem
+        at the same line and column is a consequence of the first (an unset
+        variable making a value empty), not news."""
+        if all((e.line, e.column) != (exc.line, exc.column) for e in self._errors):
+            self._errors.append(exc)
+
+    def _collecting(self, fn: Callable[[], _D]) -> tuple[bool, _D | None]:
+        """``(True, fn())``, or ``(False, None)`` after noting what stopped it."""
+        try:
+            return True, fn()
+        except ConfigError as exc:
+            self.note(exc)
+        except _Noted:
+            pass
+        return False, None
+
     def fail(self, where: yaml.Node | int | None, reason: str) -> NoReturn:
-        line = _line(where) if isinstance(where, yaml.Node) else where
-        raise ConfigError(self.file, line, reason)
+        raise self._error(where, reason)
+
+    def _error(self, where: yaml.Node | int | None, reason: str) -> ConfigError:
+        if isinstance(where, yaml.Node):
+            return ConfigError(self.file, _line(where), reason, column=where.start_mark.column)
+        return ConfigError(self.file, where, reason)
 
     # -- document -------------------------------------------------------
 
@@ -330,7 +356,13 @@ class _Parser:
             self.fail(root, f"top level must be a mapping of settings, got {self._node_kind(root)}")
 
         self._check_structure(root)
-        return self._router(root)
+        self._check_env(root)
+        _, cfg = self._collecting(lambda: self._router(root))
+        if self._errors:
+            ordered = sorted(self._errors, key=lambda e: (e.line or 0, e.column or 0))
+            raise ConfigError.combine(ordered)
+        assert cfg is not None
+        return cfg
 
     def _node_kind(self, node: yaml.Node) -> str:
         if isinstance(node, yaml.MappingNode):
@@ -340,6 +372,26 @@ class _Parser:
         if node.tag == _NULL:
             return "null"
         return f"the scalar {str(node.value)[:40]!r}"
+
+    def _check_env(self, root: yaml.Node) -> None:
+        """Note every unset ``${VAR}`` of the file up front, so one run names
+        them all (a section stops at its first problem)."""
+        seen: set[int] = set()
+
+        def walk(node: yaml.Node, path: str) -> None:
+            if id(node) in seen:
+                return
+            seen.add(id(node))
+            if isinstance(node, yaml.MappingNode):
+                for k, v in node.value:
+                    walk(v, _join(path, str(k.value)))
+            elif isinstance(node, yaml.SequenceNode):
+                for i, item in enumerate(node.value):
+                    walk(item, f"{path}[{i}]")
+            elif node.tag == _STR and "$" in str(node.value):
+                self._collecting(lambda: self._interpolate(str(node.value), node, path))
+
+        walk(root, "")
 
     def _check_structure(self, root: yaml.Node) -> None:
         """Reject duplicate keys anywhere in the document (PyYAML keeps the last)."""
@@ -419,7 +471,11 @@ class _Parser:
         for k, v in pairs:
             key = str(k.value)
             if key not in allowed:
-                self.fail(k, f"{_join(path, key)}: unknown key{_suggest(key, allowed)}")
+                # Noted, not fatal: the rest of the mapping is still checked.
+                self.note(
+                    self._error(k, f"{_join(path, key)}: unknown key{_suggest(key, allowed)}")
+                )
+                continue
             out[key] = (k, v)
         for key in required:
             if key not in out:
@@ -617,20 +673,27 @@ class _Parser:
             "timeouts": lambda k, v: self._timeouts(v),
             "limits": lambda k, v: self._limits(v),
             "health": lambda k, v: self._health(v),
+            "instance_defaults": lambda k, v: self._read_instance_defaults(v),
             "instances": lambda k, v: self._instances(v),
             "outlier": lambda k, v: self._section(v, "outlier", OutlierConfig),
             "failover": lambda k, v: self._section(v, "failover", FailoverConfig),
             "discovery": lambda k, v: self._section(v, "discovery", DiscoveryConfig),
             "idempotency": lambda k, v: self._section(v, "idempotency", IdempotencyConfig),
-            "admin_key": lambda k, v: self._str(v, "admin_key", secret=True),
+            "admin_key": lambda k, v: self._opt_secret(v, "admin_key"),
             "webhooks": lambda k, v: self._webhooks(v),
         }
         top = self._mapping(root, "", tuple(sections))
         values: dict[str, Any] = {}
-        for key, (k, v) in top.items():  # in file order
-            values[key] = sections[key](k, v)
-        if "instances" not in values:
+        failed = False
+        # In file order, but the defaults before the instances they apply to.
+        for key, (k, v) in sorted(top.items(), key=lambda kv: kv[0] != "instance_defaults"):
+            ok, values[key] = self._collecting(functools.partial(sections[key], k, v))
+            failed = failed or not ok
+        values.pop("instance_defaults", None)
+        if "instances" not in top:
             self.fail(root, "instances: missing required key (list at least one instance)")
+        if failed or self._errors:
+            raise _Noted  # the later checks would only repeat what is noted
         if values.get("webhooks") is not None:
             self._check_webhook_instances(values["instances"])
         return RouterConfig(source=self.file, **values)
@@ -770,42 +833,103 @@ class _Parser:
             )
         return HealthConfig(interval=iv, timeout=to, rise=rise, fall=fall)
 
+    def _read_instance_defaults(self, node: yaml.Node) -> None:
+        m = self._mapping(node, "instance_defaults", _INSTANCE_KEYS[2:])
+        self._instance_defaults = self._instance_fields(m, "instance_defaults")
+
+    def _instance_fields(
+        self, m: dict[str, tuple[yaml.ScalarNode, yaml.Node]], path: str
+    ) -> dict[str, Any]:
+        """The optional fields of an instance that ``m`` sets."""
+        out: dict[str, Any] = {}
+        if "max_sessions" in m:
+            out["max_sessions"] = self._int(m["max_sessions"][1], f"{path}.max_sessions", 1)
+        if "weight" in m:
+            out["weight"] = self._positive(m["weight"][1], f"{path}.weight")
+        if "api_key" in m:
+            out["api_key"] = self._opt_secret(m["api_key"][1], f"{path}.api_key")
+        return out
+
+    def _instances_from_text(self, node: yaml.ScalarNode) -> tuple[InstanceConfig, ...]:
+        """``instances: "wa-1=http://h1:3000 wa-2=http://h2:3000"`` (commas or spaces
+        between entries), typically from ``${WA_INSTANCES}`` in a container; the
+        other fields come from ``instance_defaults``."""
+        v = self._scalar(node, "instances")
+        items = [t for t in re.split(r"[\s,]+", str(v.value)) if t]
+        if not isinstance(v.value, str) or not items:
+            self.fail(
+                node,
+                "instances: must be a non-empty list of instances, or a string of "
+                f"NAME=URL entries, got {v.shown()}",
+            )
+        out: list[InstanceConfig] = []
+        for i, item in enumerate(items):
+            path = f"instances[{i}]"
+            name, sep, url_text = item.partition("=")
+            if not sep or not INSTANCE_NAME_RE.fullmatch(name):
+                self.fail(
+                    node,
+                    f"{path}: expected NAME=URL with NAME of letters, digits, '_', '.', '-' "
+                    f"(entry {i + 1} of {v.shown()})",
+                )
+            url_node = yaml.ScalarNode(_STR, url_text, node.start_mark, node.end_mark, style="'")
+            url = self._instance_url(url_node, f"{path}.url")
+            out.append(InstanceConfig(name=name, url=url, **self._instance_defaults))
+        self._check_unique(out, [(node, node)] * len(out))
+        return tuple(out)
+
     def _instances(self, node: yaml.Node) -> tuple[InstanceConfig, ...]:
+        if isinstance(node, yaml.ScalarNode) and node.tag == _STR:
+            return self._instances_from_text(node)
         if not isinstance(node, yaml.SequenceNode) or not node.value:
             got = "an empty list" if isinstance(node, yaml.SequenceNode) else self._node_kind(node)
             self.fail(node, f"instances: must be a non-empty list of instances, got {got}")
         out: list[InstanceConfig] = []
-        names: dict[str, tuple[int, int]] = {}
-        urls: dict[str, tuple[int, int]] = {}
+        where: list[tuple[yaml.Node, yaml.Node]] = []
+        failed = False
         for i, item in enumerate(node.value):
             path = f"instances[{i}]"
-            inst, m = self._instance(item, path)
+            ok, checked = self._collecting(functools.partial(self._instance, item, path))
+            if not ok or checked is None:
+                failed = True  # noted; go on with the next instance
+                continue
+            inst, m = checked
+            out.append(inst)
+            where.append((m["name"][1], m["url"][1]))
+        if failed:
+            raise _Noted
+        self._check_unique(out, where)
+        return tuple(out)
+
+    def _check_unique(
+        self, instances: list[InstanceConfig], where: list[tuple[yaml.Node, yaml.Node]]
+    ) -> None:
+        """No two instances share a name or reach the same URL."""
+        names: dict[str, tuple[int, int]] = {}
+        urls: dict[str, tuple[int, int]] = {}
+        for i, (inst, (name_node, url_node)) in enumerate(zip(instances, where, strict=True)):
+            path = f"instances[{i}]"
             if inst.name in names:
                 j, line = names[inst.name]
                 self.fail(
-                    m["name"][1],
+                    name_node,
                     f"{path}.name: duplicate instance name {inst.name!r} "
                     f"(also instances[{j}] at line {line})",
                 )
-            names[inst.name] = (i, _line(m["name"][1]))
+            names[inst.name] = (i, _line(name_node))
             ukey = _url_identity(inst.url)
             if ukey in urls:
                 j, line = urls[ukey]
                 self.fail(
-                    m["url"][1],
+                    url_node,
                     f"{path}.url: {inst.url} is already used by instances[{j}] (line {line})",
                 )
-            urls[ukey] = (i, _line(m["url"][1]))
-            out.append(inst)
-        return tuple(out)
+            urls[ukey] = (i, _line(url_node))
 
     def _instance(
         self, node: yaml.Node, path: str
     ) -> tuple[InstanceConfig, dict[str, tuple[yaml.ScalarNode, yaml.Node]]]:
         m = self._mapping(node, path, _INSTANCE_KEYS, required=("name", "url"))
-        defaults = InstanceConfig(name="", url="")
-        d_max, d_weight = defaults.max_sessions, defaults.weight
-
         name_node = m["name"][1]
         name = self._str(name_node, f"{path}.name")
         if not INSTANCE_NAME_RE.fullmatch(name):
@@ -815,21 +939,8 @@ class _Parser:
                 f"starting with a letter or digit, got {name!r}",
             )
         url = self._instance_url(m["url"][1], f"{path}.url")
-        max_sessions = (
-            self._int(m["max_sessions"][1], f"{path}.max_sessions", 1)
-            if "max_sessions" in m
-            else d_max
-        )
-        weight = self._positive(m["weight"][1], f"{path}.weight") if "weight" in m else d_weight
-        api_key: str | None = None
-        if "api_key" in m:
-            key_node = m["api_key"][1]
-            if not (isinstance(key_node, yaml.ScalarNode) and key_node.tag == _NULL):
-                api_key = self._str(key_node, f"{path}.api_key", secret=True)
-        inst = InstanceConfig(
-            name=name, url=url, max_sessions=max_sessions, weight=weight, api_key=api_key
-        )
-        return inst, m
+        fields = {**self._instance_defaults, **self._instance_fields(m, path)}
+        return InstanceConfig(name=name, url=url, **fields), m
 
     def _http_url(
         self, node: yaml.Node, path: str, *, query: bool, credentials_hint: str = ""
@@ -1135,6 +1246,10 @@ class _Parser:
 
     def _target_url(self, node: yaml.Node, path: str) -> str:
         return self._http_url(node, path, query=True)[0]
+
+
+class _Noted(Exception):
+    """A part of the file stopped at a problem that ``_Parser.note`` already kept."""
 
 
 _INSTANCE_KEYS = ("name", "url", "max_sessions", "weight", "api_key")

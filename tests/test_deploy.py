@@ -17,6 +17,7 @@ installs it. Without it the promtool tests fail (they do not skip).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import posixpath
@@ -26,7 +27,7 @@ import subprocess
 import sys
 import types
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ import yaml
 from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.support.metrics import Scrape, scrape
 from tests.support.router import INSTANCE_KEY, StartRouter
 from tests.support.simulator import SimFleetFactory
 
@@ -61,7 +63,7 @@ WEBHOOK_GROUP = "wa-router-webhooks"
 # The environment the deploy configs expect (values are dummies).
 CONFIG_ENV = {
     "ROUTER_API_KEY": "test-client-key",
-    "ROUTER_ADMIN_KEY": "test-admin-key",
+    "WA_ROUTER_ADMIN_KEY": "test-admin-key",
     "WA_INSTANCE_KEY": "test-instance-key",
     "REDIS_URL": "redis://redis:6379/0",
 }
@@ -729,3 +731,268 @@ def test_deploy_checks_script_is_executable_bash() -> None:
     assert_ok(
         subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True, check=False)
     )
+
+
+# -- the Docker image ---------------------------------------------------------------
+
+CONTAINER_CONFIG = REPO / "config" / "container.yaml"
+DOCKERFILE = REPO / "Dockerfile"
+
+
+def test_dockerfile_installs_from_the_lock_and_ships_the_container_config() -> None:
+    text = DOCKERFILE.read_text()
+    assert "COPY config/container.yaml " + CONFIG_PATH in text
+    # Every pip install in the image reads the same pins as CI.
+    for line in (ln for ln in text.splitlines() if "pip " in ln and "install" in ln):
+        assert "-c constraints.txt" in line or "--no-index" in line, line
+    assert "pip wheel" in text and "-c constraints.txt" in text.split("pip wheel", 1)[1]
+
+
+async def test_the_image_config_serves_with_environment_variables_only(
+    sim_fleet: SimFleetFactory, tmp_path: Path
+) -> None:
+    """What ``docker run -e ...`` does, without an engine: the image's entrypoint
+    (``session-router run -c /etc/.../router.yaml``, i.e. config/container.yaml)
+    in a real process whose only input is its environment; a client reaches an
+    instance through it on a non-loopback listen address."""
+    import aiohttp
+
+    from tests.support.webhook_target import free_port
+
+    fleet = sim_fleet(2, api_key=INSTANCE_KEY)
+    port = free_port()
+    env = {
+        "PATH": os.environ.get("PATH", ""),
+        "WA_ROUTER_INSTANCES": " ".join(
+            f"{p.name}={url}" for p, url in zip(fleet, fleet.urls, strict=True)
+        ),
+        "ROUTER_API_KEY": "image-client-key",
+        "WA_INSTANCE_KEY": INSTANCE_KEY,
+        "WA_ROUTER_PORT": str(port),
+    }
+    exe = Path(sys.executable).with_name("session-router")
+    checked = await asyncio.to_thread(
+        subprocess.run,
+        [str(exe), "check-config", str(CONTAINER_CONFIG)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    out = assert_ok(checked)
+    assert f"listen:      0.0.0.0:{port}" in out and "instances:   2" in out
+    log = tmp_path / "router.log"
+    with log.open("wb") as sink:
+        proc = await asyncio.create_subprocess_exec(
+            str(exe),
+            "run",
+            "-c",
+            str(CONTAINER_CONFIG),
+            env=env,
+            cwd=tmp_path,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        headers = {"X-Api-Key": "image-client-key"}
+        async with aiohttp.ClientSession(headers=headers) as http:
+            url = f"http://127.0.0.1:{port}"
+            for _ in range(200):
+                assert proc.returncode is None, log.read_text()
+                try:
+                    async with http.get(url + "/readyz") as resp:
+                        if resp.status == 200:
+                            break
+                except aiohttp.ClientError:
+                    pass
+                await asyncio.sleep(0.05)
+            else:
+                pytest.fail("the router did not become ready:\n" + log.read_text())
+            async with http.post(url + "/api/sessions", json={"name": "from-env"}) as resp:
+                assert resp.status == 201, await resp.text()
+            async with http.get(url + "/api/sessions/from-env") as resp:
+                assert resp.status == 200
+                assert (await resp.json())["name"] == "from-env"
+            async with http.get(url + "/api/sessions/from-env", headers={"X-Api-Key": "no"}) as r:
+                assert r.status == 401
+    finally:
+        proc.terminate()
+        await asyncio.wait_for(proc.wait(), 20)
+    assert "image-client-key" not in log.read_text()
+
+
+# -- every metric an alert or a panel reads moves -------------------------------------
+
+# Identity series: the value is 1 by definition, only its labels say anything.
+_IDENTITY = {"wa_router_build_info"}
+
+
+def _is_cumulative(name: str) -> bool:
+    return name.endswith(("_total", "_bucket", "_count", "_sum"))
+
+
+def _moved(scrapes: list[Scrape], name: str) -> bool:
+    """A counter or histogram grew from the first scrape to the last; a gauge
+    took two different values (or gained or lost a series) between scrapes."""
+    if _is_cumulative(name):
+        return scrapes[-1].total(name) > scrapes[0].total(name)
+    seen = {tuple(sorted(s.series(name).items())) for s in scrapes}
+    return len(seen) > 1
+
+
+async def test_every_metric_the_rules_and_dashboard_use_moves_in_a_fleet_story(
+    sim_fleet: SimFleetFactory, start_router: StartRouter, tmp_path: Path
+) -> None:
+    """Existing on /metrics is not enough: an alert on a metric nothing moves
+    never fires. One story through a real router moves them all (creates,
+    sends, an unknown session, an Idempotency-Key repeat, a lost answer, a
+    slow request in flight, an ejection, a SIGKILLed owner and its failover,
+    maintenance, a rejected then an accepted reload, webhooks dead-lettered
+    and backlogged), and each series is read from the real endpoint."""
+
+    from router.config import RouterConfig
+    from tests.support.webhook_target import TargetServer, free_port, waha_body
+
+    fleet = sim_fleet(3, api_key=INSTANCE_KEY)
+    app = TargetServer()
+    app.status_for = lambda d: 422  # every event is refused for good: a dead letter
+    await app.start()
+    down = f"http://127.0.0.1:{free_port()}/hook"  # nothing listens: a backlog
+
+    def config_text(max_sessions: int) -> str:
+        items = "\n".join(
+            f"  - {{name: {p.name}, url: '{url}', max_sessions: {max_sessions},"
+            f" api_key: {INSTANCE_KEY}}}"
+            for p, url in zip(fleet, fleet.urls, strict=True)
+        )
+        return f"""
+listen: {{host: 127.0.0.1, port: 0}}
+api_keys: [router-key]
+admin_key: admin
+health: {{interval: 0.2, timeout: 0.15, rise: 1, fall: 2}}
+outlier: {{consecutive_failures: 3, base_ejection: 60, max_ejected_percent: 50}}
+failover: {{wait: 10, ready_timeout: 5}}
+discovery: {{interval: 0}}
+instances:
+{items}
+webhooks:
+  sqlite_path: "{tmp_path / "webhooks.db"}"
+  delivery: {{attempts_per_round: 1, round_backoff: 0.02, backoff_base: 0.1,
+              backoff_max: 0.3, timeout: 1, lease: 5}}
+  targets:
+    - {{name: app, url: "{app.url}"}}
+    - {{name: down, url: "{down}"}}
+"""
+
+    path = tmp_path / "router.yaml"
+    path.write_text(config_text(100))
+    router = await start_router(config=RouterConfig.load(str(path)))
+    scrapes: list[Scrape] = []
+    admin = {"X-Admin-Key": "admin"}
+    try:
+        async with router.client() as http:
+
+            async def look() -> Scrape:
+                scrapes.append(await scrape(http, router.url))
+                return scrapes[-1]
+
+            async def until(check: Callable[[Scrape], bool], what: str) -> None:
+                for _ in range(300):
+                    if check(await look()):
+                        return
+                    await asyncio.sleep(0.02)
+                pytest.fail(f"never saw {what}")
+
+            async def send(session: str, **headers: str) -> int:
+                body = {"session": session, "chatId": "1@c.us", "text": "hi"}
+                async with http.post(
+                    router.url + "/api/sendText", json=body, headers=headers
+                ) as resp:
+                    await resp.read()
+                    return resp.status
+
+            await look()
+            owners: dict[str, str] = {}
+            for s in ("m-a", "m-b", "m-c"):
+                async with http.post(router.url + "/api/sessions", json={"name": s}) as resp:
+                    assert resp.status == 201, await resp.text()
+                owner = router.runtime.smap.cached(s)
+                assert owner is not None
+                owners[s] = owner
+                await fleet.by_name(owner).wait_session(s)
+            assert len(set(owners.values())) == 3, owners
+            a, b, c = (fleet.by_name(owners[s]) for s in ("m-a", "m-b", "m-c"))
+            await look()
+
+            # Sends, a repeat of an Idempotency-Key, an unknown session.
+            assert await send("m-c") == 201
+            assert await send("m-c", **{"Idempotency-Key": "k-1"}) == 201
+            assert await send("m-c", **{"Idempotency-Key": "k-1"}) == 201
+            async with http.get(router.url + "/api/nobody/me") as resp:
+                assert resp.status == 404
+
+            # A request in flight while the endpoint is read.
+            await c.fault("slow", delay=1.0, paths="/api/m-c/me", count=1)
+            slow = asyncio.ensure_future(http.get(router.url + "/api/m-c/me"))
+            await until(lambda s: s.total("wa_router_requests_in_flight") >= 1, "in flight")
+            (await slow).release()
+
+            # A send whose answer was lost: never resent (retries denied, unsafe).
+            await c.fault("drop_after", paths="/api/sendText", count=1)
+            assert await send("m-c") == 502
+
+            # Three 503s in a row eject b; an operator puts it in maintenance and back.
+            await b.fault("error", status=503, paths="/api/m-b/me", count=3)
+            for _ in range(3):
+                async with http.get(router.url + "/api/m-b/me") as resp:
+                    assert resp.status == 503
+            await look()
+            for action in ("maintenance", "undrain"):
+                async with http.post(
+                    f"{router.url}/admin/instances/{b.name}/{action}", headers=admin
+                ) as resp:
+                    assert resp.status == 200, await resp.text()
+                await look()
+
+            # The owner of m-a dies: health checks fail, a send fails it over to c.
+            a.kill()
+            assert await send("m-a") == 201
+            assert router.runtime.smap.cached("m-a") == c.name
+            await until(
+                lambda s: s.series("wa_router_instance_healthy").get((("instance", a.name),)) == 0,
+                f"{a.name} down",
+            )
+
+            # A rejected reload, then an accepted one with new capacities.
+            path.write_text(config_text(100) + "bogus: 1\n")
+            async with http.post(router.url + "/admin/reload", headers=admin) as resp:
+                assert resp.status == 422, await resp.text()
+            await look()
+            path.write_text(config_text(120))
+            async with http.post(router.url + "/admin/reload", headers=admin) as resp:
+                assert resp.status == 200, await resp.text()
+            await look()
+
+            # An event from an instance: refused by one target, undeliverable to the other.
+            event = waha_body("message", "m-c", eid="evt-1", body="hello")
+            async with http.post(f"{router.url}/webhooks/waha/{c.name}", data=event) as resp:
+                assert resp.status == 200, await resp.text()
+            await until(
+                lambda s: (
+                    s.total("wa_router_webhook_dead_letters") >= 1
+                    and s.total("wa_router_webhook_backlog") >= 1
+                    and s.total("wa_router_webhook_oldest_pending_age_seconds") > 0
+                ),
+                "a dead letter and a backlog",
+            )
+    finally:
+        await app.stop()
+
+    referenced = {n for r in alert_rules() for n in metric_names(r["expr"])}
+    referenced |= {n for e in dashboard_exprs() for n in metric_names(e)}
+    still = sorted(n for n in referenced - _IDENTITY if not _moved(scrapes, n))
+    assert still == [], f"alerts or panels read metrics that never moved: {still}"
+    # Nothing was sent twice: m-a once (after its failover), m-c three times
+    # (the plain send, the first of the two Idempotency-Key sends, the lost answer).
+    assert (len(fleet.sent("m-a")), len(fleet.sent("m-c"))) == (1, 3)
