@@ -22,6 +22,7 @@ import aiohttp
 
 from router.instances import Instance
 from router.locks import LockBusy
+from router.metrics import FAILOVERS, RESTORE_DURATION
 from router.restore import start_and_wait
 from router.store.base import StoreUnavailable
 
@@ -30,8 +31,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Why a recovery started; also the metric label later (bounded set).
+# Why a recovery started: the ``reason`` label of wa_router_failovers_total.
 REASONS = ("owner_down", "connect_failed", "session_missing")
+# Outcomes after which the session serves again (its ``outcome`` label, and
+# what wa_router_restore_duration_seconds times); "failed", "error" and
+# "owner_unknown" leave it unavailable.
+RECOVERED = frozenset({"found_elsewhere", "restored", "owner_alive"})
 
 
 class Failover:
@@ -249,6 +254,9 @@ class Failover:
         started: float,
     ) -> None:
         took = time.monotonic() - started
+        FAILOVERS.labels(reason, outcome).inc()
+        if outcome in RECOVERED:
+            RESTORE_DURATION.observe(took)
         self.rt.events.add(
             "failover",
             session=session,

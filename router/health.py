@@ -25,6 +25,7 @@ from router.adapters.base import Adapter
 from router.config import HealthConfig, OutlierConfig
 from router.events import EventLog
 from router.instances import Fleet, Instance
+from router.metrics import EJECTIONS, HEALTH_CHECKS
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,7 @@ class Outliers:
         inst.healthy = False
         inst.ejected_until = time.monotonic() + duration
         inst.failures = 0
+        EJECTIONS.labels(inst.name).inc()
         self._events.add("ejected", instance=inst.name, cause=kind, seconds=duration)
         log.warning(
             "instance %s ejected for %.0fs after %d consecutive %s failures",
@@ -116,6 +118,7 @@ class HealthChecker:
                 ok = (await adapter.health(inst.http, inst.config)).healthy
         except (aiohttp.ClientError, TimeoutError, OSError):
             ok = False
+        HEALTH_CHECKS.labels(inst.name, "ok" if ok else "fail").inc()
         streak = self._streak.get(inst.name, 0)
         now = time.monotonic()
         if ok:

@@ -17,7 +17,12 @@ from bisect import bisect_left
 from collections.abc import Iterator, Sequence
 from typing import Generic, TypeVar
 
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector, CollectorRegistry
 from prometheus_client.utils import floatToGoString
 
@@ -104,6 +109,22 @@ class FastCounter(_Labelled[CounterChild]):
             for values, child in list(self._children.items()):
                 family.add_metric(list(values), child.value)
         yield family
+
+
+class FastGauge(Collector):
+    """An unlabelled gauge the owner moves with ``value += 1`` / ``-= 1``."""
+
+    def __init__(self, name: str, documentation: str, registry: CollectorRegistry) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.value = 0
+        registry.register(self)
+
+    def describe(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(self.name, self.documentation)
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(self.name, self.documentation, value=self.value)
 
 
 class FastHistogram(_Labelled[HistogramChild]):

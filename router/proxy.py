@@ -35,6 +35,7 @@ from router.instances import Instance
 from router.locks import LockBusy
 from router.metrics import (
     IDEMPOTENT_REPLAYS,
+    IN_FLIGHT,
     REQUEST_DURATION,
     REQUESTS,
     RETRIES,
@@ -157,6 +158,7 @@ class ProxyHandler:
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         request_id = request.headers.get(REQUEST_ID_HEADER) or _new_request_id()
         request[_STARTED] = time.monotonic()
+        IN_FLIGHT.value += 1
         try:
             return await self._handle(request, request_id)
         except RouterError as exc:
@@ -170,6 +172,8 @@ class ProxyHandler:
                 RouterError(500, "internal_error", "the router failed to handle this request"),
                 request_id,
             )
+        finally:
+            IN_FLIGHT.value -= 1
 
     async def _handle(self, request: web.BaseRequest, request_id: str) -> web.StreamResponse:
         rt = self.rt

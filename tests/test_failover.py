@@ -16,6 +16,7 @@ import aiohttp
 import pytest
 
 from router.config import FailoverConfig, HealthConfig, OutlierConfig, Timeouts
+from tests.support.metrics import scrape
 from tests.support.router import INSTANCE_KEY, RouterHandle, StartRouter, router_config
 from tests.support.simulator import SimFleet, SimFleetFactory
 
@@ -380,3 +381,27 @@ async def test_a_create_is_not_placed_while_an_instance_cannot_say_it_lacks_the_
     assert body["session"] == "fresh"
     assert router.runtime.smap.cached("fresh") is None
     assert await where_running(fleet, "fresh") == []
+
+
+async def test_a_failover_moves_the_failover_metrics_on_a_real_metrics_endpoint(
+    sim_fleet: SimFleetFactory, start_router: StartRouter
+) -> None:
+    """wa_router_failovers_total and wa_router_restore_duration_seconds feed two
+    alerts and two dashboard panels: a SIGKILLed owner must move both."""
+    fleet, router = await setup(sim_fleet, start_router)
+    async with router.client() as http:
+        owner = await create_ready(http, router, fleet, "metrics-fo")
+        before = await scrape(http, router.url)
+        fleet.by_name(owner).kill()
+        status, body = await send(http, router, "metrics-fo", "after the kill")
+        assert status == 201, body
+        after = await scrape(http, router.url)
+    new_owner = router.runtime.smap.cached("metrics-fo")
+    assert new_owner not in (None, owner)
+    restored = after.delta(before, "wa_router_failovers_total", outcome="restored")
+    assert restored >= 1, after.series("wa_router_failovers_total")
+    assert after.delta(before, "wa_router_restore_duration_seconds_count") >= 1
+    # The time is the restore's own: positive, and within the configured wait.
+    took = after.delta(before, "wa_router_restore_duration_seconds_sum")
+    assert 0 < took < 10
+    assert fleet.sent("metrics-fo") and len(fleet.sent("metrics-fo")) == 1
