@@ -55,13 +55,15 @@ def _cmd_simulate(ns: argparse.Namespace) -> int:
 
 
 def _cmd_demo(ns: argparse.Namespace) -> int:
-    from router.demo import run_demo
+    from router.demo import DemoError, run_demo
     from router.server import install_uvloop
 
     install_uvloop()
     try:
-        return asyncio.run(run_demo(ns.config, ns.port))
-    except (ConfigError, OSError, RuntimeError) as exc:
+        return asyncio.run(
+            run_demo(ns.config, ns.port, base_port=ns.base_port, free_ports=ns.free_ports)
+        )
+    except (ConfigError, DemoError, OSError, RuntimeError) as exc:
         print(f"demo failed: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -107,6 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="three simulated instances behind the router")
     demo.add_argument("-c", "--config", default=None, help="demo config (default config/demo.yaml)")
     demo.add_argument("--port", type=int, default=None, help="router port (default from config)")
+    ports = demo.add_mutually_exclusive_group()
+    ports.add_argument(
+        "--base-port",
+        type=int,
+        default=None,
+        help="router on this port, the instances on the ones after it",
+    )
+    ports.add_argument("--free-ports", action="store_true", help="let the system pick every port")
     demo.set_defaults(func=_cmd_demo)
 
     from router.admin_client import add_arguments as add_admin_arguments

@@ -348,7 +348,11 @@ async def test_session_hints(
 
 
 async def test_dead_letters_admin_api_and_cli(
-    backend: Backend, start_relay: Start, app: TargetServer, capsys: pytest.CaptureFixture[str]
+    backend: Backend,
+    start_relay: Start,
+    app: TargetServer,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # The app refuses "poison" events for good (422) until told otherwise.
     poison_ok = False
@@ -398,6 +402,16 @@ async def test_dead_letters_admin_api_and_cli(
     assert dl["id"] in out and "HTTP 422" in out
     assert await webhooks_cli._run(ns("dead-letters", **{**list_args, "id": dl["id"]})) == 0
     assert '"poison": true' in capsys.readouterr().out
+
+    # With no flags the CLI reads the same variables as every admin command.
+    monkeypatch.setenv("WA_ROUTER_URL", h.url)
+    monkeypatch.setenv("WA_ROUTER_ADMIN_KEY", ADMIN_KEY)
+    bare = ns("dead-letters", **list_args, **{"url": None, "admin_key": None})
+    assert await webhooks_cli._run(bare) == 0
+    assert dl["id"] in capsys.readouterr().out
+    monkeypatch.setenv("WA_ROUTER_ADMIN_KEY", "wrong")
+    assert await webhooks_cli._run(bare) != 0
+    capsys.readouterr()
 
     # Replay once the app accepts it: delivered, list empty.
     poison_ok = True

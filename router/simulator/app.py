@@ -104,4 +104,13 @@ def run(opts: SimulatorOptions) -> None:
 
         loop_factory = uvloop.new_event_loop
     with asyncio.Runner(loop_factory=loop_factory) as runner:
-        runner.run(serve(opts))
+        try:
+            runner.run(serve(opts))
+        except OSError as exc:
+            # Typically the port is taken: one line, not a traceback.
+            print(
+                f"simulator {opts.name}: cannot listen on {opts.host}:{opts.port}: "
+                f"{exc.strerror or exc}",
+                file=sys.stderr,
+            )
+            raise SystemExit(1) from None

@@ -6,8 +6,10 @@
     session-router webhooks purge  -c router.yaml ID [ID ...] | --all [--target T] [--before UNIX]
     session-router webhooks stats  -c router.yaml
 
-The router's address and admin key come from the config file (``listen``,
-``admin_key``), or from ``--url`` and ``--admin-key`` / ``$ROUTER_ADMIN_KEY``.
+The router's address and admin key come from ``--url`` and ``--admin-key``,
+else from the config file given with ``-c`` (``listen``, ``admin_key``), else
+from ``$WA_ROUTER_URL`` and ``$WA_ROUTER_ADMIN_KEY`` (the names every admin
+command reads), else ``http://127.0.0.1:8080`` without a key.
 Going through the running router works the same for both backends (the
 SQLite file is locked by the router that owns it).
 
@@ -28,6 +30,8 @@ from urllib.parse import quote
 
 import aiohttp
 
+from router.admin_client import DEFAULT_URL, KEY_ENV, URL_ENV
+
 __all__ = ["add_arguments", "run"]
 
 
@@ -40,9 +44,9 @@ def add_arguments(subparsers: Any) -> argparse.ArgumentParser:
 
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("-c", "--config", help="router config file (address and admin_key)")
-        p.add_argument("--url", help="router base URL, e.g. http://127.0.0.1:8080")
+        p.add_argument("--url", help=f"router base URL (default: ${URL_ENV}, or from -c)")
         p.add_argument(
-            "--admin-key", help="admin key (default: $ROUTER_ADMIN_KEY or the config's admin_key)"
+            "--admin-key", help=f"admin key (default: ${KEY_ENV}, or the config's admin_key)"
         )
         p.add_argument("--timeout", type=float, default=30.0, help="seconds (default 30)")
 
@@ -78,7 +82,7 @@ def add_arguments(subparsers: Any) -> argparse.ArgumentParser:
 
 def _endpoint(ns: argparse.Namespace) -> tuple[str, str | None]:
     url: str | None = ns.url
-    key: str | None = ns.admin_key or os.environ.get("ROUTER_ADMIN_KEY")
+    key: str | None = ns.admin_key
     if ns.config:
         from router.config import RouterConfig
 
@@ -92,9 +96,8 @@ def _endpoint(ns: argparse.Namespace) -> tuple[str, str | None]:
             url = f"http://{host}:{cfg.listen.port}"
         if key is None:
             key = cfg.admin_key
-    if url is None:
-        raise SystemExit("give -c CONFIG or --url URL")
-    return url.rstrip("/"), key
+    url = url or os.environ.get(URL_ENV) or DEFAULT_URL
+    return url.rstrip("/"), key or os.environ.get(KEY_ENV)
 
 
 async def _call(
