@@ -237,6 +237,13 @@ class WebhookConfig:
     sqlite_synchronous: str = "full"
     # Stable name of this replica in the redis consumer group; default host:port.
     consumer_name: str | None = None
+    # Where Blazz instances' other calls to their LARAVEL_URL go (accounts,
+    # chat sync): the main app's base URL. None: those calls get a 404.
+    main_app_url: str | None = None
+    # The router's URL as the main app reaches it, sent as X-Instance-Url with
+    # Blazz events (Blazz's main app calls that URL for the session later).
+    # None: the scheme and Host the instance used to reach the router.
+    public_url: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

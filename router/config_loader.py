@@ -991,7 +991,16 @@ class _Parser:
         m = self._mapping(
             node,
             "webhooks",
-            ("targets", "ingest", "delivery", "sqlite_path", "sqlite_synchronous", "consumer_name"),
+            (
+                "targets",
+                "ingest",
+                "delivery",
+                "sqlite_path",
+                "sqlite_synchronous",
+                "consumer_name",
+                "main_app_url",
+                "public_url",
+            ),
             required=("targets",),
         )
         d = WebhookConfig(targets=())
@@ -1021,6 +1030,11 @@ class _Parser:
                     "webhooks.consumer_name: must be 1-100 characters of letters, digits,"
                     f" '_', '.', ':', '@', '-', got {consumer!r}",
                 )
+        urls = {
+            key: self._instance_url(m[key][1], f"webhooks.{key}")
+            for key in ("main_app_url", "public_url")
+            if key in m
+        }
         return WebhookConfig(
             targets=targets,
             ingest=ingest,
@@ -1028,6 +1042,7 @@ class _Parser:
             sqlite_path=sqlite_path,
             sqlite_synchronous=sync,
             consumer_name=consumer,
+            **urls,
         )
 
     def _webhook_targets(self, node: yaml.Node) -> tuple[WebhookTarget, ...]:

@@ -23,7 +23,7 @@ import aiohttp
 from router.instances import Instance
 from router.locks import LockBusy
 from router.metrics import FAILOVERS, RESTORE_DURATION
-from router.restore import start_and_wait
+from router.restore import start_and_wait, with_notes
 from router.store.base import StoreUnavailable
 
 if TYPE_CHECKING:
@@ -183,8 +183,9 @@ class Failover:
                     return None
                 rt.reservations.add(target.name)
                 try:
+                    known = await with_notes(rt.smap.store, session, None)
                     info = await start_and_wait(
-                        rt.adapter, target, session, None, cfg.ready_timeout
+                        rt.adapter, target, session, known, cfg.ready_timeout, events=rt.events
                     )
                 finally:
                     rt.reservations.release(target.name)

@@ -115,9 +115,12 @@ class HealthChecker:
     async def _check(self, inst: Instance, adapter: Adapter, cfg: HealthConfig) -> None:
         try:
             async with asyncio.timeout(cfg.timeout):
-                ok = (await adapter.health(inst.http, inst.config)).healthy
+                report = await adapter.health(inst.http, inst.config)
+            ok = report.healthy
+            inst.last_health = report
         except (aiohttp.ClientError, TimeoutError, OSError):
             ok = False
+            inst.last_health = None
         HEALTH_CHECKS.labels(inst.name, "ok" if ok else "fail").inc()
         streak = self._streak.get(inst.name, 0)
         now = time.monotonic()

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import aiohttp
 from yarl import URL
 
+from router.adapters.base import HealthReport
 from router.config import InstanceConfig, RouterConfig
 from router.transport import AiohttpTransport, Transport, make_transport
 
@@ -64,6 +65,7 @@ class Instance:
         "healthy",
         "healthy_since",
         "http",
+        "last_health",
         "name",
         "transport",
     )
@@ -89,6 +91,8 @@ class Instance:
         self.ejected_until = 0.0
         # monotonic time it last came back; 0 = healthy since start (no slow start).
         self.healthy_since = 0.0
+        # What its last active health check said (None: none answered yet).
+        self.last_health: HealthReport | None = None
 
     @property
     def placeable(self) -> bool:

@@ -75,7 +75,7 @@ UPSTREAM_DURATION = FastHistogram(
 UPSTREAM_ERRORS = Counter(
     "wa_router_upstream_errors_total",
     "Upstream failures by instance and kind "
-    "(connect, stale, reset, timeout, status_5xx, session_missing).",
+    "(connect, stale, reset, timeout, status_5xx: a 502/503/504 answer, session_missing).",
     ["instance", "kind"],
     registry=REGISTRY,
 )
@@ -89,6 +89,13 @@ RESTORE_DURATION = Histogram(
     "wa_router_restore_duration_seconds",
     "Time to bring a session back (find or restore), successful recoveries.",
     buckets=_RESTORE,
+    registry=REGISTRY,
+)
+RESTORE_HELD = Counter(
+    "wa_router_restore_held_total",
+    "Restore attempts refused because another process still held the session's "
+    "storage (Blazz: Chromium's SingletonLock), by target instance; retried.",
+    ["instance"],
     registry=REGISTRY,
 )
 RETRIES = Counter(

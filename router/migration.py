@@ -52,7 +52,7 @@ from router.discovery import RUNNING, peek_owner, pick_owner
 from router.instances import AdminState, Instance
 from router.locks import LockBusy
 from router.placement import load_ratio
-from router.restore import start_and_wait
+from router.restore import start_and_wait, with_notes
 from router.store.base import StoreUnavailable
 
 if TYPE_CHECKING:
@@ -438,13 +438,14 @@ class Migration:
         if not await self._confirm_stopped(source, session):
             return fail("stop_failed", f"{source.name} still runs it after the stop")
 
+        known = await with_notes(rt.smap.store, session, info) or info
         state = await start_and_wait(
-            adapter, target, session, info, rt.config.failover.ready_timeout
+            adapter, target, session, known, rt.config.failover.ready_timeout, events=rt.events
         )
         if state is not None:
             await rt.resolver.record(session, target)
             return MoveResult(session, source.name, target.name, "moved")
-        return await self._roll_back(session, source, target, info)
+        return await self._roll_back(session, source, target, known)
 
     async def _not_on_source(self, session: str, source: Instance, target: Instance) -> MoveResult:
         """The source does not run the session: the map was stale, or the source
@@ -514,7 +515,7 @@ class Migration:
                 await rt.resolver.record(session, target)
                 return MoveResult(session, source.name, target.name, "moved", detail="late start")
         back = await start_and_wait(
-            adapter, source, session, info, rt.config.failover.ready_timeout
+            adapter, source, session, info, rt.config.failover.ready_timeout, events=rt.events
         )
         if back is not None:
             await rt.resolver.record(session, source)

@@ -16,14 +16,20 @@ import logging
 import random
 import time
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlencode
+from urllib.parse import quote, quote_plus, urlencode
 
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, MultiDict, istr
 
 from router import metrics
-from router.adapters.base import BadSessionId, Extraction, UpstreamRequest
+from router.adapters.base import (
+    Answer,
+    BadSessionId,
+    Extraction,
+    InstanceHealth,
+    UpstreamRequest,
+)
 from router.errors import REQUEST_ID_HEADER, RouterError, error_response
 from router.idempotency import (
     IDEMPOTENCY_HEADER,
@@ -180,6 +186,9 @@ class ProxyHandler:
         adapter = rt.adapter
         method = request.method
         path = request.path
+        if path in adapter.health_paths and method in ("GET", "HEAD"):
+            fleet = [InstanceHealth(i.name, i.healthy, i.last_health) for i in rt.fleet]
+            return _answer_json(adapter.health_answer(path, fleet), request_id)
 
         body: bytes | None = None
         parsed: dict[str, Any] | None = None
@@ -198,6 +207,7 @@ class ProxyHandler:
             query=MultiDict(request.query),
             headers=_filtered_request_headers(request),
             json=parsed,
+            has_body=bool(body) or (body is None and request.body_exists),
         )
         try:
             ext = adapter.extract(ureq)
@@ -235,11 +245,14 @@ class ProxyHandler:
         rt = self.rt
         session = ext.session
         assert session is not None
-        # Already running somewhere: forward to its owner like any request
-        # (the instance answers "already exists"); no lock, so a recovery on
-        # the way cannot wait on a lock this request holds.
-        if await rt.resolver.owner(session, rt.fleet, rt.adapter) is not None:
-            return await self._send(request, request_id, ureq, body, ext, websocket)
+        # Already running somewhere: answered from what the router knows, or
+        # forwarded to its owner (adapter.create_answer); no lock, so a
+        # recovery on the way cannot wait on a lock this request holds.
+        owner = await rt.resolver.owner(session, rt.fleet, rt.adapter)
+        if owner is not None:
+            return await self._create_existing(
+                request, request_id, ureq, body, ext, websocket, owner
+            )
         entry = rt.create_locks.get(session)
         if entry is None:
             entry = rt.create_locks[session] = [asyncio.Lock(), 0]
@@ -271,12 +284,37 @@ class ProxyHandler:
                         session=session,
                         headers={"Retry-After": "5"},
                     ) from None
-            # Someone placed it meanwhile: forward to that owner, outside the lock.
-            return await self._send(request, request_id, ureq, body, ext, websocket, route)
+            # Someone placed it meanwhile: like any create of a running session.
+            return await self._create_existing(
+                request, request_id, ureq, body, ext, websocket, route[0]
+            )
         finally:
             entry[1] -= 1
             if entry[1] == 0 and rt.create_locks.get(session) is entry:
                 del rt.create_locks[session]
+
+    async def _create_existing(
+        self,
+        request: web.BaseRequest,
+        request_id: str,
+        ureq: UpstreamRequest,
+        body: bytes | None,
+        ext: Extraction,
+        websocket: bool,
+        owner: Instance,
+    ) -> web.StreamResponse:
+        """A create for a session that runs on ``owner``: a retry of a create,
+        or a second client. Never a second start where the upstream would
+        harm the running copy (Blazz): the adapter answers it instead."""
+        rt = self.rt
+        session = ext.session
+        assert session is not None
+        info = await rt.resolver.probe_info(owner, session, rt.adapter)
+        answer = rt.adapter.create_answer(session, info)
+        if answer is None:
+            return await self._send(request, request_id, ureq, body, ext, websocket, (owner, False))
+        _count(owner.name, request.method, answer.status)
+        return _answer_json(answer, request_id)
 
     async def _create_route(self, ext: Extraction, session: str) -> tuple[Instance, bool]:
         """Under the session lock: where a create goes. Every instance is asked
@@ -309,23 +347,50 @@ class ProxyHandler:
     ) -> web.StreamResponse:
         rt = self.rt
         inst, placed = route if route is not None else await self._route(ext)
-        rt.adapter.apply_credential(ureq, inst.config)
         _add_forwarded(ureq.headers, request, request_id)
-        if ureq.json_dirty and ureq.json is not None:
-            body = json.dumps(ureq.json, separators=(",", ":")).encode()
-            ureq.headers["Content-Type"] = "application/json"
 
         if websocket:
             from router.websocket import proxy_websocket
 
+            rt.adapter.apply_credential(ureq, inst.config)
             return await proxy_websocket(rt, request, ureq, inst, request_id)
         if not placed:
             return await self._forward(request, ureq, body, inst, ext, placed, request_id)
         rt.reservations.add(inst.name)
         try:
             return await self._forward(request, ureq, body, inst, ext, placed, request_id)
+        except RouterError as exc:
+            if exc.request_sent and ext.session is not None:
+                await self._settle_create(ext.session, inst, ureq, exc)
+            raise
         finally:
             rt.reservations.release(inst.name)
+
+    async def _settle_create(
+        self, session: str, inst: Instance, ureq: UpstreamRequest, exc: RouterError
+    ) -> None:
+        """A create whose answer never came (timeout, reset) is not left half
+        known: mapped if the instance runs the session after all, else said."""
+        rt = self.rt
+        state = await rt.resolver.probe_state(inst, session, rt.adapter)
+        if state == "running":
+            await rt.resolver.record(session, inst)
+            await self._keep_notes(session, ureq)
+        exc.extra["session_state"] = state
+        exc.extra["instance"] = inst.name
+        rt.events.add("create_unsettled", session=session, instance=inst.name, state=state)
+        log.warning(
+            "create of %s on %s got no answer; the session is %s there", session, inst.name, state
+        )
+
+    async def _keep_notes(self, session: str, ureq: UpstreamRequest) -> None:
+        """Remember what the create said that the upstream's listings forget."""
+        notes = self.rt.adapter.create_notes(ureq)
+        if notes:
+            try:
+                await self.rt.smap.store.set_note(session, notes)
+            except StoreUnavailable:
+                log.warning("could not keep the create notes of %s (store unavailable)", session)
 
     async def _route(self, ext: Extraction) -> tuple[Instance, bool]:
         """The owner of the request's session; ``placed`` when it is a new placement."""
@@ -485,21 +550,28 @@ class ProxyHandler:
             cfg = rt.config.failover
             method = ureq.method
             streamed = body is None and request.body_exists
-            data: Body = request.content.iter_any() if streamed else body
-            path_qs = upstream_path_qs(request.rel_url.raw_path, ureq)
             session = ext.session
+            # Credentials are the instance's own: rendered again whenever an
+            # attempt goes to another instance (a replay after failover).
+            rendered_for: Instance | None = None
+            path_qs = ""
+            data: Body = None
+            read_timeout = rt.adapter.request_timeout(method, ureq.path)
             recoverable = session is not None and not placed and cfg.enabled
             tries = 0
             while True:
                 tries += 1
                 if recoverable and not inst.healthy:
                     assert session is not None
-                    inst = await self._recover(
-                        ureq, session, inst, "owner_down", exclude_failed=True
-                    )
+                    inst = await self._recover(session, inst, "owner_down", exclude_failed=True)
+                if inst is not rendered_for:
+                    path_qs, data = self._render(request, ureq, body, inst, streamed)
+                    rendered_for = inst
                 started = time.monotonic()
                 try:
-                    up = await inst.transport.request(method, path_qs, ureq.headers, data)
+                    up = await inst.transport.request(
+                        method, path_qs, ureq.headers, data, read_timeout=read_timeout
+                    )
                 except UpstreamError as exc:
                     if replaying:
                         rt.budget.release()
@@ -547,7 +619,7 @@ class ProxyHandler:
                         )
                     # The instance did not act on it: safe to send again, any method.
                     inst = await self._recover(
-                        ureq, session, inst, "session_missing", exclude_failed=False
+                        session, inst, "session_missing", exclude_failed=False
                     )
                     if streamed:
                         # The body was streamed and (partly) consumed: it cannot
@@ -570,12 +642,15 @@ class ProxyHandler:
                         )
                     continue
 
-                if up.status >= 500:
+                if rt.adapter.unwell(up.status):
+                    # The instance says it is unwell (a gateway or overload
+                    # answer), not that one session's call failed (a 500).
+                    UPSTREAM_ERRORS.labels(inst.name, "status_5xx").inc()
                     rt.outliers.failure(inst, "status_5xx")
                 else:
                     rt.outliers.success(inst)
                 try:
-                    return await self._relay(request, up, inst, ext, placed, request_id)
+                    return await self._relay(request, ureq, up, inst, ext, placed, request_id)
                 finally:
                     up.release()
         finally:
@@ -591,9 +666,24 @@ class ProxyHandler:
         RETRIES_DENIED.labels("budget").inc()
         return False
 
+    def _render(
+        self,
+        request: web.BaseRequest,
+        ureq: UpstreamRequest,
+        body: bytes | None,
+        inst: Instance,
+        streamed: bool,
+    ) -> tuple[str, Body]:
+        """The target and body of an attempt on ``inst``, with its credential."""
+        self.rt.adapter.apply_credential(ureq, inst.config)
+        if ureq.json_dirty and ureq.json is not None:
+            body = json.dumps(ureq.json, separators=(",", ":")).encode()
+            ureq.headers["Content-Type"] = "application/json"
+        data: Body = request.content.iter_any() if streamed else body
+        return upstream_path_qs(request.rel_url.raw_path, ureq), data
+
     async def _recover(
         self,
-        ureq: UpstreamRequest,
         session: str,
         failed: Instance,
         reason: str,
@@ -613,8 +703,6 @@ class ProxyHandler:
                 reason=reason,
                 headers={"Retry-After": str(rt.config.failover.retry_after)},
             )
-        if new is not failed:
-            rt.adapter.apply_credential(ureq, new.config)
         return new
 
     async def _elsewhere(
@@ -631,12 +719,11 @@ class ProxyHandler:
         if session is not None and not placed:
             if not rt.config.failover.enabled:
                 raise _transport_error(exc, failed, session) from exc
-            return await self._recover(ureq, session, failed, "connect_failed", exclude_failed=True)
+            return await self._recover(session, failed, "connect_failed", exclude_failed=True)
         # A placement or a session-less request: any other instance will do.
         other = rt.place(frozenset({failed.name})) if placed else rt.any_instance(exclude=failed)
         if other is None:
             raise _transport_error(exc, failed, session) from exc
-        rt.adapter.apply_credential(ureq, other.config)
         return other
 
     def _answer(
@@ -648,6 +735,9 @@ class ProxyHandler:
         payload: bytes,
     ) -> web.Response:
         _count(inst.name, method, up.status)
+        key = inst.config.api_key
+        if key and up.status >= 400 and payload:
+            payload = _scrub(payload, key, up)
         return web.Response(
             status=up.status,
             reason=up.reason,
@@ -658,6 +748,7 @@ class ProxyHandler:
     async def _relay(
         self,
         request: web.BaseRequest,
+        ureq: UpstreamRequest,
         up: UpstreamResponse,
         inst: Instance,
         ext: Extraction,
@@ -668,7 +759,7 @@ class ProxyHandler:
         if placed:
             # Read the create answer whole: we may need the session name from it.
             payload = await self._read_upstream(up, inst, ext)
-            await self._record_placement(up.status, payload, inst, ext)
+            await self._record_placement(up.status, payload, inst, ext, ureq)
             return self._answer(up, inst, request.method, request_id, payload)
         if length is not None and length <= SMALL_RESPONSE:
             payload = await self._read_upstream(up, inst, ext)
@@ -716,7 +807,7 @@ class ProxyHandler:
             ) from exc
 
     async def _record_placement(
-        self, status: int, payload: bytes, inst: Instance, ext: Extraction
+        self, status: int, payload: bytes, inst: Instance, ext: Extraction, ureq: UpstreamRequest
     ) -> None:
         if not 200 <= status < 300:
             return
@@ -725,6 +816,32 @@ class ProxyHandler:
             log.warning("instance %s created a session the router cannot name", inst.name)
             return
         await self.rt.resolver.record(session, inst)
+        await self._keep_notes(session, ureq)
+
+
+def _scrub(payload: bytes, key: str, up: UpstreamResponse) -> bytes:
+    """An error answer without the instance's key. Some upstreams echo the
+    request in their errors (Blazz's 404 repeats the URL, query and all,
+    where the router put the instance's api_key); instance keys never reach
+    clients. A compressed body is left as it is (nothing echoes into those)."""
+    for k, _ in up.headers:
+        if k.lower() == "content-encoding":
+            return payload
+    for form in {key, quote_plus(key), quote(key, safe="")}:
+        raw = form.encode()
+        if raw in payload:
+            payload = payload.replace(raw, b"***")
+    return payload
+
+
+def _answer_json(answer: Answer, request_id: str) -> web.Response:
+    """An answer the router gives in the upstream API's own shape."""
+    return web.Response(
+        status=answer.status,
+        body=json.dumps(answer.body).encode(),
+        content_type="application/json",
+        headers={REQUEST_ID_HEADER: request_id},
+    )
 
 
 def upstream_path_qs(raw_path: str, ureq: UpstreamRequest) -> str:

@@ -98,7 +98,7 @@ class Resolver:
         if not candidates:
             return None
         results = await asyncio.gather(
-            *(self._probe(adapter, inst, session) for inst in candidates)
+            *(self.probe_info(inst, session, adapter) for inst in candidates)
         )
         hits = [(inst, info) for inst, info in zip(candidates, results, strict=True) if info]
         if not hits:
@@ -113,7 +113,10 @@ class Resolver:
         hits.sort(key=lambda h: _PREFERENCE.get(h[1].status, 9))
         return hits[0][0]
 
-    async def _probe(self, adapter: Adapter, inst: Instance, session: str) -> SessionInfo | None:
+    async def probe_info(
+        self, inst: Instance, session: str, adapter: Adapter
+    ) -> SessionInfo | None:
+        """``session`` as ``inst`` reports it; None when absent or unanswered."""
         try:
             async with asyncio.timeout(self.probe_timeout):
                 return await adapter.probe(inst.http, inst.config, session)

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from router.adapters import build_adapter
-from router.adapters.base import Adapter
+from router.adapters.base import Adapter, BadSessionId, valid_session_id
 from router.admin import AdminAPI
 from router.config import HealthConfig, RouterConfig
 from router.dashboard import Dashboard
@@ -29,7 +29,7 @@ from router.discovery import Discovery
 from router.health import HealthChecker
 from router.idempotency import IdempotencyStore, MemoryIdempotency, RedisIdempotency
 from router.instances import Fleet
-from router.locks import LocalLocks, SessionLocks
+from router.locks import LocalLocks, LockBusy, SessionLocks
 from router.metrics import CONFIG_LAST_RELOAD_TIME, metrics_exposition, register_runtime
 from router.migration import Migration
 from router.proxy import ProxyHandler
@@ -138,7 +138,9 @@ class Server:
             # 200 before it is stored. Redelivers what a previous run left.
             from router.webhooks import WebhookRelay
 
-            self.webhooks = WebhookRelay(cfg, on_session_hint=self._session_hint)
+            self.webhooks = WebhookRelay(
+                cfg, on_session_hint=self._session_hint, claim_sessions=self._claim_sessions
+            )
             await self.webhooks.start()
 
         proxy = ProxyHandler(self.runtime)
@@ -231,6 +233,33 @@ class Server:
         """A webhook announced where a session runs: a hint, probed before trusted."""
         if self.discovery is not None:
             await self.discovery.hint(session, instance)
+
+    async def _claim_sessions(self, instance: str, sessions: list[str]) -> set[str]:
+        """A starting Blazz instance asked its main app which accounts to restore
+        (router.webhooks.mainapp): of ``sessions``, the ones it should run.
+
+        Those the map gives it, and those no instance runs, mapped to it now,
+        under each session's lock, so that two instances starting at once never
+        both restore one. Unknown to the store (unreachable): not claimed."""
+        rt = self._current_runtime()
+        inst = rt.fleet.get(instance)
+        if inst is None:
+            return set()
+        keep: set[str] = set()
+        for session in sessions:
+            try:
+                valid_session_id(session)
+                owner = await rt.smap.lookup(session)
+                if owner == instance:
+                    keep.add(session)
+                elif owner is None:
+                    async with rt.locks.hold(session, rt.config.failover.lock_ttl):
+                        if await rt.smap.fetch(session) is None:
+                            await rt.resolver.record(session, inst)
+                            keep.add(session)
+            except (BadSessionId, LockBusy, StoreUnavailable):
+                continue  # not an id, someone is placing it, or nobody can say
+        return keep
 
     def _current_runtime(self) -> Runtime:
         rt = self.runtime

@@ -579,10 +579,28 @@ def test_blazz_credential_header_with_json_body() -> None:
     assert "api_key" not in req.query and "X-Api-Key" not in req.headers
 
 
-def test_blazz_credential_delete_without_body_goes_to_query() -> None:
+def test_blazz_credential_delete_without_body_gets_a_json_body() -> None:
+    # Blazz's DELETE handler reads api_key from the JSON body only (a query
+    # key is a 401), so a bodiless DELETE gets a body made for it.
     req = make(blazz, "DELETE", f"/api/sessions/{BLAZZ_ID}?api_key=client-key", None)
+    assert blazz.client_key(req) == "client-key"
     blazz.apply_credential(req, INST)
-    assert req.query.getall("api_key") == ["instance-key"]
+    assert req.json == {"api_key": "instance-key"} and req.json_dirty
+    assert "api_key" not in req.query
+
+
+def test_blazz_credential_get_goes_to_the_query() -> None:
+    req = make(blazz, "GET", f"/api/sessions/{BLAZZ_ID}/status?api_key=client-key")
+    blazz.apply_credential(req, INST)
+    assert req.query.getall("api_key") == ["instance-key"] and req.json is None
+
+
+def test_blazz_credential_keeps_a_body_that_is_not_json() -> None:
+    # A body the router could not read as JSON goes as sent, never replaced.
+    req = make(blazz, "DELETE", f"/api/sessions/{BLAZZ_ID}?api_key=c", None)
+    req.has_body = True
+    blazz.apply_credential(req, INST)
+    assert req.json is None and req.query.getall("api_key") == ["instance-key"]
 
 
 def test_blazz_credential_instance_without_key_strips_client_key() -> None:

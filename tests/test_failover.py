@@ -269,22 +269,45 @@ async def test_passive_outlier_detection_ejects_an_erroring_instance(
     )
     async with router.client() as http:
         owner = await create_ready(http, router, fleet, "flaky")
-        await fleet.by_name(owner).fault("error", status=500, paths="/api/flaky")
+        await fleet.by_name(owner).fault("error", status=503, paths="/api/flaky")
         for _ in range(3):
             async with http.get(f"{router.url}/api/flaky/me") as resp:
-                assert resp.status == 500  # an upstream 5xx with a body passes through
+                assert resp.status == 503  # an upstream 5xx with a body passes through
         inst = router.runtime.fleet.get(owner)
         assert inst is not None and not inst.healthy
         # Never more than max_ejected_percent of the fleet: a second one stays in.
         other = await create_ready(http, router, fleet, "flaky2")
         assert other != owner
-        await fleet.by_name(other).fault("error", status=500, paths="/api/flaky2")
+        await fleet.by_name(other).fault("error", status=502, paths="/api/flaky2")
         for _ in range(4):
             async with http.get(f"{router.url}/api/flaky2/me") as resp:
-                assert resp.status == 500
+                assert resp.status == 502
     ejected = router.runtime.events.recent(kind="ejected")
     assert [e["instance"] for e in ejected] == [owner]
     assert sum(1 for i in router.runtime.fleet if not i.healthy) == 1
+
+
+async def test_application_500s_never_eject_a_healthy_instance(
+    sim_fleet: SimFleetFactory, start_router: StartRouter
+) -> None:
+    """Blazz answers 500 for a failed send or create of one session: that
+    instance is alive, and ejecting it would fail over every session on it."""
+    fleet, router = await setup(
+        sim_fleet,
+        start_router,
+        n=3,
+        outlier=OutlierConfig(consecutive_failures=3, base_ejection=30, max_ejected_percent=34),
+    )
+    async with router.client() as http:
+        owner = await create_ready(http, router, fleet, "app-errors")
+        await fleet.by_name(owner).fault("error", status=500, paths="/api/app-errors")
+        for _ in range(10):
+            async with http.get(f"{router.url}/api/app-errors/me") as resp:
+                assert resp.status == 500
+    inst = router.runtime.fleet.get(owner)
+    assert inst is not None and inst.healthy
+    assert router.runtime.events.recent(kind="ejected") == []
+    assert router.runtime.smap.cached("app-errors") == owner
 
 
 async def test_sigkill_during_steady_load_loses_no_idempotent_request(

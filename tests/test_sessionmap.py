@@ -12,6 +12,7 @@ import asyncio
 import random
 from collections import Counter
 from collections.abc import AsyncIterator, Mapping
+from typing import Any
 
 import pytest
 
@@ -292,6 +293,15 @@ class GatedStore(SessionStore):
 
     async def ping(self) -> bool:
         return True
+
+    async def get_note(self, session: str) -> dict[str, Any] | None:
+        return None
+
+    async def set_note(self, session: str, note: Mapping[str, Any]) -> None:
+        pass
+
+    async def delete_note(self, session: str) -> None:
+        pass
 
 
 async def _start_read(store: GatedStore, smap: SessionMap, session: str) -> asyncio.Task[object]:

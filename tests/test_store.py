@@ -205,3 +205,15 @@ async def test_hung_redis_times_out(redis_server: RedisServer, rstore: RedisStor
     finally:
         redis_server.resume()
     assert await rstore.get("s1") == "wa-1"
+
+
+async def test_notes_round_trip_and_delete(store: SessionStore) -> None:
+    assert await store.get_note("s1") is None
+    await store.set_note("s1", {"workspace_id": 7, "account_id": 42})
+    assert await store.get_note("s1") == {"workspace_id": 7, "account_id": 42}
+    await store.set_note("s1", {"workspace_id": 7})
+    assert await store.get_note("s1") == {"workspace_id": 7}
+    await store.delete_note("s1")
+    assert await store.get_note("s1") is None
+    # Notes live beside the map, not in it.
+    assert await collect(store) == {}

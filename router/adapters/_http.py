@@ -36,6 +36,8 @@ OPTIONS_WHERE = "adapter.options"
 # Management answers are small; cap what we buffer from a misbehaving upstream.
 MAX_ANSWER_BYTES = 8 * 1024 * 1024
 
+JSON_TYPE = "application/json"
+
 # Methods whose requests carry a body a client may put a JSON object in.
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
@@ -72,14 +74,21 @@ async def call(
     any status is returned.
     """
     url = base_url(inst) + path
+    sent_headers = dict(headers) if headers else {}
+    data: bytes | None = None
+    if json_body is not None:
+        # Said explicitly: the pooled session sends no automatic headers, and
+        # Express's express.json() ignores a body without this one (Blazz
+        # then finds no api_key and answers 401).
+        data = json.dumps(json_body, separators=(",", ":")).encode()
+        sent_headers["Content-Type"] = JSON_TYPE
     kwargs: dict[str, Any] = {
-        "headers": dict(headers) if headers else None,
+        "headers": sent_headers or None,
         "params": dict(params) if params else None,
+        "data": data,
         "timeout": aiohttp.ClientTimeout(total=call_timeout),
         "allow_redirects": False,
     }
-    if json_body is not None:
-        kwargs["json"] = json_body
     async with http.request(method, url, **kwargs) as resp:
         status = resp.status
         chunks: list[bytes] = []
@@ -190,6 +199,7 @@ class JsonAdapter(Adapter):
         *,
         params: Mapping[str, str] | None = None,
         json_body: Any = None,
+        call_timeout: float | None = None,
     ) -> CallResult:
         return await call(
             http,
@@ -199,7 +209,7 @@ class JsonAdapter(Adapter):
             headers=self.auth_headers(inst),
             params=params,
             json_body=json_body,
-            call_timeout=self.timeout,
+            call_timeout=self.timeout if call_timeout is None else call_timeout,
         )
 
 

@@ -33,6 +33,7 @@ from multidict import CIMultiDict, MultiDict
 from router.config import SESSION_ID_PATTERN, InstanceConfig
 
 _SESSION_RE = re.compile(SESSION_ID_PATTERN)
+_UNWELL = frozenset({502, 503, 504})
 
 
 class ListFailed(Exception):
@@ -47,6 +48,17 @@ class ListFailed(Exception):
         self.instance = instance
         self.detail = detail
         super().__init__(f"{instance}: cannot list sessions: {detail}")
+
+
+class HeldElsewhere(Exception):
+    """``start``: the session's auth storage is locked by another process (a
+    browser that outlived its crashed instance still holds the profile). Not a
+    refusal: the lock goes when that browser dies, so the start is retried."""
+
+    def __init__(self, instance: str, detail: str) -> None:
+        self.instance = instance
+        self.detail = detail
+        super().__init__(f"{instance}: session storage held elsewhere: {detail}")
 
 
 class BadSessionId(ValueError):
@@ -82,6 +94,8 @@ class UpstreamRequest:
     # The credential the client presented (read before apply_credential
     # replaces it); scopes Idempotency-Keys per client.
     client_key: str | None = None
+    # The client sent a body (bytes), whether or not it parsed as JSON.
+    has_body: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +139,24 @@ class HealthReport:
     healthy: bool
     sessions: int | None = None  # as the instance counts them, when it says
     detail: str = ""
+    connected: int | None = None  # of those, logged in and able to send
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceHealth:
+    """One instance as the router sees it, for fleet-wide health answers."""
+
+    name: str
+    healthy: bool
+    report: HealthReport | None  # the last active check's answer, if any
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """An answer the router gives itself, in the upstream API's own shape."""
+
+    status: int
+    body: Mapping[str, Any] | list[Any]
 
 
 class Adapter(ABC):
@@ -215,6 +247,40 @@ class Adapter(ABC):
     @abstractmethod
     def session_missing(self, status: int, body: bytes) -> bool:
         """True when an upstream answer means "this session does not run here"."""
+
+    def request_timeout(self, method: str, path: str) -> float | None:
+        """Seconds to wait for this request's answer when the upstream itself
+        allows it longer than ``timeouts.read`` (None: the configured one)."""
+        return None
+
+    def create_answer(self, session: str, info: SessionInfo | None) -> Answer | None:
+        """The answer to a create for a session that already runs (``info``:
+        its state on its owner, when known), or None to forward the create to
+        that owner. An API whose second create harms the running session
+        (Blazz) answers here; one that answers "already exists" itself
+        (WAHA's 422) forwards."""
+        return None
+
+    def create_notes(self, req: UpstreamRequest) -> Mapping[str, Any]:
+        """What to remember from a create request for later restores
+        (``SessionInfo.extra``), when the upstream's own listings lose it."""
+        return {}
+
+    #: Unauthenticated health routes of this API (GET), which the router
+    #: answers itself for the whole fleet (``health_answer``): a client that
+    #: calls them without a key must not get a 401, nor one instance's view.
+    health_paths: frozenset[str] = frozenset()
+
+    def health_answer(self, path: str, fleet: list[InstanceHealth]) -> Answer:
+        """The router's answer to ``path``, one of ``health_paths``."""
+        raise NotImplementedError
+
+    def unwell(self, status: int) -> bool:
+        """True when an answer says the *instance* is unwell, so it counts
+        toward passive outlier ejection. An application's 500 for one session
+        (a failed send, a failed create) does not: the instance is alive and
+        ejecting it would move healthy sessions. Default: 502, 503, 504."""
+        return status in _UNWELL
 
     def created_session(self, status: int, body: bytes) -> str | None:
         """Name of the session a successful create call made, when the

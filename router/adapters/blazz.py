@@ -8,16 +8,34 @@ Where the session is:
 - ``GET /api/sessions``: the list, no session
 - any other ``/api/...`` route: JSON ``session_id``, else query ``session_id``
 
-The credential is ``api_key`` in the JSON body (requests with a JSON body) or
-the query string; Blazz accepts no header, but clients may send the router
-key as ``X-Api-Key`` and it is removed before the request goes upstream.
+The credential is ``api_key``: each Blazz handler reads it from the JSON body
+(POST, PUT, DELETE; ``express.json()`` parses a body only with
+``Content-Type: application/json``) or from the query string (GET), never both
+and never a header. The router takes the client's key from any of those
+places (or ``X-Api-Key``) and puts the instance's key where that handler
+reads it, creating a JSON body for a bodiless DELETE.
+
 The real service's ``POST /api/sessions/{id}/restore`` is broken, so
-``start`` re-creates the session with its ``workspace_id`` instead.
+``start`` re-creates the session with its ``workspace_id`` instead, and a
+500 ``SingletonLock`` answer means a browser elsewhere still holds the
+profile (``HeldElsewhere``). A second create for a running session makes
+Blazz launch a second browser on the same profile, fail, and drop its own
+record of the running one: the router answers such creates itself
+(``create_answer``). ``/api/sessions*`` calls get Blazz's own 60 s budget.
+
+Session states (``SessionStatus``): ``qr_scanning`` is NEEDS_AUTH on a
+fresh create but also what a restore from stored auth reports until the
+client's ``ready`` event, ``authenticated`` is STARTING, ``connected`` is
+READY, ``error`` (no phone number after ``ready``) and ``failed`` are FAILED,
+``disconnected`` is STOPPED.
 """
 
 from __future__ import annotations
 
+import resource
+import time
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from typing import Any, Final
 
 import aiohttp
@@ -29,11 +47,15 @@ from router.adapters._http import (
     check_keys,
     checked_id,
     map_status,
+    opt_timeout,
     parse_json,
 )
 from router.adapters.base import (
+    Answer,
     Extraction,
     HealthReport,
+    HeldElsewhere,
+    InstanceHealth,
     ListFailed,
     SessionInfo,
     SessionStatus,
@@ -55,9 +77,18 @@ _STATUSES: Final[Mapping[str, SessionStatus]] = {
     "qr_scanning": SessionStatus.NEEDS_AUTH,
     "disconnected": SessionStatus.STOPPED,
     "failed": SessionStatus.FAILED,
+    "error": SessionStatus.FAILED,
 }
 # What ``SessionInfo.extra`` keeps from Blazz's session records.
-_EXTRA_FIELDS: Final = ("workspace_id", "account_id", "phone_number", "priority")
+_EXTRA_FIELDS: Final = ("workspace_id", "account_id", "phone_number", "priority", "status")
+# What a create says that Blazz's own listings forget (restores need it).
+_CREATE_NOTES: Final = ("workspace_id", "account_id", "priority")
+# Blazz gives every /api/sessions* call 60 s (its timeout middleware); wait a
+# little longer so that its own answer, not ours, ends the call.
+DEFAULT_SESSIONS_TIMEOUT: Final = 65.0
+# Unauthenticated in Blazz; the router answers them for the whole fleet.
+_HEALTH_PATHS: Final = frozenset({"/health", "/health/ready", "/health/live"})
+_STARTED_AT: Final = time.time()
 
 _KEY: Final = "api_key"
 _HEADER: Final = "X-Api-Key"
@@ -78,13 +109,19 @@ def workspace_from_id(session: str) -> int | str | None:
 
 
 class BlazzAdapter(JsonAdapter):
-    """Blazz whatsapp-service. Options: ``timeout`` (seconds per management call)."""
+    """Blazz whatsapp-service. Options: ``timeout`` (seconds per management
+    call), ``sessions_timeout`` (seconds for ``/api/sessions*`` calls, which
+    start browsers: default 65, above Blazz's own 60)."""
 
     name = "blazz"
 
     def __init__(self, options: Mapping[str, Any] | None = None) -> None:
         super().__init__(options)
-        check_keys(OPTIONS_WHERE, self.options, self.COMMON_OPTIONS)
+        check_keys(OPTIONS_WHERE, self.options, self.COMMON_OPTIONS | {"sessions_timeout"})
+        self.sessions_timeout = opt_timeout(
+            OPTIONS_WHERE,
+            {"timeout": self.options.get("sessions_timeout", DEFAULT_SESSIONS_TIMEOUT)},
+        )
 
     # -- 1. where the session id is ------------------------------------------
     def needs_body(self, method: str, path: str) -> bool:
@@ -146,6 +183,9 @@ class BlazzAdapter(JsonAdapter):
         if _KEY in req.query:
             req.query.popall(_KEY)
         body = req.json
+        if body is None and req.method in BODY_METHODS and not req.has_body and inst.api_key:
+            # Handlers of POST / PUT / DELETE read the key from the body only.
+            body = req.json = {}
         if body is not None:
             if inst.api_key:
                 body[_KEY] = inst.api_key
@@ -159,7 +199,56 @@ class BlazzAdapter(JsonAdapter):
     def _key_params(self, inst: InstanceConfig) -> dict[str, str]:
         return {_KEY: inst.api_key} if inst.api_key else {}
 
+    def request_timeout(self, method: str, path: str) -> float | None:
+        return self.sessions_timeout if path.startswith("/api/sessions") else None
+
     # -- answers -----------------------------------------------------------------
+    def create_answer(self, session: str, info: SessionInfo | None) -> Answer:
+        # What Blazz answers a create, for the copy that already runs.
+        raw = info.extra.get("status") if info is not None else None
+        status = raw if isinstance(raw, str) else "qr_scanning"
+        return Answer(200, {"success": True, "session_id": session, "status": status})
+
+    def create_notes(self, req: UpstreamRequest) -> Mapping[str, Any]:
+        body = req.json or {}
+        return {k: body[k] for k in _CREATE_NOTES if body.get(k) is not None}
+
+    health_paths = _HEALTH_PATHS
+
+    def health_answer(self, path: str, fleet: list[InstanceHealth]) -> Answer:
+        up = [i for i in fleet if i.healthy]
+        if path == "/health/live":
+            return Answer(200, {"status": "alive", "timestamp": _now()})
+        if path == "/health/ready":
+            ready = bool(up)
+            return Answer(
+                200 if ready else 503,
+                {"status": "ready" if ready else "not_ready", "timestamp": _now()},
+            )
+        total = sum(i.report.sessions or 0 for i in up if i.report is not None)
+        connected = sum(i.report.connected or 0 for i in up if i.report is not None)
+        state = "healthy" if len(up) == len(fleet) else "degraded" if up else "unhealthy"
+        rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+        return Answer(
+            200 if up else 503,
+            {
+                "status": state,
+                "uptime": round(time.time() - _STARTED_AT, 3),
+                "sessions": {
+                    "total": total,
+                    "connected": connected,
+                    "disconnected": total - connected,
+                },
+                "memory": {"used": rss_mb, "total": rss_mb, "unit": "MB"},
+                "instances": {
+                    "total": len(fleet),
+                    "healthy": len(up),
+                    "down": [i.name for i in fleet if not i.healthy],
+                },
+                "timestamp": _now(),
+            },
+        )
+
     def session_missing(self, status: int, body: bytes) -> bool:
         return status == 404 and b"session not found" in body[:4096].lower()
 
@@ -231,18 +320,27 @@ class BlazzAdapter(JsonAdapter):
                 body[key] = extra[key]
         if inst.api_key:
             body[_KEY] = inst.api_key
-        res = await self._call(http, inst, "POST", "/api/sessions", json_body=body)
+        res = await self._call(
+            http, inst, "POST", "/api/sessions", json_body=body, call_timeout=self.sessions_timeout
+        )
+        if res.status == 500 and b"singletonlock" in res.body[:4096].lower():
+            # Chromium's profile lock in the shared storage: a browser of a
+            # crashed instance still runs this session's profile.
+            error = res.data.get("error") if isinstance(res.data, dict) else None
+            raise HeldElsewhere(inst.name, str(error or "SingletonLock")[:200])
         return res.ok
 
     async def stop(self, http: aiohttp.ClientSession, inst: InstanceConfig, session: str) -> bool:
         # Blazz's DELETE disconnects the client and keeps the LocalAuth files
         # in the shared storage; an unknown session answers 200
-        # ``alreadyDisconnected``.
-        # The key goes in both places: Blazz reads a DELETE's key from the body
-        # or the query depending on its version.
-        params = self._key_params(inst)
+        # ``alreadyDisconnected``. Its key is read from the JSON body only.
         res = await self._call(
-            http, inst, "DELETE", f"/api/sessions/{session}", params=params, json_body=params
+            http,
+            inst,
+            "DELETE",
+            f"/api/sessions/{session}",
+            json_body=self._key_params(inst),
+            call_timeout=self.sessions_timeout,
         )
         return res.ok or self.session_missing(res.status, res.body)
 
@@ -251,9 +349,18 @@ class BlazzAdapter(JsonAdapter):
         data = res.data if isinstance(res.data, dict) else {}
         state = data.get("status")
         sessions = data.get("sessions")
-        total = sessions.get("total") if isinstance(sessions, dict) else None
+        counts = sessions if isinstance(sessions, dict) else {}
         return HealthReport(
             healthy=res.ok and state == "healthy",
-            sessions=total if isinstance(total, int) and not isinstance(total, bool) else None,
+            sessions=_count(counts.get("total")),
             detail=str(state) if state is not None else f"HTTP {res.status}",
+            connected=_count(counts.get("connected")),
         )
+
+
+def _count(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat().replace("+00:00", "Z")

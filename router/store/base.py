@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Mapping
+from typing import Any
 
 
 class StoreUnavailable(Exception):
@@ -35,6 +36,18 @@ class SessionStore(ABC):
 
     @abstractmethod
     async def ping(self) -> bool: ...
+
+    # -- notes: what a create said that the upstream's listings forget --------
+    # (Blazz lists no account_id; a restore elsewhere still needs it.) Small
+    # JSON objects, kept until the session is deleted by a client.
+    @abstractmethod
+    async def get_note(self, session: str) -> dict[str, Any] | None: ...
+
+    @abstractmethod
+    async def set_note(self, session: str, note: Mapping[str, Any]) -> None: ...
+
+    @abstractmethod
+    async def delete_note(self, session: str) -> None: ...
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         pass

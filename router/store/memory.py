@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import AsyncIterator, Mapping
+from typing import Any
 
 from router.store.base import SessionStore
 
@@ -16,6 +17,7 @@ from router.store.base import SessionStore
 class MemoryStore(SessionStore):
     def __init__(self) -> None:
         self._data: dict[str, str] = {}
+        self._notes: dict[str, dict[str, Any]] = {}
 
     @property
     def data(self) -> dict[str, str]:
@@ -48,6 +50,16 @@ class MemoryStore(SessionStore):
 
     async def ping(self) -> bool:
         return True
+
+    async def get_note(self, session: str) -> dict[str, Any] | None:
+        note = self._notes.get(session)
+        return dict(note) if note is not None else None
+
+    async def set_note(self, session: str, note: Mapping[str, Any]) -> None:
+        self._notes[session] = dict(note)
+
+    async def delete_note(self, session: str) -> None:
+        self._notes.pop(session, None)
 
     def __len__(self) -> int:
         return len(self._data)

@@ -35,7 +35,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from itertools import islice
-from typing import NoReturn, cast
+from typing import Any, NoReturn, cast
 from urllib.parse import urlsplit
 
 from redis.asyncio import BlockingConnectionPool, Redis
@@ -88,6 +88,7 @@ class RedisStore(SessionStore):
             raise ValueError("batch must be >= 1")
         self.key_prefix = key_prefix
         self.key = f"{key_prefix}sessions"
+        self.notes_key = f"{key_prefix}notes"
         self.channel = f"{key_prefix}map"
         self.replica_id = replica_id or uuid.uuid4().hex[:16]
         self.where = redact_url(url)
@@ -242,6 +243,31 @@ class RedisStore(SessionStore):
             return bool(await self._redis.ping())
         except _ERRORS:
             return False
+
+    async def get_note(self, session: str) -> dict[str, Any] | None:
+        try:
+            raw = await self._redis.hget(self.notes_key, session)
+        except _ERRORS as exc:
+            self._fail("HGET", exc)
+        if raw is None:
+            return None
+        try:
+            note = json.loads(raw)
+        except ValueError:
+            return None
+        return note if isinstance(note, dict) else None
+
+    async def set_note(self, session: str, note: Mapping[str, Any]) -> None:
+        try:
+            await self._redis.hset(self.notes_key, session, json.dumps(dict(note)))
+        except _ERRORS as exc:
+            self._fail("HSET", exc)
+
+    async def delete_note(self, session: str) -> None:
+        try:
+            await self._redis.hdel(self.notes_key, session)
+        except _ERRORS as exc:
+            self._fail("HDEL", exc)
 
     async def count(self) -> int:
         """Number of mapped sessions (HLEN)."""

@@ -105,8 +105,15 @@ class AiohttpTransport(Transport):
         path_qs: str,
         headers: HeaderItems,
         body: Body = None,
+        *,
+        read_timeout: float | None = None,
     ) -> UpstreamResponse:
         url = URL(self._base + path_qs, encoded=True)
+        timeout = self.session.timeout
+        if read_timeout is not None:
+            timeout = aiohttp.ClientTimeout(
+                total=None, connect=timeout.connect, sock_read=read_timeout
+            )
         try:
             up = await self.session.request(
                 method,
@@ -114,6 +121,7 @@ class AiohttpTransport(Transport):
                 headers=list(header_items(headers)),
                 data=body,
                 allow_redirects=False,
+                timeout=timeout,
             )
         except _MAPPED as exc:
             raise map_client_error(exc) from exc

@@ -196,8 +196,13 @@ class Transport(ABC):
         path_qs: str,
         headers: HeaderItems,
         body: Body = None,
+        *,
+        read_timeout: float | None = None,
     ) -> UpstreamResponse:
         """Send one request; return once the response headers are in.
+
+        ``read_timeout`` replaces the transport's own for this request (a
+        call the upstream itself gives longer, such as a session create).
 
         ``path_qs`` is the percent-encoded path and query, appended to the
         transport's base URL. ``headers`` go as given (the transport adds

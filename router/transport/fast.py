@@ -254,6 +254,7 @@ class _Conn(asyncio.Protocol):
         "paused_writing",
         "poller",
         "pool",
+        "read_timeout",
         "reason",
         "req_done",
         "resp",
@@ -276,6 +277,7 @@ class _Conn(asyncio.Protocol):
         self.paused_writing = False
         self.drain_waiter: asyncio.Future[None] | None = None
         self.last_rx = 0.0
+        self.read_timeout = pool.read_timeout
         self._reset()
 
     def _reset(self) -> None:
@@ -423,9 +425,12 @@ class _Conn(asyncio.Protocol):
         # Anything readable on an idle connection is a FIN, a RST or garbage.
         return poller is None or not poller.poll(0)
 
-    def begin(self, head_only: bool) -> asyncio.Future[FastResponse]:
+    def begin(
+        self, head_only: bool, read_timeout: float | None = None
+    ) -> asyncio.Future[FastResponse]:
         self._reset()
         self.head_only = head_only
+        self.read_timeout = self.pool.read_timeout if read_timeout is None else read_timeout
         fut: asyncio.Future[FastResponse] = self.loop.create_future()
         self.head_fut = fut
         return fut
@@ -500,7 +505,7 @@ class _Conn(asyncio.Protocol):
             # Our consumer is slow, not the upstream.
             self.last_rx = now
             return
-        read_timeout = self.pool.read_timeout
+        read_timeout = self.read_timeout
         if now - self.last_rx >= read_timeout:
             self._broken(
                 UpstreamTimeout(f"no answer within {read_timeout:g} s", request_sent=self.sent)
@@ -855,9 +860,11 @@ class FastTransport(Transport):
         path_qs: str,
         headers: HeaderItems,
         body: Body = None,
+        *,
+        read_timeout: float | None = None,
     ) -> UpstreamResponse:
         if body is not None and not isinstance(body, bytes | bytearray | memoryview):
-            return await self._request_streamed(method, path_qs, headers, body)
+            return await self._request_streamed(method, path_qs, headers, body, read_timeout)
         data = bytes(body) if body is not None else None
         if data is not None:
             framing = f"Content-Length: {len(data)}\r\n"
@@ -869,7 +876,7 @@ class FastTransport(Transport):
         # The hot path, inlined: a pooled connection, one write, one wait.
         pool = self._pool or self.pool
         conn = pool.take_idle() or await pool.acquire()
-        fut = conn.begin(method == "HEAD")
+        fut = conn.begin(method == "HEAD", read_timeout)
         try:
             _write(conn, head, data, None)
             return await fut
@@ -879,20 +886,25 @@ class FastTransport(Transport):
         except BaseException:
             _abandon(conn, fut)
             raise
-        return await self._send(method, head, data, None, fresh=True)
+        return await self._send(method, head, data, None, read_timeout, fresh=True)
 
     async def _request_streamed(
-        self, method: str, path_qs: str, headers: HeaderItems, body: AsyncIterable[bytes]
+        self,
+        method: str,
+        path_qs: str,
+        headers: HeaderItems,
+        body: AsyncIterable[bytes],
+        read_timeout: float | None,
     ) -> UpstreamResponse:
         head = self._head(method, path_qs, headers, "Transfer-Encoding: chunked\r\n")
         try:
-            return await self._send(method, head, None, body)
+            return await self._send(method, head, None, body, read_timeout)
         except UpstreamError as exc:
             # A stream can go again only when nothing was read from it: the
             # head never left (the body is read only after the head is out).
             if exc.request_sent or not _retryable(method, exc):
                 raise
-        return await self._send(method, head, None, body, fresh=True)
+        return await self._send(method, head, None, body, read_timeout, fresh=True)
 
     async def _send(
         self,
@@ -900,11 +912,12 @@ class FastTransport(Transport):
         head: bytes,
         data: bytes | None,
         stream: AsyncIterable[bytes] | None,
+        read_timeout: float | None = None,
         *,
         fresh: bool = False,
     ) -> FastResponse:
         conn = await self.pool.acquire(fresh)
-        fut = conn.begin(method == "HEAD")
+        fut = conn.begin(method == "HEAD", read_timeout)
         try:
             _write(conn, head, data, stream)
             return await fut

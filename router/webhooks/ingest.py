@@ -214,7 +214,11 @@ class Ingest:
         event_id = given_id or new_event_id()
         targets = self.router.route(event_type, session)
         now = self._clock()
-        iurl = request.headers.get("X-Instance-Url") if dialect == "blazz" else None
+        # Blazz's main app keeps X-Instance-Url (on session_ready) and calls
+        # that URL for the session afterwards: it must be the router's, or
+        # the main app bypasses it (and the URL Blazz sends is always
+        # http://localhost:PORT, useless to tell instances apart anyway).
+        iurl = self._router_url(request) if dialect == "blazz" else None
         events = [
             Event(
                 id=event_id,
@@ -255,6 +259,11 @@ class Ingest:
             "targets": [t.name for t in targets],
         }
         return json.dumps(answer).encode()
+
+    def _router_url(self, request: web.BaseRequest) -> str:
+        if self.cfg.public_url:
+            return self.cfg.public_url
+        return f"{request.scheme}://{request.host}"
 
     def _lane(self, target: str, session: str | None, event_id: str) -> str:
         if self.ordering == "none":

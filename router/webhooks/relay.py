@@ -31,11 +31,14 @@ from collections.abc import Callable
 from aiohttp import web
 
 from router.config import RouterConfig, WebhookConfig
+from router.errors import REQUEST_ID_HEADER, RouterError, error_response
 from router.webhooks import metrics
 from router.webhooks.admin import PREFIX as ADMIN_PREFIX
 from router.webhooks.admin import WebhookAdmin
 from router.webhooks.delivery import Deliverer, Outcome, TargetRouter, backoff, event_summary
 from router.webhooks.ingest import DIALECTS, Ingest, SessionHint
+from router.webhooks.mainapp import Claim as ClaimSessions
+from router.webhooks.mainapp import MainAppProxy
 from router.webhooks.queue import Claim, EventQueue, Pending, QueueUnavailable
 
 __all__ = ["INGEST_PREFIX", "WebhookRelay", "build_queue"]
@@ -43,6 +46,8 @@ __all__ = ["INGEST_PREFIX", "WebhookRelay", "build_queue"]
 log = logging.getLogger(__name__)
 
 INGEST_PREFIX = "/webhooks/"
+# Blazz appends this to LARAVEL_URL for every event.
+BLAZZ_WEBHOOK_PATH = "/api/whatsapp/webhooks/webjs"
 # Events handed to one lane task per claim.
 PER_LANE = 16
 # Longest the scheduler sleeps without looking at the queue (other replicas'
@@ -81,6 +86,7 @@ class WebhookRelay:
         *,
         queue: EventQueue | None = None,
         on_session_hint: SessionHint | None = None,
+        claim_sessions: ClaimSessions | None = None,
         clock: Callable[[], float] = time.time,
         stats_interval: float = 2.0,
         per_lane: int = PER_LANE,
@@ -107,6 +113,9 @@ class WebhookRelay:
             clock=clock,
         )
         self.admin = WebhookAdmin(self.queue, config.admin_key)
+        self.main_app = MainAppProxy(
+            self.wh.main_app_url, claim=claim_sessions, timeout=self.delivery.timeout
+        )
         self._clock = clock
         self._stats_interval = stats_interval
         self._per_lane = per_lane
@@ -188,6 +197,7 @@ class WebhookRelay:
                 with contextlib.suppress(QueueUnavailable):
                     await self.queue.release(lanes[t])
         await self.ingest.close()
+        await self.main_app.close()
         await self.deliverer.close()
         await self.queue.close()
 
@@ -200,14 +210,16 @@ class WebhookRelay:
             and (len(path) == len(ADMIN_PREFIX) or path[len(ADMIN_PREFIX)] == "/")
         )
 
-    async def handle(self, request: web.BaseRequest) -> web.Response:
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         path = request.path
         if path.startswith(INGEST_PREFIX):
-            parts = path[len(INGEST_PREFIX) :].split("/")
+            parts = path[len(INGEST_PREFIX) :].split("/", 2)
             dialect = parts[0]
             name = parts[1] if len(parts) > 1 else ""
             if dialect in DIALECTS and len(parts) <= 2:
                 return await self.ingest.handle(request, dialect, name)
+            if dialect == "blazz" and name and len(parts) == 3:
+                return await self._blazz_main_app_call(request, name, "/" + parts[2])
             return web.Response(
                 status=404,
                 body=b'{"error":"not_found","message":'
@@ -215,6 +227,23 @@ class WebhookRelay:
                 content_type="application/json",
             )
         return await self.admin.handle(request)
+
+    async def _blazz_main_app_call(
+        self, request: web.BaseRequest, name: str, path: str
+    ) -> web.StreamResponse:
+        """Under ``/webhooks/blazz/<instance>/`` is the instance's whole LARAVEL_URL:
+        its webhook path is ingested, any other call goes to the main app."""
+        if path == BLAZZ_WEBHOOK_PATH:
+            return await self.ingest.handle(request, "blazz", name)
+        request_id = request.headers.get(REQUEST_ID_HEADER) or os.urandom(16).hex()
+        try:
+            if name not in self.ingest.instances:
+                raise RouterError(
+                    404, "unknown_instance", f"no instance named {name[:64]!r} in the router config"
+                )
+            return await self.main_app.handle(request, name, path)
+        except RouterError as exc:
+            return error_response(exc, request_id)
 
     # -- scheduling ------------------------------------------------------------------
 
