@@ -92,10 +92,13 @@ class ListenConfig:
 
 @dataclass(frozen=True, slots=True)
 class HealthConfig:
-    interval: float = 2.0
-    timeout: float = 1.0
+    # A hung instance is down within about interval + fall x timeout (2 s),
+    # sooner when requests to it are stalled too (router.health); a slow but
+    # alive one still answers /health within the timeout.
+    interval: float = 1.0
+    timeout: float = 0.5
     rise: int = 2
-    fall: int = 3
+    fall: int = 2
 
 
 @dataclass(frozen=True, slots=True)

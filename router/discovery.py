@@ -283,6 +283,7 @@ class Discovery:
         changes: dict[str, str] = {}
         extra_copies: list[tuple[str, Instance, list[Instance]]] = []
         seen_duplicates: set[str] = set()
+        stopped: list[tuple[str, str]] = []
         for session, found in copies.items():
             if self._busy(session):
                 result.skipped += 1
@@ -290,6 +291,18 @@ class Discovery:
             mapped = before.get(session)
             owner, info = pick_owner(found, mapped, order)
             running = [inst for inst, i in found if i.status in RUNNING]
+            if (
+                not running
+                and rt.adapter.stopped_is_removed
+                and mapped is not None
+                and any(
+                    inst.name == mapped and i.status is SessionStatus.STOPPED for inst, i in found
+                )
+            ):
+                # Stopped where it is mapped, running nowhere: someone stopped it
+                # on purpose (router.removals); no failover may start it again.
+                stopped.append((session, mapped))
+                continue
             if len(running) > 1:
                 seen_duplicates.add(session)
                 extras = [inst for inst in running if inst is not owner]
@@ -336,6 +349,9 @@ class Discovery:
 
         await self._apply(changes, before, result)
         await self._forget(forget, result)
+        for session, instance in stopped:
+            if rt.smap.cached(session) == instance:
+                await rt.removals.mark(session, by="discovery", instance=instance)
         if extra_copies and rt.config.discovery.stop_duplicates:
             await self._stop_extras(extra_copies)
 

@@ -20,10 +20,12 @@ from typing import TYPE_CHECKING
 
 import aiohttp
 
+from router.adapters.base import SessionStatus
 from router.instances import Instance
 from router.locks import LockBusy
 from router.metrics import FAILOVERS, RESTORE_DURATION
-from router.restore import start_and_wait, with_notes
+from router.readiness import Readiness
+from router.restore import RUNS, start_and_wait, with_notes
 from router.store.base import StoreUnavailable
 
 if TYPE_CHECKING:
@@ -33,10 +35,6 @@ log = logging.getLogger(__name__)
 
 # Why a recovery started: the ``reason`` label of wa_router_failovers_total.
 REASONS = ("owner_down", "connect_failed", "session_missing")
-# Outcomes after which the session serves again (its ``outcome`` label, and
-# what wa_router_restore_duration_seconds times); "failed", "error" and
-# "owner_unknown" leave it unavailable.
-RECOVERED = frozenset({"found_elsewhere", "restored", "owner_alive"})
 
 
 class Failover:
@@ -44,6 +42,17 @@ class Failover:
         self.rt = rt
         self._inflight: dict[str, asyncio.Task[Instance | None]] = {}
         self._evacuating: dict[str, asyncio.Task[int]] = {}
+        # Sessions the router started, until their instance reports them READY.
+        self.readiness = Readiness(
+            lambda: rt.adapter,
+            rt.events,
+            limit=max(rt.config.failover.wait, rt.config.failover.ready_timeout) * 10,
+            probe_timeout=rt.resolver.probe_timeout,
+        )
+        # instance -> sessions brought back elsewhere while it could not answer:
+        # if it was only hung, it still runs them (two browsers on one phone),
+        # so they are stopped there before it is routed to again (``fence``).
+        self.moved_off: dict[str, set[str]] = {}
 
     def recovering(self, session: str) -> bool:
         return session in self._inflight
@@ -86,6 +95,7 @@ class Failover:
         return sum(results)
 
     async def close(self) -> None:
+        await self.readiness.close()
         for task in [*self._evacuating.values(), *self._inflight.values()]:
             task.cancel()
         await asyncio.gather(
@@ -129,6 +139,10 @@ class Failover:
         started = time.monotonic()
         exclude = frozenset({failed.name}) if failed is not None and exclude_failed else frozenset()
         failed_name = failed.name if failed is not None else None
+        if await rt.removals.is_removed(session):
+            # A client deleted, stopped or logged it out: gone on purpose.
+            self._event(session, failed_name, None, reason, "removed", started)
+            return None
         try:
             others = [
                 i for i in rt.fleet.healthy() if i.name not in exclude and i.name != failed_name
@@ -136,6 +150,7 @@ class Failover:
             found = await rt.resolver.locate_among(session, others, rt.adapter)
             if found is not None:
                 await rt.resolver.record(session, found)
+                self._moved_off(failed, exclude_failed, session)
                 self._event(session, failed_name, found.name, reason, "found_elsewhere", started)
                 return found
             if failed is not None and exclude_failed:
@@ -149,7 +164,9 @@ class Failover:
                 if state == "unknown" and failed.healthy:
                     self._event(session, failed_name, None, reason, "owner_unknown", started)
                     return None
-            target = await self._restore(session, exclude, failed_name)
+            target = await self._restore(session, exclude, failed_name, started)
+            if target is not None:
+                self._moved_off(failed, exclude_failed, session)
             self._event(
                 session,
                 failed_name,
@@ -164,11 +181,63 @@ class Failover:
             self._event(session, failed_name, None, reason, "error", started)
             return None
 
+    def _moved_off(self, failed: Instance | None, gone: bool, session: str) -> None:
+        if failed is not None and gone:
+            self.moved_off.setdefault(failed.name, set()).add(session)
+
+    async def fence(self, inst: Instance) -> bool:
+        """Before ``inst`` serves again after being down: stop the sessions that
+        were brought back elsewhere meanwhile (whatever discovery.stop_duplicates
+        says). What it accepted before it hung is its own business: nothing is
+        replayed. True when it may serve (nothing left to stop)."""
+        sessions = self.moved_off.get(inst.name)
+        if not sessions:
+            return True
+        rt = self.rt
+        adapter = rt.adapter
+        gate = asyncio.Semaphore(8)
+
+        async def stop(session: str) -> bool:
+            if rt.smap.cached(session) == inst.name:
+                return True  # it was moved back here since: nothing to fence
+            if not adapter.can_stop:
+                rt.events.add("fence_impossible", session=session, instance=inst.name)
+                log.error(
+                    "%s may still run %s (moved away while it was down) and the %s API"
+                    " cannot stop a session without logging it out",
+                    inst.name,
+                    session,
+                    adapter.name,
+                )
+                return True
+            async with gate:
+                try:
+                    async with asyncio.timeout(rt.resolver.probe_timeout * 2):
+                        stopped = await adapter.stop(inst.http, inst.config, session)
+                except (aiohttp.ClientError, OSError, TimeoutError):
+                    stopped = False
+            if stopped:
+                rt.events.add(
+                    "fenced", session=session, instance=inst.name, owner=rt.smap.cached(session)
+                )
+                log.warning("fenced %s off %s (it runs elsewhere now)", session, inst.name)
+            return stopped
+
+        order = sorted(sessions)
+        results = await asyncio.gather(*(stop(s) for s in order))
+        for session, done in zip(order, results, strict=True):
+            if done:
+                sessions.discard(session)
+        if sessions:
+            return False
+        self.moved_off.pop(inst.name, None)
+        return True
+
     async def _owner_state(self, inst: Instance, session: str) -> str:
         return await self.rt.resolver.probe_state(inst, session, self.rt.adapter)
 
     async def _restore(
-        self, session: str, exclude: frozenset[str], failed_name: str | None
+        self, session: str, exclude: frozenset[str], failed_name: str | None, started: float
     ) -> Instance | None:
         rt = self.rt
         cfg = rt.config.failover
@@ -185,13 +254,20 @@ class Failover:
                 try:
                     known = await with_notes(rt.smap.store, session, None)
                     info = await start_and_wait(
-                        rt.adapter, target, session, known, cfg.ready_timeout, events=rt.events
+                        rt.adapter,
+                        target,
+                        session,
+                        known,
+                        cfg.ready_timeout,
+                        until=RUNS,
+                        events=rt.events,
                     )
                 finally:
                     rt.reservations.release(target.name)
                 if info is None:
-                    return await self._settle_failed_start(session, target)
+                    return await self._settle_failed_start(session, target, started)
                 await rt.resolver.record(session, target)
+                self.readiness.track(session, target, started=started, status=info.status)
                 return target
         except LockBusy:
             return await self._await_other_replica(session, exclude, failed_name)
@@ -201,13 +277,16 @@ class Failover:
             log.warning("cannot lock %s (store unavailable): not restoring", session)
             return None
 
-    async def _settle_failed_start(self, session: str, target: Instance) -> Instance | None:
+    async def _settle_failed_start(
+        self, session: str, target: Instance, started: float
+    ) -> Instance | None:
         """A start that did not settle in time must not leave an unmapped copy:
         map it if it runs after all, else stop it."""
         rt = self.rt
         state = await self._owner_state(target, session)
         if state == "running":
             await rt.resolver.record(session, target)
+            self.readiness.track(session, target, started=started, status=SessionStatus.STARTING)
             return target
         if state != "unreachable":
             try:
@@ -256,7 +335,9 @@ class Failover:
     ) -> None:
         took = time.monotonic() - started
         FAILOVERS.labels(reason, outcome).inc()
-        if outcome in RECOVERED:
+        if outcome in ("found_elsewhere", "owner_alive"):
+            # Ready as found; a restored copy is timed when it is ready
+            # (router.readiness).
             RESTORE_DURATION.observe(took)
         self.rt.events.add(
             "failover",

@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import aiohttp
 
@@ -85,6 +85,11 @@ class HealthChecker:
         # Called when active checks take an instance down (not on a passive
         # ejection for 5xx answers: that instance is alive and keeps its sessions).
         self.on_down: Callable[[Instance], None] | None = None
+        # Called before an instance that checks took down is routed to again:
+        # True when it may serve (fencing: router.failover.Failover.fence).
+        self.on_up: Callable[[Instance], Awaitable[bool]] | None = None
+        # Instances that active checks took down (and have not come back).
+        self._down: set[str] = set()
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="health-checker")
@@ -113,12 +118,16 @@ class HealthChecker:
         self._round_done.set()
 
     async def _check(self, inst: Instance, adapter: Adapter, cfg: HealthConfig) -> None:
+        timed_out = False
         try:
             async with asyncio.timeout(cfg.timeout):
                 report = await adapter.health(inst.http, inst.config)
             ok = report.healthy
             inst.last_health = report
-        except (aiohttp.ClientError, TimeoutError, OSError):
+        except TimeoutError:
+            ok, timed_out = False, True
+            inst.last_health = None
+        except (aiohttp.ClientError, OSError):
             ok = False
             inst.last_health = None
         HEALTH_CHECKS.labels(inst.name, "ok" if ok else "fail").inc()
@@ -127,6 +136,12 @@ class HealthChecker:
         if ok:
             streak = streak + 1 if streak > 0 else 1
             if not inst.healthy and streak >= cfg.rise and now >= inst.ejected_until:
+                if self.on_up is not None and not await self.on_up(inst):
+                    # Not fenced yet (a copy it still runs could not be stopped):
+                    # nothing is routed to it; the next round tries again.
+                    self._streak[inst.name] = streak
+                    return
+                self._down.discard(inst.name)
                 inst.healthy = True
                 inst.healthy_since = now
                 inst.failures = 0
@@ -137,13 +152,32 @@ class HealthChecker:
                 inst.ejections = 0
         else:
             streak = streak - 1 if streak < 0 else -1
-            if -streak == cfg.fall:
+            # A check that timed out while requests to the instance have had no
+            # byte back for as long: it hangs (a frozen event loop), down now.
+            hung = timed_out and inst.transport.stalled(cfg.timeout) > 0
+            if inst.name not in self._down and (-streak >= cfg.fall or hung):
                 # Down by active checks, whether or not traffic already ejected
                 # it: a busy instance is ejected by live traffic first, and its
                 # idle sessions must be evacuated all the same.
+                self._down.add(inst.name)
                 inst.healthy = False
-                self._events.add("down", instance=inst.name, failed_checks=-streak)
-                log.warning("instance %s failed %d health checks: marked down", inst.name, -streak)
+                released = inst.transport.abort_in_flight(
+                    f"instance {inst.name} stopped answering health checks"
+                )
+                self._events.add(
+                    "down",
+                    instance=inst.name,
+                    failed_checks=-streak,
+                    hung=hung,
+                    released=released,
+                )
+                log.warning(
+                    "instance %s failed %d health check(s)%s: marked down, %d request(s) released",
+                    inst.name,
+                    -streak,
+                    " with requests stalled on it" if hung else "",
+                    released,
+                )
                 if self.on_down is not None:
                     self.on_down(inst)
         self._streak[inst.name] = streak

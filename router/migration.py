@@ -417,6 +417,7 @@ class Migration:
     async def _stop_start(self, session: str, source: Instance, target: Instance) -> MoveResult:
         rt = self.rt
         adapter = rt.adapter
+        started = time.monotonic()
 
         def fail(error: str, detail: str = "") -> MoveResult:
             return MoveResult(session, source.name, target.name, "failed", error, detail)
@@ -444,8 +445,10 @@ class Migration:
         )
         if state is not None:
             await rt.resolver.record(session, target)
+            # Requests wait for the new copy to be ready (router.readiness).
+            rt.failover.readiness.track(session, target, started=started, status=state.status)
             return MoveResult(session, source.name, target.name, "moved")
-        return await self._roll_back(session, source, target, known)
+        return await self._roll_back(session, source, target, known, started)
 
     async def _not_on_source(self, session: str, source: Instance, target: Instance) -> MoveResult:
         """The source does not run the session: the map was stale, or the source
@@ -495,7 +498,7 @@ class Migration:
             delay = min(delay * 2, 0.5)
 
     async def _roll_back(
-        self, session: str, source: Instance, target: Instance, info: SessionInfo
+        self, session: str, source: Instance, target: Instance, info: SessionInfo, started: float
     ) -> MoveResult:
         rt = self.rt
         adapter = rt.adapter
@@ -513,12 +516,14 @@ class Migration:
             if there is not None and there.status in RUNNING:
                 # It did start, late: keep it there rather than make two.
                 await rt.resolver.record(session, target)
+                rt.failover.readiness.track(session, target, started=started, status=there.status)
                 return MoveResult(session, source.name, target.name, "moved", detail="late start")
         back = await start_and_wait(
             adapter, source, session, info, rt.config.failover.ready_timeout, events=rt.events
         )
         if back is not None:
             await rt.resolver.record(session, source)
+            rt.failover.readiness.track(session, source, started=started, status=back.status)
             return MoveResult(
                 session,
                 source.name,

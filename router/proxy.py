@@ -50,12 +50,14 @@ from router.metrics import (
     UPSTREAM_DURATION,
     UPSTREAM_ERRORS,
 )
+from router.readiness import Ready
 from router.resolver import Unanswered
 from router.retry import backoff, may_replay
 from router.store.base import StoreUnavailable
 from router.transport import (
     Body,
     ConnectFailed,
+    InstanceDown,
     StaleConnection,
     UpstreamError,
     UpstreamResponse,
@@ -333,6 +335,12 @@ class ProxyHandler:
             ) from None
         if running is not None:
             return running, False
+        where = await rt.removals.removed_from(session)
+        if isinstance(where, str):
+            # Created again after a removal: where its stopped copy may still be.
+            inst = rt.fleet.get(where)
+            if inst is not None and inst.placeable:
+                return inst, True
         return await self._route(ext)
 
     async def _send(
@@ -386,11 +394,15 @@ class ProxyHandler:
     async def _keep_notes(self, session: str, ureq: UpstreamRequest) -> None:
         """Remember what the create said that the upstream's listings forget."""
         notes = self.rt.adapter.create_notes(ureq)
-        if notes:
-            try:
-                await self.rt.smap.store.set_note(session, notes)
-            except StoreUnavailable:
-                log.warning("could not keep the create notes of %s (store unavailable)", session)
+        store = self.rt.smap.store
+        try:
+            # A create also ends a removal (router.removals): its note goes.
+            if notes:
+                await store.set_note(session, notes)
+            else:
+                await store.delete_note(session)
+        except StoreUnavailable:
+            log.warning("could not keep the create notes of %s (store unavailable)", session)
 
     async def _route(self, ext: Extraction) -> tuple[Instance, bool]:
         """The owner of the request's session; ``placed`` when it is a new placement."""
@@ -564,6 +576,8 @@ class ProxyHandler:
                 if recoverable and not inst.healthy:
                     assert session is not None
                     inst = await self._recover(session, inst, "owner_down", exclude_failed=True)
+                if session is not None and rt.failover.readiness.pending(session):
+                    inst = await self._until_ready(session, inst)
                 if inst is not rendered_for:
                     path_qs, data = self._render(request, ureq, body, inst, streamed)
                     rendered_for = inst
@@ -579,6 +593,21 @@ class ProxyHandler:
                     kind = _error_kind(exc)
                     UPSTREAM_ERRORS.labels(inst.name, kind).inc()
                     rt.outliers.failure(inst, kind)
+                    if isinstance(exc, InstanceDown) and recoverable and not streamed:
+                        # Released from a hung instance: a request that may be
+                        # repeated goes to the session's recovered copy; one
+                        # that may have been acted on is answered at once.
+                        assert session is not None
+                        if tries >= cfg.max_tries or not may_replay(
+                            method, request_sent=exc.request_sent, idempotency_key=False
+                        ):
+                            RETRIES_DENIED.labels("unsafe").inc()
+                            raise _transport_error(exc, inst, session) from exc
+                        inst = await self._recover(session, inst, "owner_down", exclude_failed=True)
+                        replaying = await self._replay_slot(kind)
+                        if not replaying:
+                            raise _transport_error(exc, inst, session) from exc
+                        continue
                     if streamed or tries >= cfg.max_tries or isinstance(exc, UpstreamTimeout):
                         # A timeout is not retried: the instance is slow or hung,
                         # and waiting again doubles the client's wait.
@@ -642,6 +671,13 @@ class ProxyHandler:
                         )
                     continue
 
+                if (
+                    200 <= up.status < 300
+                    and session is not None
+                    and method != "GET"
+                    and rt.adapter.removes(ureq)
+                ):
+                    await rt.removals.mark(session, by="client", instance=inst.name)
                 if rt.adapter.unwell(up.status):
                     # The instance says it is unwell (a gateway or overload
                     # answer), not that one session's call failed (a 500).
@@ -657,6 +693,35 @@ class ProxyHandler:
             if replaying:
                 rt.budget.release()
             rt.budget.leave()
+
+    async def _until_ready(self, session: str, inst: Instance) -> Instance:
+        """Hold a request for a copy the router is starting until it is READY
+        (bounded by ``failover.wait``): the client never gets the upstream's
+        "not connected" from a copy the router itself started."""
+        rt = self.rt
+        cfg = rt.config.failover
+        outcome = await rt.failover.readiness.wait(session, cfg.wait)
+        if outcome is Ready.NEEDS_AUTH:
+            raise RouterError(
+                503,
+                "session_needs_auth",
+                f"session {session!r} was restored but its instance asks for a new QR scan",
+                session=session,
+                headers={"Retry-After": str(cfg.retry_after)},
+            )
+        if outcome is Ready.TIMEOUT:
+            raise RouterError(
+                503,
+                "session_unavailable",
+                f"session {session!r} is starting on {inst.name}; not ready yet",
+                session=session,
+                instance=inst.name,
+                reason="starting",
+                headers={"Retry-After": str(cfg.retry_after)},
+            )
+        # READY, or the copy went (the request then finds out where it is).
+        owner = await rt.resolver.owner(session, rt.fleet, rt.adapter)
+        return owner if owner is not None else inst
 
     async def _replay_slot(self, reason: str) -> bool:
         """A retry-budget slot for one replay (bounded wait), counted in the metrics."""
@@ -693,6 +758,13 @@ class ProxyHandler:
         """The session's new owner after a failover, with the request re-targeted."""
         rt = self.rt
         new = await rt.failover.recover(session, failed, reason, exclude_failed=exclude_failed)
+        if new is None and await rt.removals.is_removed(session):
+            raise RouterError(
+                404,
+                "unknown_session",
+                f"session {session!r} was removed; create it again to use it",
+                session=session,
+            )
         if new is None:
             raise RouterError(
                 503,
@@ -896,6 +968,8 @@ def _error_kind(exc: UpstreamError) -> str:
         return "stale"
     if isinstance(exc, UpstreamTimeout):
         return "timeout"
+    if isinstance(exc, InstanceDown):
+        return "hung"
     return "reset"
 
 
@@ -909,6 +983,19 @@ def _transport_error(exc: UpstreamError, inst: Instance, session: str | None) ->
             session=session,
             instance=inst.name,
         )
+    # The instance may have acted on it: the client must not assume either way
+    # (and a repeat with its Idempotency-Key is told so, not resent).
+    outcome: dict[str, Any] = {"outcome": "unknown"} if exc.request_sent else {}
+    if isinstance(exc, InstanceDown):
+        return RouterError(
+            504,
+            "upstream_timeout",
+            f"instance {inst.name} stopped answering and was taken out of service",
+            session=session,
+            instance=inst.name,
+            request_sent=exc.request_sent,
+            **outcome,
+        )
     if isinstance(exc, UpstreamTimeout | ConnectFailed):
         return RouterError(
             504,
@@ -917,6 +1004,7 @@ def _transport_error(exc: UpstreamError, inst: Instance, session: str | None) ->
             session=session,
             instance=inst.name,
             request_sent=exc.request_sent,
+            **outcome,
         )
     return RouterError(
         502,
@@ -925,4 +1013,5 @@ def _transport_error(exc: UpstreamError, inst: Instance, session: str | None) ->
         session=session,
         instance=inst.name,
         request_sent=exc.request_sent,
+        **outcome,
     )

@@ -15,6 +15,7 @@ import aiohttp
 
 from router.adapters.base import Adapter, SessionInfo, SessionStatus
 from router.instances import Fleet, Instance
+from router.removals import Removals
 from router.sessionmap import SessionMap
 from router.store.base import StoreUnavailable
 
@@ -37,6 +38,8 @@ class Resolver:
     def __init__(self, smap: SessionMap, probe_timeout: float = 2.0) -> None:
         self.smap = smap
         self.probe_timeout = probe_timeout
+        # Sessions removed on purpose are not looked for (router.removals).
+        self.removals: Removals | None = None
         self._inflight: dict[str, asyncio.Future[Instance | None]] = {}
 
     async def owner(self, session: str, fleet: Fleet, adapter: Adapter) -> Instance | None:
@@ -73,6 +76,8 @@ class Resolver:
             inst = fleet.get(name)
             if inst is not None:
                 return inst
+        if self.removals is not None and await self.removals.is_removed(session):
+            return None
         found = await self.locate(session, fleet, adapter)
         if found is not None:
             await self.record(session, found)

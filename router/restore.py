@@ -1,7 +1,11 @@
 """Start a session on a chosen instance and wait (bounded) until it reports in.
 
 Used by failover (restore after a crash), migration (drain, move) and
-rebalancing. The caller holds the session's lock.
+rebalancing. The caller holds the session's lock. What "reports in" means is
+the caller's: failover maps a restored copy as soon as the instance runs it
+(``RUNS``: starting, ready or asking for a QR) and lets ``router.readiness``
+hold requests until it is READY; a move waits for ``SETTLED`` (ready, or
+asking for a QR) before it switches the map, or rolls back.
 
 A start answered "held elsewhere" (``HeldElsewhere``: a browser of a crashed
 instance still holds the session's profile in the shared storage) is tried
@@ -24,8 +28,8 @@ from router.store.base import SessionStore, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
-# A session that reached one of these runs on the instance: stop waiting.
-_SETTLED = frozenset({SessionStatus.READY, SessionStatus.NEEDS_AUTH})
+RUNS = frozenset({SessionStatus.READY, SessionStatus.STARTING, SessionStatus.NEEDS_AUTH})
+SETTLED = frozenset({SessionStatus.READY, SessionStatus.NEEDS_AUTH})
 _POLL = 0.05
 # First wait after "held elsewhere"; doubles up to _HELD_MAX.
 _HELD_FIRST = 0.25
@@ -55,9 +59,10 @@ async def start_and_wait(
     info: SessionInfo | None,
     ready_timeout: float,
     *,
+    until: frozenset[SessionStatus] = SETTLED,
     events: EventLog | None = None,
 ) -> SessionInfo | None:
-    """The session's state on ``inst`` once settled, or None if it failed or timed out."""
+    """The session's state on ``inst`` once in ``until``, or None if it failed or timed out."""
     deadline = time.monotonic() + ready_timeout
     try:
         async with asyncio.timeout(ready_timeout):
@@ -65,7 +70,7 @@ async def start_and_wait(
             delay = _POLL
             while True:
                 state = await adapter.probe(inst.http, inst.config, session)
-                if state is not None and state.status in _SETTLED:
+                if state is not None and state.status in until:
                     return state
                 if state is not None and state.status is SessionStatus.FAILED:
                     return None

@@ -20,6 +20,7 @@ from router.idempotency import IdempotencyStore, MemoryIdempotency
 from router.instances import Fleet, Instance
 from router.locks import LocalLocks, SessionLocks
 from router.placement import Reservations, choose
+from router.removals import Removals
 from router.resolver import Resolver
 from router.retry import RetryBudget
 from router.sessionmap import SessionMap
@@ -48,6 +49,7 @@ class Runtime:
     # Built from the runtime itself, right after it (see ``Runtime.create``).
     failover: Failover = field(init=False)
     outliers: Outliers = field(init=False)
+    removals: Removals = field(init=False)
     # Rediscovery / reconcile and drain / move, set by the server at start
     # (they outlive a reload: each reads the current runtime through a getter).
     discovery: Discovery | None = None
@@ -81,6 +83,8 @@ class Runtime:
         )
 
     def __post_init__(self) -> None:
+        self.removals = Removals(self.smap, self.events)
+        self.resolver.removals = self.removals
         self.failover = Failover(self)
         self.outliers = Outliers(lambda: (self.fleet, self.config.outlier), self.events)
         self.budget.ratio = self.config.failover.retry_budget

@@ -113,8 +113,10 @@ class Server:
         register_runtime(self.runtime)
         self.health = HealthChecker(self._health_state, self.runtime.events)
         runtime = self.runtime
-        # A down instance's idle sessions are recovered too, not only busy ones.
+        # A down instance's idle sessions are recovered too, not only busy ones;
+        # when it comes back, what was moved off it is stopped there first.
         self.health.on_down = lambda inst: runtime.failover.evacuate_soon(inst)
+        self.health.on_up = runtime.failover.fence
         self.health.start()
 
         # Map every session the instances run before the first request.
@@ -139,7 +141,10 @@ class Server:
             from router.webhooks import WebhookRelay
 
             self.webhooks = WebhookRelay(
-                cfg, on_session_hint=self._session_hint, claim_sessions=self._claim_sessions
+                cfg,
+                on_session_hint=self._session_hint,
+                on_qr=runtime.failover.readiness.auth_needed,
+                claim_sessions=self._claim_sessions,
             )
             await self.webhooks.start()
 

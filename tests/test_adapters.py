@@ -22,6 +22,7 @@ from router.adapters.base import (
     Adapter,
     BadSessionId,
     Extraction,
+    SessionInfo,
     SessionStatus,
     UpstreamRequest,
     valid_session_id,
@@ -131,7 +132,8 @@ WAHA_CASES: list[tuple[str, str, dict[str, Any] | None, Extraction]] = [
     ("PUT", "/api/sessions/s3", {"config": {}}, S("s3")),
     ("DELETE", "/api/sessions/s3", None, S("s3")),
     ("GET", "/api/sessions/s3/me", None, S("s3")),
-    ("POST", "/api/sessions/s3/start", None, S("s3")),
+    # starting a (stopped) session creates it again: router.removals
+    ("POST", "/api/sessions/s3/start", None, created("s3")),
     ("POST", "/api/sessions/s3/stop", None, S("s3")),
     ("POST", "/api/sessions/s3/restart", None, S("s3")),
     ("POST", "/api/sessions/s3/logout", None, S("s3")),
@@ -144,7 +146,7 @@ WAHA_CASES: list[tuple[str, str, dict[str, Any] | None, Extraction]] = [
     ("POST", "/api/sessions/stop", {}, S("default")),
     # ... but a GET of a session named "start" is just that
     ("GET", "/api/sessions/start", None, S("start")),
-    ("POST", "/api/sessions/start/start", None, S("start")),
+    ("POST", "/api/sessions/start/start", None, created("start")),
     # JSON body "session" (default "default")
     ("POST", "/api/sendText", {"session": "s5", "chatId": "1@c.us", "text": "hi"}, S("s5")),
     ("POST", "/api/sendText", {"chatId": "1@c.us", "text": "hi"}, S("default")),
@@ -1190,3 +1192,104 @@ def test_generic_accepts_tuples_and_read_only_mappings() -> None:
     )
     assert extract(a, "GET", "/x?s=abc") == S("abc")
     assert a.session_missing(410, b"")
+
+
+# -- removals, health answers, per-route timeouts, unwell ----------------------------
+
+
+@pytest.mark.parametrize(
+    ("adapter_name", "method", "url", "expected"),
+    [
+        ("waha", "DELETE", "/api/sessions/s1", True),
+        ("waha", "POST", "/api/sessions/s1/stop", True),
+        ("waha", "POST", "/api/sessions/s1/logout", True),
+        ("waha", "POST", "/api/sessions/stop", True),
+        ("waha", "POST", "/api/sessions/s1/restart", False),
+        ("waha", "GET", "/api/sessions/s1", False),
+        ("waha", "DELETE", "/api/s1/chats/1", False),
+        ("blazz", "DELETE", f"/api/sessions/{BLAZZ_ID}", True),
+        ("blazz", "DELETE", f"/api/sessions/{BLAZZ_ID}/", True),
+        ("blazz", "POST", f"/api/sessions/{BLAZZ_ID}/reconnect", False),
+        ("wwebjs", "GET", "/session/terminate/s1", True),
+        ("wwebjs", "GET", "/session/stop/s1", True),
+        ("wwebjs", "GET", "/session/status/s1", False),
+        ("evolution", "DELETE", "/instance/logout/i1", True),
+        ("evolution", "DELETE", "/instance/delete/i1", True),
+        ("evolution", "POST", "/instance/restart/i1", False),
+    ],
+)
+def test_removes(adapter_name: str, method: str, url: str, expected: bool) -> None:
+    adapter = {"waha": waha, "blazz": blazz, "wwebjs": wwebjs, "evolution": evolution}[adapter_name]
+    assert adapter.removes(make(adapter, method, url)) is expected
+
+
+def test_unwell_counts_gateway_answers_not_application_errors() -> None:
+    for adapter in (waha, blazz, wwebjs, evolution):
+        assert [s for s in (400, 404, 500, 501, 502, 503, 504) if adapter.unwell(s)] == [
+            502,
+            503,
+            504,
+        ]
+
+
+def test_blazz_statuses_as_the_real_service_sets_them() -> None:
+    from router.adapters._http import map_status
+    from router.adapters.blazz import _STATUSES
+
+    def status(s: str) -> SessionStatus:
+        return map_status(_STATUSES, s)
+
+    assert status("connected") is SessionStatus.READY
+    # qr_scanning is also what a restore from stored auth reports: starting.
+    assert status("qr_scanning") is SessionStatus.STARTING
+    assert status("authenticated") is SessionStatus.STARTING
+    assert status("error") is SessionStatus.FAILED
+    assert status("disconnected") is SessionStatus.STOPPED
+
+
+def test_blazz_answers_a_create_for_a_running_session_itself() -> None:
+    info = SessionInfo(BLAZZ_ID, SessionStatus.READY, {"status": "connected"})
+    answer = blazz.create_answer(BLAZZ_ID, info)
+    assert answer is not None and answer.status == 200
+    assert answer.body == {"success": True, "session_id": BLAZZ_ID, "status": "connected"}
+    assert waha.create_answer("s1", None) is None  # WAHA's own 422 is harmless
+    notes = blazz.create_notes(
+        make(
+            blazz,
+            "POST",
+            "/api/sessions",
+            {"session_id": BLAZZ_ID, "workspace_id": 7, "account_id": 11, "api_key": "k"},
+        )
+    )
+    assert notes == {"workspace_id": 7, "account_id": 11}
+
+
+def test_blazz_gives_session_calls_its_own_sixty_seconds_and_more() -> None:
+    assert blazz.request_timeout("POST", "/api/sessions") == 65.0
+    assert blazz.request_timeout("DELETE", f"/api/sessions/{BLAZZ_ID}") == 65.0
+    assert blazz.request_timeout("POST", "/api/messages/send") is None
+    assert waha.request_timeout("POST", "/api/sessions") is None
+
+
+def test_blazz_health_answer_sums_the_fleet_in_blazz_shape() -> None:
+    from router.adapters.base import HealthReport, InstanceHealth
+
+    fleet = [
+        InstanceHealth("a", True, HealthReport(True, sessions=3, connected=2)),
+        InstanceHealth("b", True, HealthReport(True, sessions=1, connected=1)),
+        InstanceHealth("c", False, None),
+    ]
+    assert blazz.health_paths == {"/health", "/health/ready", "/health/live"}
+    answer = blazz.health_answer("/health", fleet)
+    assert answer.status == 200
+    body = answer.body
+    assert isinstance(body, dict)
+    assert body["status"] == "degraded"
+    assert body["sessions"] == {"total": 4, "connected": 3, "disconnected": 1}
+    assert body["instances"] == {"total": 3, "healthy": 2, "down": ["c"]}
+    assert set(body) >= {"uptime", "memory", "timestamp"}
+    down = [InstanceHealth("a", False, None)]
+    assert blazz.health_answer("/health", down).status == 503
+    assert blazz.health_answer("/health/ready", down).status == 503
+    assert blazz.health_answer("/health/live", down).status == 200
+    assert waha.health_paths == frozenset()

@@ -217,6 +217,11 @@ class Adapter(ABC):
         STARTING). ``info`` is what another instance last reported of it.
         """
 
+    #: False when the API has no stop that keeps the login (``stop`` always
+    #: refuses): such sessions cannot be moved, and a copy left running on an
+    #: instance that comes back cannot be fenced off.
+    can_stop: bool = True
+
     @abstractmethod
     async def stop(self, http: aiohttp.ClientSession, inst: InstanceConfig, session: str) -> bool:
         """Stop ``session`` on ``inst`` *keeping its login* (auth files), so that
@@ -260,6 +265,18 @@ class Adapter(ABC):
         (Blazz) answers here; one that answers "already exists" itself
         (WAHA's 422) forwards."""
         return None
+
+    #: True when STOPPED in this API's listings means "stopped on purpose"
+    #: (WAHA keeps a stopped session until it is started again), so that
+    #: discovery may take it as removed (router.removals). False where STOPPED
+    #: also covers a dropped connection that the upstream will retry.
+    stopped_is_removed: bool = False
+
+    def removes(self, req: UpstreamRequest) -> bool:
+        """True when this request, answered 2xx, removes its session on purpose
+        (delete, stop, logout): the router then never brings it back until it
+        is created again. Default: none."""
+        return False
 
     def create_notes(self, req: UpstreamRequest) -> Mapping[str, Any]:
         """What to remember from a create request for later restores

@@ -23,11 +23,17 @@ Blazz launch a second browser on the same profile, fail, and drop its own
 record of the running one: the router answers such creates itself
 (``create_answer``). ``/api/sessions*`` calls get Blazz's own 60 s budget.
 
-Session states (``SessionStatus``): ``qr_scanning`` is NEEDS_AUTH on a
-fresh create but also what a restore from stored auth reports until the
-client's ``ready`` event, ``authenticated`` is STARTING, ``connected`` is
-READY, ``error`` (no phone number after ``ready``) and ``failed`` are FAILED,
-``disconnected`` is STOPPED.
+Session states (``SessionStatus``), as ``SessionManager.js`` sets them:
+
+| Blazz | router | meaning |
+|---|---|---|
+| ``qr_scanning`` | STARTING | browser up: restoring the login or awaiting a scan [1] |
+| ``authenticated`` | STARTING | login accepted, not ready yet |
+| ``connected`` | READY | the only state that can send |
+| ``error`` | FAILED | ready but no phone number: final |
+| ``disconnected`` | STOPPED | the client dropped (the service may reconnect it) |
+
+[1] A ``qr_code_generated`` webhook says which: then NEEDS_AUTH.
 """
 
 from __future__ import annotations
@@ -74,7 +80,9 @@ _STATUSES: Final[Mapping[str, SessionStatus]] = {
     "ready": SessionStatus.READY,
     "authenticated": SessionStatus.STARTING,
     "initializing": SessionStatus.STARTING,
-    "qr_scanning": SessionStatus.NEEDS_AUTH,
+    # Both "restoring the stored login" and "waiting for a scan": only QR
+    # webhooks tell them apart (router.readiness.Readiness.auth_needed).
+    "qr_scanning": SessionStatus.STARTING,
     "disconnected": SessionStatus.STOPPED,
     "failed": SessionStatus.FAILED,
     "error": SessionStatus.FAILED,
@@ -198,6 +206,11 @@ class BlazzAdapter(JsonAdapter):
 
     def _key_params(self, inst: InstanceConfig) -> dict[str, str]:
         return {_KEY: inst.api_key} if inst.api_key else {}
+
+    def removes(self, req: UpstreamRequest) -> bool:
+        # DELETE /api/sessions/{id}: disconnects it (the login stays on disk).
+        parts = req.path.rstrip("/").split("/")
+        return req.method == "DELETE" and len(parts) == 4 and parts[2].lower() == "sessions"
 
     def request_timeout(self, method: str, path: str) -> float | None:
         return self.sessions_timeout if path.startswith("/api/sessions") else None

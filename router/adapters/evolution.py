@@ -6,6 +6,11 @@ of three or more segments names its instance last, except under a few
 non-API roots (manager UI, docs, static assets). Two-segment paths are about
 no instance (``/instance/fetchInstances``) except ``POST /instance/create``,
 a create with body ``instanceName``. Credential: header ``apikey``.
+
+Session states (``connectionState``): ``open`` is READY, ``connecting``
+STARTING (a QR may be pending: Evolution does not say), ``close`` STOPPED (a
+dropped connection too, so never taken as removed), ``refused`` FAILED.
+``DELETE /instance/logout|delete/{i}`` removes.
 """
 
 from __future__ import annotations
@@ -101,6 +106,16 @@ class EvolutionAdapter(HeaderCredentialAdapter):
 
     # -- 5. credentials ----------------------------------------------------------
     # -- answers -----------------------------------------------------------------
+    def removes(self, req: UpstreamRequest) -> bool:
+        # DELETE /instance/logout/{i} (unpairs) and /instance/delete/{i}.
+        parts = req.path.strip("/").split("/")
+        return (
+            req.method == "DELETE"
+            and len(parts) == 3
+            and parts[0] == "instance"
+            and parts[1] in ("logout", "delete")
+        )
+
     def session_missing(self, status: int, body: bytes) -> bool:
         # Evolution answers 404 '{"response":{"message":["The \"x\" instance
         # does not exist"]}}' for an instance it does not hold; any other 404
@@ -170,6 +185,8 @@ class EvolutionAdapter(HeaderCredentialAdapter):
     ) -> bool:
         res = await self._call(http, inst, "GET", f"/instance/connect/{session}")
         return res.ok
+
+    can_stop = False
 
     async def stop(self, http: aiohttp.ClientSession, inst: InstanceConfig, session: str) -> bool:
         # Evolution has no stop that keeps the login: ``DELETE /instance/logout``

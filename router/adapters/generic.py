@@ -402,6 +402,7 @@ class GenericAdapter(JsonAdapter):
         self._probe = _parse_call(f"{w}.probe", "probe", opts["probe"])
         self._start = _parse_call(f"{w}.start", "start", opts["start"]) if "start" in opts else None
         self._stop = _parse_call(f"{w}.stop", "stop", opts["stop"]) if "stop" in opts else None
+        self.can_stop = self._stop is not None
         self._health = _parse_call(f"{w}.health", "health", opts["health"])
 
         self._missing_status: frozenset[int] = frozenset({404})

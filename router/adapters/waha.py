@@ -13,6 +13,12 @@ Where the session is (see ``shared/upstreams.md``):
 
 Reserved roots are matched case-insensitively: WAHA runs on Express, whose
 router ignores case, so ``/api/SendText`` reaches the send handler there too.
+
+Session states: ``STARTING`` is STARTING, ``WORKING`` READY, ``SCAN_QR_CODE``
+and ``PASSKEY_REQUIRED`` NEEDS_AUTH (a scan is needed), ``FAILED`` FAILED,
+``STOPPED`` STOPPED (stopped by an API call: discovery takes it as removed).
+A delete, ``stop`` or ``logout`` through the router removes the session
+(``removes``); ``POST /api/sessions/{s}/start`` creates it again.
 """
 
 from __future__ import annotations
@@ -256,6 +262,10 @@ class WahaAdapter(JsonAdapter):
             session = self.default_session if name is None else valid_session_id(name)
             # Legacy start is WAHA's "upsert and start": it may create.
             return Extraction(session, create=seg == "start")
+        if req.method == "POST" and rest.rstrip("/").lower().endswith("/start"):
+            # Starting a stopped session is how WAHA creates it again (after a
+            # stop through the router, which marked it removed: router.removals).
+            return Extraction(self._ids.get(seg).session, create=True)
         return self._ids.get(seg)
 
     def _files(self, rest: str) -> Extraction:
@@ -264,6 +274,21 @@ class WahaAdapter(JsonAdapter):
             # Pre-multi-session layout /api/files/{file}: the default session's media.
             return self._default if rest else _NO_SESSION
         return self._ids.get(rest[:slash])
+
+    stopped_is_removed = True
+
+    def removes(self, req: UpstreamRequest) -> bool:
+        # DELETE /api/sessions/{s}; POST /api/sessions/{s}/stop|logout and the
+        # legacy POST /api/sessions/stop|logout {"name"}.
+        path = req.path.rstrip("/")
+        if not path.lower().startswith("/api/sessions/"):
+            return False
+        parts = path[14:].split("/")
+        if req.method == "DELETE":
+            return len(parts) == 1
+        if req.method == "POST":
+            return parts[-1].lower() in ("stop", "logout") and len(parts) <= 2
+        return False
 
     # -- 5. credentials ----------------------------------------------------------
     def client_key(self, req: UpstreamRequest) -> str | None:

@@ -6,6 +6,11 @@ of ``session``, ``client``, ``chat``, ``groupChat``, ``message``,
 as ``/session/qr/{id}/image``, hence "the third segment").
 ``/session/getSessions``, ``/session/terminateAll`` and friends have no id;
 ``/session/start/{id}`` creates. Credential: header ``x-api-key``.
+
+Session states (whatsapp-web.js ``WAState``): ``CONNECTED`` is READY;
+``OPENING``, ``PAIRING``, ``TIMEOUT``, ``CONFLICT``, ``UNLAUNCHED`` STARTING;
+``UNPAIRED``, ``UNPAIRED_IDLE`` NEEDS_AUTH; the ``*_BLOCK`` states and
+``DEPRECATED_VERSION`` FAILED. ``/session/stop|terminate/{id}`` removes.
 """
 
 from __future__ import annotations
@@ -98,6 +103,11 @@ class WwebjsAdapter(HeaderCredentialAdapter):
 
     # -- 5. credentials ----------------------------------------------------------
     # -- answers -----------------------------------------------------------------
+    def removes(self, req: UpstreamRequest) -> bool:
+        # /session/stop/{id} and /session/terminate/{id} (terminate also logs out).
+        parts = req.path.strip("/").split("/")
+        return len(parts) == 3 and parts[0] == "session" and parts[1] in ("stop", "terminate")
+
     def session_missing(self, status: int, body: bytes) -> bool:
         return status == 404 and _NOT_FOUND in body[:4096]
 

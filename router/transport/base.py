@@ -147,6 +147,12 @@ class UpstreamTimeout(UpstreamError):
     """No (further) answer within the read timeout."""
 
 
+class InstanceDown(UpstreamError):
+    """The instance was declared down (hung: no answer to health checks) while
+    this request waited on it: released at once instead of after the read
+    timeout. ``request_sent`` as for any error; nothing came back."""
+
+
 class BadResponse(UpstreamError):
     """The upstream sent something that is not a valid HTTP/1.x response."""
 
@@ -210,6 +216,18 @@ class Transport(ABC):
         ``Transfer-Encoding: chunked`` for an async iterable, ``Content-Length:
         0`` for no body on a method that has one). Raises ``UpstreamError``.
         """
+
+    def stalled(self, silent_for: float) -> int:
+        """Requests in flight that have had no byte of answer for ``silent_for``
+        seconds (evidence that the instance hangs). 0 when the transport
+        cannot tell."""
+        return 0
+
+    def abort_in_flight(self, reason: str) -> int:
+        """Fail every request in flight that has had no byte of answer with
+        ``InstanceDown`` (the instance was declared down); how many. Answers
+        already arriving are left alone."""
+        return 0
 
     @abstractmethod
     async def close(self) -> None:

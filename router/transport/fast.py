@@ -63,6 +63,7 @@ from router.transport.base import (
     Body,
     ConnectFailed,
     HeaderItems,
+    InstanceDown,
     StaleConnection,
     Transport,
     UpstreamDisconnected,
@@ -926,6 +927,22 @@ class FastTransport(Transport):
         except BaseException:
             _abandon(conn, fut)
             raise
+
+    def stalled(self, silent_for: float) -> int:
+        pool = self._pool
+        if pool is None:
+            return 0
+        now = pool.loop.time()
+        return sum(1 for c in pool.in_flight if not c.rx and now - c.last_rx >= silent_for)
+
+    def abort_in_flight(self, reason: str) -> int:
+        pool = self._pool
+        if pool is None:
+            return 0
+        silent = [c for c in pool.in_flight if not c.rx]
+        for conn in silent:
+            conn._broken(InstanceDown(reason, request_sent=conn.sent, reused=conn.reused))
+        return len(silent)
 
     async def close(self) -> None:
         if self._pool is not None:

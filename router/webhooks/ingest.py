@@ -68,6 +68,7 @@ _BLAZZ_STATUS_EVENTS = frozenset(
     {"session.status", "session_status", "session_status_changed", "status"}
 )
 _BLAZZ_CONNECTED = frozenset({"connected", "ready"})
+_BLAZZ_QR_EVENTS = frozenset({"qr_code_generated"})
 
 
 def new_event_id() -> str:
@@ -109,6 +110,19 @@ def extract(dialect: str, doc: Mapping[str, Any]) -> tuple[str, str | None, str 
     return event, session, given_id
 
 
+def asks_for_qr(dialect: str, event: str, session: str | None, doc: Mapping[str, Any]) -> bool:
+    """Does this event say ``session`` needs a new QR scan (its login is gone)?
+    (Blazz reports ``qr_scanning`` both while restoring and when waiting for a
+    scan; only its QR events tell the two apart.)"""
+    if session is None or not _SESSION_RE.fullmatch(session):
+        return False
+    if dialect == "waha":
+        payload = doc.get("payload")
+        status = payload.get("status") if isinstance(payload, Mapping) else None
+        return event == "session.status" and status == "SCAN_QR_CODE"
+    return event in _BLAZZ_QR_EVENTS
+
+
 def session_hint(dialect: str, event: str, session: str | None, doc: Mapping[str, Any]) -> bool:
     """Does this event announce that ``session`` now runs on the sending instance?"""
     if session is None or not _SESSION_RE.fullmatch(session):
@@ -135,6 +149,7 @@ class Ingest:
         *,
         ordering: str = "session",
         on_session_hint: SessionHint | None = None,
+        on_qr: Callable[[str, str], None] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.cfg = cfg
@@ -145,6 +160,8 @@ class Ingest:
         self.set_instances(instances)
         self.ordering = ordering
         self.on_session_hint = on_session_hint
+        # (session, instance): the instance asks for a QR for it (router.readiness).
+        self.on_qr = on_qr
         self._clock = clock
         self._hint_tasks: set[asyncio.Task[None]] = set()
 
@@ -253,6 +270,9 @@ class Ingest:
         if self.on_session_hint is not None and session_hint(dialect, event_type, session, doc):
             assert session is not None
             self._hint(session, instance)
+        if self.on_qr is not None and asks_for_qr(dialect, event_type, session, doc):
+            assert session is not None
+            self.on_qr(session, instance)
         answer: dict[str, Any] = {
             "status": "queued" if events else "unrouted",
             "id": event_id,

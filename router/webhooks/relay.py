@@ -86,6 +86,7 @@ class WebhookRelay:
         *,
         queue: EventQueue | None = None,
         on_session_hint: SessionHint | None = None,
+        on_qr: Callable[[str, str], None] | None = None,
         claim_sessions: ClaimSessions | None = None,
         clock: Callable[[], float] = time.time,
         stats_interval: float = 2.0,
@@ -110,6 +111,7 @@ class WebhookRelay:
             self.queue,
             ordering=self.delivery.ordering,
             on_session_hint=on_session_hint,
+            on_qr=on_qr,
             clock=clock,
         )
         self.admin = WebhookAdmin(self.queue, config.admin_key)
