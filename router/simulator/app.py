@@ -13,8 +13,10 @@ from collections.abc import Callable
 from aiohttp import web
 
 from router.simulator import blazz, control, waha
+from router.simulator.blazz_sessions import BlazzSessions
 from router.simulator.context import SIM, SimContext
 from router.simulator.faults import fault_middleware
+from router.simulator.laravel import Laravel
 from router.simulator.options import SimulatorOptions
 from router.simulator.recorder import Recorder
 from router.simulator.sessions import AuthStore, SessionRegistry
@@ -29,9 +31,19 @@ def build_app(opts: SimulatorOptions) -> web.Application:
     registry = SessionRegistry(
         opts.name, AuthStore(opts.auth_dir), opts.start_delay, opts.auto_auth
     )
-    ctx = SimContext(opts, registry, Recorder(opts.name, opts.record))
+    ctx = SimContext(opts, registry, Recorder(opts.name, opts.record), port=opts.port)
+    outer = []
+    if opts.dialect == "blazz":
+        laravel = None
+        if opts.laravel_url is not None:
+            assert opts.hmac_secret is not None
+            laravel = Laravel(
+                opts.laravel_url, opts.hmac_secret, opts.api_key, lambda: ctx.port, opts.retry_scale
+            )
+        ctx.blazz = BlazzSessions(opts, laravel)
+        outer = blazz.outer_middlewares(ctx)
     app = web.Application(
-        middlewares=[fault_middleware(ctx.faults)], client_max_size=CLIENT_MAX_SIZE
+        middlewares=[*outer, fault_middleware(ctx.faults)], client_max_size=CLIENT_MAX_SIZE
     )
     app[SIM] = ctx
     control.setup(app)
@@ -54,6 +66,10 @@ async def _on_shutdown(app: web.Application) -> None:
 async def _on_cleanup(app: web.Application) -> None:
     ctx = app[SIM]
     ctx.sessions.close()
+    if ctx.blazz is not None:
+        ctx.blazz.shutdown()  # graceful: every client destroyed, browsers killed
+        if ctx.blazz.laravel is not None:
+            await ctx.blazz.laravel.close()
     ctx.recorder.close()
 
 
@@ -78,7 +94,13 @@ async def serve(opts: SimulatorOptions) -> None:
     await runner.setup()
     site = web.TCPSite(runner, opts.host, opts.port)
     await site.start()
+    ctx = runner.app[SIM]
+    ctx.port = runner.addresses[0][1]
     print(f"{READY_PREFIX} {_url(runner.addresses[0])}", flush=True)
+    restoring = None
+    if ctx.blazz is not None and ctx.blazz.laravel is not None:
+        # Blazz, after listen(): create every session the main app lists.
+        restoring = asyncio.create_task(ctx.blazz.restore_from_main_app())
 
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -90,8 +112,9 @@ async def serve(opts: SimulatorOptions) -> None:
     try:
         await stopping.wait()
     finally:
-        if watcher is not None:
-            watcher.cancel()
+        for task in (watcher, restoring):
+            if task is not None:
+                task.cancel()
         await runner.cleanup()
 
 

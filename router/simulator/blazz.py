@@ -1,292 +1,709 @@
-"""The Blazz ``whatsapp-service`` dialect (Express + whatsapp-web.js).
+"""The Blazz ``whatsapp-service`` dialect (Express 4 + whatsapp-web.js 1.33).
 
-The session id is in the path for session routes and only in the JSON body
-for sends. Auth: ``api_key`` in the JSON body or the query string, never a
-header. Unknown session -> 404 ``{"error": "Session not found"}``.
-``POST /api/sessions/{id}/restore`` is broken as in the real service; a
-restore is ``POST /api/sessions`` with the same ``session_id``.
+As strict as the real service, observed offline (``/work/real-blazz/REPORT.md``,
+service source ``ltmoerdani/blazz@5d71136`` ``whatsapp-service/``):
+
+- Bodies: ``express.json()`` + ``express.urlencoded()`` (see ``express.py``);
+  JSON without ``Content-Type: application/json`` is ignored (body ``{}``);
+  malformed JSON is Express's 400 HTML page.
+- Auth in each handler, first: ``api_key`` from the body for POST/PUT/DELETE,
+  from the query for GET (a repeated one is an array: 401), never a header.
+  401 ``{"error":"Invalid API key"}``. Without ``--api-key`` only a request
+  *without* ``api_key`` passes (``undefined === undefined``).
+- Routing: case-insensitive, one optional trailing slash, ``:sessionId``
+  percent-decoded (a malformed escape is 500 "Failed to decode param");
+  no route: 404 ``{"error":"Endpoint not found","path":<originalUrl>,...}``.
+- Sessions and sends: ``blazz_sessions.py``. Health: ``/health`` always 200,
+  ``/health/ready`` 200 only with a main app and an API key configured,
+  ``/health/live`` always 503 (the real bug).
+- TimeoutHandler: a request still running when its budget (60 s
+  ``/api/sessions*``, 45 s sends, 5 s ``/health*``, 30 s others) runs out
+  crashes the process (``winston.warning is not a function``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
+import os
+import re
 import resource
+import sys
 import time
-from datetime import UTC, datetime
-from typing import Any
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Final
 
 from aiohttp import web
-from aiohttp.typedefs import Handler
+from aiohttp.typedefs import Handler, Middleware
 
+from router.simulator.blazz_sessions import BlazzSessions, CreateFailed, SendFailed
 from router.simulator.context import SimContext, sim
-from router.simulator.sessions import SimSession, Status, valid_name
-from router.simulator.util import json_object, random_hex
+from router.simulator.express import (
+    MISSING,
+    JSDate,
+    Route,
+    decode_uri_component,
+    field,
+    html_error,
+    json_response,
+    now_iso,
+    parse_body,
+    query_of,
+    truthy,
+)
+from router.simulator.util import random_hex
+
+AVAILABLE_ENDPOINTS: Final = [
+    "/health",
+    "/health/detailed",
+    "/health/ready",
+    "/health/live",
+    "/health/metrics",
+    "/api/sessions",
+    "/api/messages/send",
+    "/api/messages/send-media",
+    "/api/messages/bulk-send",
+]
+# JavaScript's /^\+?[\d\s\-\(\)]+$/ after .replace(/\s/g, '') (\d is ASCII).
+_JS_SPACE: Final = re.compile(
+    "[\t\n\v\f\r \u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff]"
+)
+_PHONE: Final = re.compile(
+    "\\+?[0-9\t\n\v\f\r \u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff\\-()]+"
+)
 
 
-def blazz_status(session: SimSession) -> str:
-    if session.status is Status.WORKING:
-        return "connected"
-    if session.status is Status.STARTING:
-        return "authenticated" if session.restoring else "qr_scanning"
-    if session.status is Status.SCAN_QR_CODE:
-        return "qr_scanning"
-    if session.status is Status.FAILED:
-        return "failed"
-    return "disconnected"
+@dataclass(slots=True)
+class Call:
+    """One request as an Express handler sees it."""
+
+    request: web.Request
+    ctx: SimContext
+    params: dict[str, str]
+    query: dict[str, Any]
+    body: Any
+
+    @property
+    def sessions(self) -> BlazzSessions:
+        assert self.ctx.blazz is not None
+        return self.ctx.blazz
+
+    def key_ok(self, given: Any) -> bool:
+        """``api_key !== (process.env.API_KEY || process.env.LARAVEL_API_TOKEN)``."""
+        expected = self.ctx.options.api_key or None
+        if expected is None:
+            return given is MISSING
+        return isinstance(given, str) and hmac.compare_digest(given.encode(), expected.encode())
+
+    def body_key(self) -> bool:
+        return self.key_ok(field(self.body, "api_key"))
+
+    def query_key(self) -> bool:
+        return self.key_ok(self.query.get("api_key", MISSING))
 
 
-def _iso(ts: float | None) -> str | None:
-    return None if ts is None else datetime.fromtimestamp(ts, UTC).isoformat()
+Endpoint = Callable[[Call], Awaitable[web.StreamResponse]]
 
 
-def session_json(session: SimSession) -> dict[str, Any]:
-    working = session.status is Status.WORKING
-    return {
-        "session_id": session.name,
-        "workspace_id": session.workspace_id,
-        "account_id": session.account_id,
-        "status": blazz_status(session),
-        "phone_number": session.phone if working else None,
-        "connected_at": _iso(session.connected_at),
-    }
+def _json(body: Any, status: int = 200) -> web.Response:
+    return json_response(status, body)
 
 
-def _error(status: int, message: str, **extra: Any) -> web.Response:
-    return web.json_response({"success": False, "error": message, **extra}, status=status)
+def _bad_key() -> web.Response:
+    return _json({"error": "Invalid API key"}, 401)
 
 
 def _not_found() -> web.Response:
-    return _error(404, "Session not found")
+    return _json({"error": "Session not found"}, 404)
 
 
-@web.middleware
-async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    key = sim(request).options.api_key
-    if key is None or not request.path.startswith("/api/"):
-        return await handler(request)
-    given: object = request.query.get("api_key")
-    if request.method not in ("GET", "HEAD") and request.can_read_body:
-        body = await json_object(request)
-        given = (body or {}).get("api_key", given)
-    if not isinstance(given, str) or not hmac.compare_digest(given.encode(), key.encode()):
-        return web.json_response({"error": "Invalid API key"}, status=401)
-    return await handler(request)
+def _server_error(message: str) -> web.Response:
+    return _json({"error": message}, 500)
 
 
-# -- health ---------------------------------------------------------------
+# -- health (no key) -----------------------------------------------------------
 
 
-async def health(request: web.Request) -> web.Response:
-    ctx = sim(request)
-    sessions = list(ctx.sessions.sessions.values())
-    connected = sum(1 for s in sessions if s.status is Status.WORKING)
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return web.json_response(
+def _memory() -> dict[str, Any]:
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+    return {"used": max(1, rss_mb * 2 // 3), "total": max(1, rss_mb), "unit": "MB"}
+
+
+def _counts(call: Call) -> tuple[int, int]:
+    clients = list(call.sessions.clients.values())
+    return len(clients), sum(1 for c in clients if c.status == "connected")
+
+
+async def health(call: Call) -> web.Response:
+    total, connected = _counts(call)
+    return _json(
         {
             "status": "healthy",
-            "instance": ctx.name,
-            "uptime": time.time() - ctx.started_at,
-            "sessions": {
-                "total": len(sessions),
-                "connected": connected,
-                "disconnected": len(sessions) - connected,
-            },
-            "memory": {"rss": rss, "heapUsed": rss // 2, "heapTotal": rss},
-            "timestamp": datetime.now(UTC).isoformat(),
+            "uptime": time.time() - call.ctx.started_at,
+            "sessions": {"total": total, "connected": connected, "disconnected": total - connected},
+            "memory": _memory(),
+            "timestamp": now_iso(),
         }
     )
 
 
-async def ready(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ready"})
+async def health_detailed(call: Call) -> web.Response:
+    total, connected = _counts(call)
+    by_status: dict[str, int] = {}
+    for client in call.sessions.clients.values():
+        name = str(client.status)
+        by_status[name] = by_status.get(name, 0) + 1
+    return _json(
+        {
+            "status": "healthy",
+            "uptime": time.time() - call.ctx.started_at,
+            "timestamp": now_iso(),
+            "sessions": {
+                "total": total,
+                "connected": connected,
+                "disconnected": total - connected,
+                "connection_rate": round(connected / total * 100) if total else 0,
+                "details": {"by_status": by_status},
+            },
+            "memory": _memory(),
+        }
+    )
 
 
-async def live(request: web.Request) -> web.Response:
-    return web.json_response({"status": "alive"})
+async def health_ready(call: Call) -> web.Response:
+    laravel = call.ctx.options.laravel_url is not None
+    key = bool(call.ctx.options.api_key)
+    total, _ = _counts(call)
+    return _json(
+        {
+            "ready": laravel and key,
+            "timestamp": now_iso(),
+            "checks": {
+                "laravel_configured": laravel,
+                "api_key_configured": key,
+                "active_sessions": total > 0,
+                "session_count": total,
+            },
+        },
+        200 if laravel and key else 503,
+    )
 
 
-# -- sessions -------------------------------------------------------------
+async def health_live(call: Call) -> web.Response:
+    # measureEventLoopDelay() returns an un-awaited Promise: `{} < 1000` is false.
+    return _json(
+        {
+            "alive": False,
+            "uptime": time.time() - call.ctx.started_at,
+            "event_loop_delay_ms": {},
+            "timestamp": now_iso(),
+        },
+        503,
+    )
 
 
-async def create_session(request: web.Request) -> web.Response:
-    """Start a session, restoring it when its auth file exists (the real restore path)."""
-    ctx = sim(request)
-    body = await json_object(request)
-    if body is None:
-        return _error(400, "Invalid JSON body")
-    name, workspace = body.get("session_id"), body.get("workspace_id")
-    if name is None or workspace is None:
-        return _error(400, "Missing required fields", required=["session_id", "workspace_id"])
-    if not valid_name(name):
-        return _error(400, "Invalid session_id")
-    session = ctx.sessions.get(name)
-    if session is not None:
-        return web.json_response(
-            {"success": True, "message": "Session already exists", **session_json(session)}
+async def health_metrics(call: Call) -> web.Response:
+    return _json(
+        {
+            "timestamp": now_iso(),
+            "uptime_seconds": time.time() - call.ctx.started_at,
+            "performance": {"event_loop_delay_ms": {}},
+        }
+    )
+
+
+async def info(call: Call) -> web.Response:
+    return _server_error(
+        "Cannot find module '../../../package.json'\nRequire stack:\n"
+        "- src/controllers/HealthController.js\n- src/routes/index.js\n- server.js"
+    )
+
+
+async def root(call: Call) -> web.Response:
+    return _json(
+        {
+            "service": "WhatsApp Web.js Service",
+            "version": "1.0.0",
+            "status": "running",
+            "documentation": "See API documentation for request/response formats",
+            "timestamp": now_iso(),
+        }
+    )
+
+
+async def last_activity(call: Call) -> web.Response:
+    return _json(
+        {
+            "success": True,
+            "data": {
+                "session_id": call.params["sessionId"],
+                "last_activity": None,
+                "device_type": None,
+                "seconds_since_activity": None,
+                "message_count": 0,
+            },
+        }
+    )
+
+
+# -- sessions ------------------------------------------------------------------------
+
+
+async def _create(call: Call, session_id: Any, workspace_id: Any, account_id: Any) -> web.Response:
+    try:
+        return _json(await call.sessions.create(session_id, workspace_id, account_id))
+    except CreateFailed as exc:
+        return _server_error(str(exc))
+
+
+async def create_session(call: Call) -> web.Response:
+    if not call.body_key():
+        return _bad_key()
+    b = call.body
+    return await _create(
+        call, field(b, "session_id"), field(b, "workspace_id"), field(b, "account_id")
+    )
+
+
+async def list_sessions(call: Call) -> web.Response:
+    if not call.query_key():
+        return _bad_key()
+    sessions = [
+        {
+            "session_id": c.session_id,
+            "workspace_id": c.metadata.get("workspaceId", MISSING),
+            "status": c.metadata.get("status", MISSING),
+            "phone_number": c.metadata.get("phoneNumber", MISSING),
+            "connected_at": c.metadata.get("connectedAt", MISSING),
+        }
+        for c in call.sessions.clients.values()
+    ]
+    return _json({"success": True, "sessions": sessions, "total": len(sessions)})
+
+
+async def session_status(call: Call) -> web.Response:
+    if not call.query_key():
+        return _bad_key()
+    session_id = call.params["sessionId"]
+    meta = call.sessions.metadata(session_id)
+    if meta is None:
+        return _not_found()
+    return _json(
+        {
+            "session_id": session_id,
+            "status": meta.get("status", MISSING),
+            "phone_number": meta.get("phoneNumber", MISSING),
+            "workspace_id": meta.get("workspaceId", MISSING),
+            "connected_at": meta.get("connectedAt", MISSING),
+            "last_activity": meta.get("lastActivity", MISSING),
+        }
+    )
+
+
+async def get_metadata(call: Call) -> web.Response:
+    if not call.query_key():
+        return _bad_key()
+    meta = call.sessions.metadata(call.params["sessionId"])
+    if meta is None:
+        return _not_found()
+    return _json({"success": True, "session_id": call.params["sessionId"], "metadata": meta})
+
+
+async def put_metadata(call: Call) -> web.Response:
+    if not call.body_key():
+        return _bad_key()
+    updates = field(call.body, "updates")
+    if not isinstance(updates, dict | list):
+        return _json({"error": "Invalid updates object"}, 400)
+    meta = call.sessions.metadata(call.params["sessionId"])
+    if meta is not None:
+        meta.update(
+            updates if isinstance(updates, dict) else {str(i): v for i, v in enumerate(updates)}
         )
-    session = ctx.sessions.create(name, workspace_id=workspace, account_id=body.get("account_id"))
-    if body.get("priority") is not None:
-        session.metadata["priority"] = body["priority"]
-    ctx.sessions.start(session)
-    return web.json_response(
-        {"success": True, "message": "Session created", "qr_code": None, **session_json(session)}
-    )
+    return _json({"success": True, "session_id": call.params["sessionId"], "metadata": meta})
 
 
-async def list_sessions(request: web.Request) -> web.Response:
-    ctx = sim(request)
-    sessions = [session_json(s) for s in ctx.sessions.sessions.values()]
-    return web.json_response({"success": True, "sessions": sessions, "total": len(sessions)})
+async def restore(call: Call) -> web.Response:
+    if not call.body_key():
+        return _bad_key()
+    return _server_error("workspaceId is not defined")  # ReferenceError in the controller
 
 
-def _session(ctx: SimContext, request: web.Request) -> SimSession | None:
-    return ctx.sessions.get(request.match_info["session"])
+async def delete_session(call: Call) -> web.Response:
+    if not call.body_key():
+        return _bad_key()
+    return _json(await call.sessions.disconnect(call.params["sessionId"]))
 
 
-async def session_status(request: web.Request) -> web.Response:
-    session = _session(sim(request), request)
-    if session is None:
-        return _not_found()
-    return web.json_response({"success": True, **session_json(session)})
+async def reconnect(call: Call) -> web.Response:
+    if not call.body_key():
+        return _bad_key()
+    session_id = call.params["sessionId"]
+    await call.sessions.disconnect(session_id)
+    b = call.body
+    return await _create(call, session_id, field(b, "workspace_id"), field(b, "account_id"))
 
 
-async def get_metadata(request: web.Request) -> web.Response:
-    session = _session(sim(request), request)
-    if session is None:
-        return _not_found()
-    return web.json_response(
-        {"success": True, "session_id": session.name, "metadata": session.metadata}
-    )
+async def regenerate_qr(call: Call) -> web.Response:
+    if not call.body_key():
+        return _bad_key()
+    session_id = call.params["sessionId"]
+    await call.sessions.disconnect(session_id)
+    b = call.body
+    try:
+        await call.sessions.create(session_id, field(b, "workspace_id"), field(b, "account_id"))
+    except CreateFailed as exc:
+        return _server_error(str(exc))
+    return _json({"qr_code": MISSING, "expires_in": 300})  # the create never returns a QR
 
 
-async def put_metadata(request: web.Request) -> web.Response:
-    session = _session(sim(request), request)
-    if session is None:
-        return _not_found()
-    body = await json_object(request)
-    if body is None:
-        return _error(400, "Invalid JSON body")
-    body.pop("api_key", None)
-    session.metadata.update(body.get("metadata", body))
-    return web.json_response(
-        {"success": True, "session_id": session.name, "metadata": session.metadata}
-    )
+# -- messages -------------------------------------------------------------------------
 
 
-async def restore(request: web.Request) -> web.Response:
-    # Faithfully broken, like the real service.
-    return web.json_response({"error": "workspaceId is not defined"}, status=500)
+def _phone_ok(phone: str) -> bool:
+    return _PHONE.fullmatch(_JS_SPACE.sub("", phone)) is not None
 
 
-async def reconnect(request: web.Request) -> web.Response:
-    ctx = sim(request)
-    session = _session(ctx, request)
-    if session is None:
-        return _not_found()
-    ctx.sessions.start(session)
-    return web.json_response({"success": True, **session_json(session)})
-
-
-async def regenerate_qr(request: web.Request) -> web.Response:
-    session = _session(sim(request), request)
-    if session is None:
-        return _not_found()
-    return web.json_response(
-        {"success": True, "session_id": session.name, "qr_code": f"sim-qr-{random_hex(4)}"}
-    )
-
-
-async def delete_session(request: web.Request) -> web.Response:
-    ctx = sim(request)
-    session = _session(ctx, request)
-    if session is None:
-        return web.json_response({"success": True, "alreadyDisconnected": True})
-    ctx.sessions.remove(session)  # the auth file stays: the session can be restored
-    return web.json_response({"success": True, "message": "Session disconnected"})
-
-
-# -- messages (session id only in the JSON body) -----------------------------
-
-
-async def send(request: web.Request) -> web.Response:
-    ctx = sim(request)
-    media = request.path.endswith("send-media")
-    body = await json_object(request)
-    if body is None:
-        return _error(400, "Invalid JSON body")
-    required = ["session_id", "workspace_id", "recipient_phone"]
-    if not media:
-        required.append("message")
-    elif "media" not in body:
-        required.append("media_url")
-    if any(body.get(f) in (None, "") for f in required):
-        return _error(400, "Missing required fields", required=required)
-    session = ctx.sessions.get(body["session_id"])
-    if session is None:
-        return _not_found()
-    if session.status is not Status.WORKING:
-        return _error(400, "Session not ready", session_status=blazz_status(session))
-    chat = str(body["recipient_phone"])
-    text = body.get("message") or body.get("caption") or body.get("media_url") or ""
-    message_id = f"true_{chat}@c.us_{random_hex()}"
-    ctx.recorder.record(
-        session=session.name,
+def _deliver(call: Call, session_id: Any, phone: Any, message: Any, kind: Any) -> dict[str, Any]:
+    """``sessionManager.sendMessage``: raises SendFailed; records what is sent."""
+    client = call.sessions.sendable(session_id)
+    kind = kind if truthy(kind) else "text"
+    media = isinstance(message, dict) and truthy(message.get("mediaUrl"))
+    if kind != "text" and not (kind == "media" and media):
+        return {"success": True}  # no branch sends anything: message_id undefined
+    chat = f"{phone}"
+    if isinstance(message, dict):
+        text = message.get("caption") or message.get("mediaUrl") or ""
+        text = text if media else str(message)
+    else:
+        text = message
+    message_id = f"true_{chat}@c.us_3EB0{random_hex(9)}"
+    call.ctx.recorder.record(
+        session=client.name,
         chat=chat,
         text=str(text),
         message_id=message_id,
-        idempotency_key=request.headers.get("Idempotency-Key"),
+        idempotency_key=call.request.headers.get("Idempotency-Key"),
     )
-    return web.json_response(
-        {"success": True, "message_id": message_id, "timestamp": int(time.time())}
-    )
+    now = time.time()
+    client.metadata["lastActivity"] = JSDate(now)  # message_create (fromMe) updates it
+    return {"success": True, "message_id": message_id, "timestamp": int(now)}
 
 
-async def message_status(request: web.Request) -> web.Response:
-    ctx = sim(request)
-    session = _session(ctx, request)
-    if session is None:
+def _send_error(exc: SendFailed) -> web.Response:
+    if str(exc) == "Session not found":
         return _not_found()
-    message_id = request.query.get("message_id", "")
-    found = ctx.recorder.find(message_id)
-    return web.json_response(
+    if str(exc) == "Session not connected":
+        return _json({"error": "Session not connected. Please check session status."}, 400)
+    return _server_error(str(exc))
+
+
+async def send(call: Call) -> web.Response:
+    if not call.body_key():
+        return _bad_key()
+    b = call.body
+    session_id, phone, message = (
+        field(b, "session_id"),
+        field(b, "recipient_phone"),
+        field(b, "message"),
+    )
+    if not (truthy(session_id) and truthy(phone) and truthy(message)):
+        return _json(
+            {
+                "error": "Missing required fields",
+                "required": ["session_id", "recipient_phone", "message"],
+            },
+            400,
+        )
+    if not isinstance(phone, str):
+        return _server_error("recipient_phone.replace is not a function")
+    if not _phone_ok(phone):
+        return _json({"error": "Invalid phone number format"}, 400)
+    if not isinstance(message, str | dict | list):
+        return _json({"error": "Message must be string or object"}, 400)
+    try:
+        return _json(_deliver(call, session_id, phone, message, field(b, "type")))
+    except SendFailed as exc:
+        return _send_error(exc)
+
+
+async def send_media(call: Call) -> web.Response:
+    if not call.body_key():
+        return _bad_key()
+    b = call.body
+    session_id, phone, url = (
+        field(b, "session_id"),
+        field(b, "recipient_phone"),
+        field(b, "media_url"),
+    )
+    if not (truthy(session_id) and truthy(phone) and truthy(url)):
+        return _json(
+            {
+                "error": "Missing required fields",
+                "required": ["session_id", "recipient_phone", "media_url"],
+            },
+            400,
+        )
+    caption = field(b, "caption")
+    message = {"mediaUrl": url, "caption": caption if truthy(caption) else "", "filename": "media"}
+    try:
+        return _json(_deliver(call, session_id, phone, message, "media"))
+    except SendFailed as exc:
+        return _send_error(exc)
+
+
+async def bulk_send(call: Call) -> web.Response:
+    if not call.body_key():
+        return _bad_key()
+    b = call.body
+    session_id, recipients, message = (
+        field(b, "session_id"),
+        field(b, "recipients"),
+        field(b, "message"),
+    )
+    if not truthy(session_id) or not isinstance(recipients, list) or not recipients:
+        return _json(
+            {"error": "Missing required fields", "required": ["session_id", "recipients (array)"]},
+            400,
+        )
+    if not truthy(message):
+        return _json({"error": "Message content is required"}, 400)
+    if not all(isinstance(r, str) for r in recipients):
+        return _server_error("phone.replace is not a function")
+    invalid = [r for r in recipients if not _phone_ok(r)]
+    if invalid:
+        return _json(
+            {
+                "error": "Invalid phone number format for some recipients",
+                "invalid_recipients": invalid,
+            },
+            400,
+        )
+    results: list[dict[str, Any]] = []
+    errors: list[dict[str, Any]] = []
+    for recipient in recipients:
+        try:
+            sent = _deliver(call, session_id, recipient, message, field(b, "type"))
+        except SendFailed as exc:
+            failure = {"recipient": recipient, "success": False, "error": str(exc)}
+            errors.append(failure)
+            results.append(failure)
+            continue
+        results.append(
+            {
+                "recipient": recipient,
+                "success": True,
+                "message_id": sent.get("message_id", MISSING),
+                "timestamp": sent.get("timestamp", MISSING),
+            }
+        )
+        await asyncio.sleep(call.ctx.options.bulk_send_pause)
+    ok = sum(1 for r in results if r["success"])
+    return _json(
         {
             "success": True,
+            "total": len(results),
+            "successful": ok,
+            "failed": len(results) - ok,
+            "results": results,
+            "errors": errors,
+        }
+    )
+
+
+async def message_status(call: Call) -> web.Response:
+    if not call.query_key():
+        return _bad_key()
+    message_id = call.query.get("message_id", MISSING)
+    if not truthy(message_id):
+        return _json({"error": "Missing required field: message_id"}, 400)
+    session_id = call.params["sessionId"]
+    meta = call.sessions.metadata(session_id)
+    if meta is None:
+        return _not_found()
+    if meta.get("status") != "connected":
+        return _json({"error": "Session not connected"}, 400)
+    return _json(
+        {
+            "success": True,
+            "session_id": session_id,
             "message_id": message_id,
-            "status": "sent" if found and found["session"] == session.name else "unknown",
+            "session_status": meta.get("status"),
+            "connected_at": meta.get("connectedAt", MISSING),
+            "last_activity": meta.get("lastActivity", MISSING),
+            "note": "Exact message status tracking depends on message_ack events",
         }
     )
 
 
-async def validate(request: web.Request) -> web.Response:
-    session = _session(sim(request), request)
-    if session is None:
-        return _not_found()
-    return web.json_response(
+async def validate(call: Call) -> web.Response:
+    if not call.query_key():
+        return _bad_key()
+    session_id = call.params["sessionId"]
+    meta = call.sessions.metadata(session_id)
+    if meta is None:
+        return _json({"success": False, "error": "Session not found", "can_send": False}, 404)
+    status = meta.get("status", MISSING)
+    can_send = status == "connected"
+    last = meta.get("lastActivity", MISSING)
+    healthy: Any = last if not truthy(last) else time.time() - float(last) < 300
+    advice = []
+    if not can_send:
+        if status == "qr_scanning":
+            advice.append("Session is waiting for QR code scan")
+        elif status == "disconnected":
+            advice.append("Session is disconnected, please reconnect")
+        else:
+            advice.append(f"Session is {status}, cannot send messages")
+    if not healthy and can_send:
+        advice.append("Session has been inactive for a while, consider reconnecting")
+    if can_send and healthy:
+        advice.append("Session is ready to send messages")
+    return _json(
         {
             "success": True,
-            "session_id": session.name,
-            "valid": session.status is Status.WORKING,
-            "status": blazz_status(session),
+            "session_id": session_id,
+            "status": status,
+            "can_send": can_send,
+            "is_healthy": healthy,
+            "last_activity": last,
+            "phone_number": meta.get("phoneNumber", MISSING),
+            "recommendations": advice,
         }
     )
+
+
+# -- routing ---------------------------------------------------------------------------
+
+ROUTES: Final[list[tuple[Route, Endpoint]]] = [
+    (Route("GET", "/health", "health"), health),
+    (Route("GET", "/health/detailed", "health_detailed"), health_detailed),
+    (Route("GET", "/health/ready", "health_ready"), health_ready),
+    (Route("GET", "/health/live", "health_live"), health_live),
+    (Route("GET", "/health/metrics", "health_metrics"), health_metrics),
+    (Route("GET", "/info", "info"), info),
+    (Route("POST", "/api/sessions", "create"), create_session),
+    (Route("GET", "/api/sessions", "list"), list_sessions),
+    (Route("GET", "/api/sessions/:sessionId/status", "status"), session_status),
+    (Route("GET", "/api/sessions/:sessionId/metadata", "metadata"), get_metadata),
+    (Route("PUT", "/api/sessions/:sessionId/metadata", "put_metadata"), put_metadata),
+    (Route("POST", "/api/sessions/:sessionId/restore", "restore"), restore),
+    (Route("DELETE", "/api/sessions/:sessionId", "delete"), delete_session),
+    (Route("POST", "/api/sessions/:sessionId/reconnect", "reconnect"), reconnect),
+    (Route("POST", "/api/sessions/:sessionId/regenerate-qr", "regenerate_qr"), regenerate_qr),
+    (Route("POST", "/api/messages/send", "send"), send),
+    (Route("POST", "/api/messages/send-media", "send_media"), send_media),
+    (Route("POST", "/api/messages/bulk-send", "bulk_send"), bulk_send),
+    (Route("GET", "/api/messages/:sessionId/status", "message_status"), message_status),
+    (Route("GET", "/api/messages/:sessionId/validate", "validate"), validate),
+    (
+        Route("GET", "/api/internal/sessions/:sessionId/last-activity", "last_activity"),
+        last_activity,
+    ),
+    (Route("GET", "/", "root"), root),
+]
+
+
+def _decode_error(param: str) -> web.Response:
+    return _json(
+        {
+            "error": "Internal server error",
+            "message": f"Failed to decode param '{param}'",
+            "timestamp": now_iso(),
+        },
+        500,
+    )
+
+
+async def dispatch(request: web.Request) -> web.StreamResponse:
+    """Express: body parsers, then the router's layers in order, then 404."""
+    ctx = sim(request)
+    if not ctx.port and request.url.port:
+        ctx.port = request.url.port
+    body, failed = await parse_body(request)
+    if failed is not None:
+        return failed
+    path = request.raw_path.split("?", 1)[0]
+    method = request.method
+    for route, endpoint in ROUTES:
+        try:
+            params = route.match(path)
+        except ValueError as exc:
+            return _decode_error(str(exc))  # layerError: only the error handler runs
+        if params is None or not route.handles(method):
+            continue
+        return await endpoint(Call(request, ctx, params, query_of(request), body))
+    try:  # router.use('*'): its param "0" is the whole path, decoded
+        decode_uri_component(path)
+    except ValueError:
+        return _decode_error(path)
+    return _json(
+        {
+            "error": "Endpoint not found",
+            "path": request.raw_path,
+            "method": method,
+            "available_endpoints": AVAILABLE_ENDPOINTS,
+            "timestamp": now_iso(),
+        },
+        404,
+    )
+
+
+# -- TimeoutHandler -----------------------------------------------------------------------
+
+_BUDGET_PATTERNS: Final = (
+    ("sessions", re.compile("/api/sessions")),
+    ("send", re.compile("/api/messages/send")),
+    ("health", re.compile("/health")),
+    ("status", re.compile("/api/sessions/.*/status")),
+    ("reconnect", re.compile("/api/sessions/.*/reconnect")),
+    ("regenerate_qr", re.compile("/api/sessions/.*/regenerate-qr")),
+)
+
+
+def budget_for(path: str, budgets: dict[str, float]) -> float:
+    """``getTimeoutForRoute(req.path)``: the first pattern found anywhere wins."""
+    for key, pattern in _BUDGET_PATTERNS:
+        if pattern.search(path):
+            return budgets[key]
+    return budgets["default"]
+
+
+def timeout_middleware(ctx: SimContext) -> Middleware:
+    """Outermost: the budget covers injected delays too, like a slow handler."""
+    budgets = dict(ctx.options.request_timeouts)
+
+    def crash(path: str) -> None:
+        print(
+            f"Request timeout on {path}: TypeError: winston.warning is not a function",
+            file=sys.stderr,
+            flush=True,
+        )
+        if ctx.blazz is not None:
+            ctx.blazz.kill_browsers()  # puppeteer's exit hook
+        os._exit(1)
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path.startswith("/_sim"):
+            return await handler(request)
+        path = request.raw_path.split("?", 1)[0]
+        timer = asyncio.get_running_loop().call_later(budget_for(path, budgets), crash, path)
+        try:
+            return await handler(request)
+        finally:
+            timer.cancel()
+
+    return middleware
+
+
+def outer_middlewares(ctx: SimContext) -> list[Middleware]:
+    return [timeout_middleware(ctx)]
 
 
 def setup(app: web.Application) -> None:
-    app.middlewares.append(auth_middleware)
-    r = app.router
-    r.add_get("/health", health)
-    r.add_get("/health/ready", ready)
-    r.add_get("/health/live", live)
-    r.add_post("/api/sessions", create_session)
-    r.add_get("/api/sessions", list_sessions)
-    r.add_get("/api/sessions/{session}/status", session_status)
-    r.add_get("/api/sessions/{session}/metadata", get_metadata)
-    r.add_put("/api/sessions/{session}/metadata", put_metadata)
-    r.add_post("/api/sessions/{session}/restore", restore)
-    r.add_post("/api/sessions/{session}/reconnect", reconnect)
-    r.add_post("/api/sessions/{session}/regenerate-qr", regenerate_qr)
-    r.add_delete("/api/sessions/{session}", delete_session)
-    r.add_post("/api/messages/send", send)
-    r.add_post("/api/messages/send-media", send)
-    r.add_get("/api/messages/{session}/status", message_status)
-    r.add_get("/api/messages/{session}/validate", validate)
+    app.router.add_route("*", "/{tail:.*}", dispatch)
+
+
+__all__ = ["ROUTES", "budget_for", "dispatch", "html_error", "outer_middlewares", "setup"]

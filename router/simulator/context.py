@@ -8,6 +8,7 @@ from typing import Final
 
 from aiohttp import web
 
+from router.simulator.blazz_sessions import BlazzSessions
 from router.simulator.faults import FaultSwitch
 from router.simulator.options import SimulatorOptions
 from router.simulator.recorder import Recorder
@@ -22,6 +23,10 @@ class SimContext:
     faults: FaultSwitch = field(default_factory=FaultSwitch)
     started_at: float = field(default_factory=time.time)
     websockets: set[web.WebSocketResponse] = field(default_factory=set)
+    # The Blazz dialect's sessions (profiles, locks, browsers); None for WAHA.
+    blazz: BlazzSessions | None = None
+    # The port we listen on, once known (Blazz: X-Instance-Url of webhooks).
+    port: int = 0
 
     @property
     def name(self) -> str:

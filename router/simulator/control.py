@@ -2,6 +2,12 @@
 
 Control: ``GET /_sim/sent``, ``GET /_sim/state``, ``GET|POST /_sim/fault``,
 ``POST /_sim/sessions/{s}/pair``, ``POST /_sim/bulk_sessions``.
+Blazz only: ``POST /_sim/sessions/{s}/kill-browser`` (Chromium dies unnoticed:
+status stays ``connected``, sends answer 500 "Protocol error ... Session
+closed"), ``POST /_sim/sessions/{s}/disconnect`` ``{"reason"}`` (the client's
+``disconnected`` event: status ``disconnected``; a reason containing LOGOUT
+also deletes the stored login). ``pair`` takes ``{"phone": P}``; ``"none"``
+makes the phone number unreadable, so the session ends in ``error``.
 Proxy helpers: ``/_sim/stream``, ``/_sim/sse``, ``/_sim/gzip``, ``/_sim/big``,
 ``/_sim/echo/{tail}``.
 """
@@ -17,11 +23,19 @@ import time
 
 from aiohttp import web
 
+from router.simulator.blazz_sessions import BLAZZ_STATUSES, Client
 from router.simulator.context import sim
 from router.simulator.faults import Fault, crash
 from router.simulator.sessions import SimSession, Status, phone_for, valid_name
 from router.simulator.util import echo, json_object
 
+_WAHA_TO_BLAZZ = {
+    "WORKING": "connected",
+    "STARTING": "authenticated",
+    "SCAN_QR_CODE": "qr_scanning",
+    "FAILED": "error",
+    "STOPPED": "disconnected",
+}
 GZIP_TEXT = ("The router must pass this gzip body through untouched.\n" * 64).encode()
 GZIP_BODY = gzip.compress(GZIP_TEXT, mtime=0)
 BIG_BLOCK = bytes(range(256)) * 256  # 64 KiB pattern for /_sim/big
@@ -44,6 +58,10 @@ async def sent(request: web.Request) -> web.Response:
 
 async def state(request: web.Request) -> web.Response:
     ctx = sim(request)
+    if ctx.blazz is not None:
+        sessions = ctx.blazz.state()
+    else:
+        sessions = [_session_state(s) for s in ctx.sessions.sessions.values()]
     return web.json_response(
         {
             "instance": ctx.name,
@@ -51,7 +69,7 @@ async def state(request: web.Request) -> web.Response:
             "pid": os.getpid(),
             "started_at": ctx.started_at,
             "fault": ctx.faults.current.as_dict(),
-            "sessions": [_session_state(s) for s in ctx.sessions.sessions.values()],
+            "sessions": sessions,
             "websockets": len(ctx.websockets),
         }
     )
@@ -76,8 +94,55 @@ async def set_fault(request: web.Request) -> web.StreamResponse:
     return web.json_response({"instance": ctx.name, "fault": fault.as_dict()})
 
 
+def _blazz_client(request: web.Request) -> Client:
+    blazz = sim(request).blazz
+    client = blazz.get(request.match_info["session"]) if blazz is not None else None
+    if client is None:
+        raise web.HTTPNotFound(
+            text=json.dumps({"error": "Session not found"}), content_type="application/json"
+        )
+    return client
+
+
+async def _blazz_pair(request: web.Request) -> web.Response:
+    blazz = sim(request).blazz
+    assert blazz is not None
+    client = _blazz_client(request)
+    body = await json_object(request) if request.can_read_body else {}
+    phone = (body or {}).get("phone")
+    if phone is not None and not isinstance(phone, str):
+        return web.json_response({"error": "phone must be a string"}, status=400)
+    try:
+        blazz.pair(client, phone)
+    except ValueError as exc:
+        return web.json_response({"error": str(exc)}, status=409)
+    return web.json_response(blazz.state_of(client))
+
+
+async def kill_browser(request: web.Request) -> web.Response:
+    blazz = sim(request).blazz
+    if blazz is None:
+        return web.json_response({"error": "Blazz dialect only"}, status=404)
+    client = _blazz_client(request)
+    blazz.kill_browser(client)
+    return web.json_response(blazz.state_of(client))
+
+
+async def disconnect(request: web.Request) -> web.Response:
+    blazz = sim(request).blazz
+    if blazz is None:
+        return web.json_response({"error": "Blazz dialect only"}, status=404)
+    client = _blazz_client(request)
+    body = await json_object(request) if request.can_read_body else {}
+    reason = (body or {}).get("reason", "NAVIGATION")
+    blazz.disconnected(client, str(reason))
+    return web.json_response(blazz.state_of(client))
+
+
 async def pair(request: web.Request) -> web.Response:
     ctx = sim(request)
+    if ctx.blazz is not None:
+        return await _blazz_pair(request)
     session = ctx.sessions.get(request.match_info["session"])
     if session is None:
         return web.json_response({"error": "Session not found"}, status=404)
@@ -92,6 +157,9 @@ async def bulk_sessions(request: web.Request) -> web.Response:
     optional ``status`` (WAHA name), ``workspace_id``, ``auth`` (also write
     each session's auth file, default false). Sessions already here are
     left alone. For load and discovery tests: no start-up timers run.
+    Blazz: ``status`` may also be a Blazz status; each session takes its
+    profile lock (a profile locked elsewhere is skipped, listed in ``locked``)
+    and ``auth`` stores its login in the profile.
     """
     ctx = sim(request)
     body = await json_object(request)
@@ -105,11 +173,26 @@ async def bulk_sessions(request: web.Request) -> web.Response:
         names = [f"{prefix}{i}" for i in range(first, first + count)]
     if not isinstance(names, list) or not all(valid_name(n) for n in names):
         return web.json_response({"error": "names must be valid session names"}, status=400)
+    workspace, write_auth = body.get("workspace_id"), bool(body.get("auth", False))
+    if ctx.blazz is not None:
+        wanted = body.get("status", Status.WORKING.value)
+        blazz_status = _WAHA_TO_BLAZZ.get(wanted, wanted)
+        if blazz_status not in BLAZZ_STATUSES:
+            return web.json_response({"error": "unknown status"}, status=400)
+        locked = []
+        created = 0
+        for name in names:
+            if ctx.blazz.get(name) is not None:
+                continue
+            if ctx.blazz.bulk(name, blazz_status, workspace, write_auth):
+                created += 1
+            else:
+                locked.append(name)
+        return web.json_response({"instance": ctx.name, "created": created, "locked": locked})
     try:
         status = Status(body.get("status", Status.WORKING.value))
     except ValueError:
         return web.json_response({"error": "unknown status"}, status=400)
-    workspace, write_auth = body.get("workspace_id"), bool(body.get("auth", False))
     now = time.time()
     created = 0
     for name in names:
@@ -215,6 +298,8 @@ def setup(app: web.Application) -> None:
     r.add_get("/_sim/fault", get_fault)
     r.add_post("/_sim/fault", set_fault)
     r.add_post("/_sim/sessions/{session}/pair", pair)
+    r.add_post("/_sim/sessions/{session}/kill-browser", kill_browser)
+    r.add_post("/_sim/sessions/{session}/disconnect", disconnect)
     r.add_post("/_sim/bulk_sessions", bulk_sessions)
     r.add_get("/_sim/stream", stream)
     r.add_get("/_sim/sse", sse)

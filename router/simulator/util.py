@@ -1,4 +1,4 @@
-"""Small request helpers shared by both dialects: JSON bodies and the echo."""
+"""Small request helpers shared by both dialects: bodies and the echo."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import secrets
 from typing import Any
 
 from aiohttp import web
+
+from router.simulator.express import FORM_TYPE, JSON_TYPE, qs_parse
 
 # The echo returns at most this much of the body as text (all of it is hashed).
 ECHO_BODY_LIMIT = 64 * 1024
@@ -23,6 +25,23 @@ async def json_object(request: web.Request) -> dict[str, Any] | None:
     except ValueError:
         return None
     return data if isinstance(data, dict) else None
+
+
+async def parsed_body(request: web.Request) -> dict[str, Any] | None:
+    """The body as NestJS (Express body parsers) gives it to a handler.
+
+    JSON only with ``Content-Type: application/json`` (``{}`` when empty,
+    None when not a JSON object); form bodies parsed as forms (string values);
+    anything else is ``{}``, whatever it contains.
+    """
+    media = request.headers.get("Content-Type", "").partition(";")[0].strip().lower()
+    if media == JSON_TYPE:
+        return await json_object(request)
+    if media == FORM_TYPE:
+        raw = await request.read()
+        return qs_parse(raw.decode("utf-8", errors="replace"), depth=32, array_limit=100)
+    await request.read()
+    return {}
 
 
 def random_hex(nbytes: int = 10) -> str:

@@ -2,7 +2,9 @@
 
 Session in the path (``/api/sessions/{s}``, ``/api/{s}/...``, ``/api/files/{s}/...``),
 in the JSON body (``POST /api/sendText`` ..., default ``"default"``) or in the
-query (``GET /api/messages?session=``). Auth: header ``X-Api-Key`` or query
+query (``GET /api/messages?session=``). Bodies as NestJS's Express parsers:
+JSON only with ``Content-Type: application/json``, forms as forms, anything
+else is an empty body. Auth: header ``X-Api-Key`` or query
 ``x-api-key``. A session that is not on this instance is a 404; one that is
 here but not WORKING makes a send answer 422.
 """
@@ -22,7 +24,7 @@ from aiohttp.typedefs import Handler
 
 from router.simulator.context import SimContext, sim
 from router.simulator.sessions import SimSession, Status, valid_name
-from router.simulator.util import echo, json_object, random_hex
+from router.simulator.util import echo, parsed_body, random_hex
 
 # Sends that deliver a message (recorded) and session actions that do not.
 RECORDED_SENDS = (
@@ -128,7 +130,7 @@ async def list_sessions(request: web.Request) -> web.Response:
 
 async def create_session(request: web.Request) -> web.Response:
     ctx = sim(request)
-    body = await json_object(request)
+    body = await parsed_body(request)
     if body is None:
         return _error(400, "body must be a JSON object")
     name = body.get("name") or f"session_{random_hex(4).lower()}"
@@ -160,7 +162,7 @@ def _known_or_authed(ctx: SimContext, name: str) -> SimSession | None:
 
 async def legacy_start(request: web.Request) -> web.Response:
     ctx = sim(request)
-    body = await json_object(request)
+    body = await parsed_body(request)
     name = (body or {}).get("name", "default")
     if not valid_name(name):
         return _error(400, "invalid session name")
@@ -191,7 +193,7 @@ async def update_session(request: web.Request) -> web.Response:
     session = ctx.sessions.get(request.match_info["session"])
     if session is None:
         return _not_found(request.match_info["session"])
-    body = await json_object(request)
+    body = await parsed_body(request)
     if body is None or not isinstance(body.get("config", {}), dict):
         return _error(400, "body must be a JSON object with an object 'config'")
     session.config = body.get("config", session.config)
@@ -232,7 +234,7 @@ async def session_action(request: web.Request) -> web.Response:
 async def send(request: web.Request) -> web.Response:
     ctx = sim(request)
     kind = request.match_info["kind"]
-    body = await json_object(request)
+    body = await parsed_body(request)
     if body is None:
         return _error(400, "body must be a JSON object")
     name = body.get("session", "default")
@@ -271,7 +273,7 @@ async def send(request: web.Request) -> web.Response:
 
 async def reaction(request: web.Request) -> web.Response:
     ctx = sim(request)
-    body = await json_object(request) or {}
+    body = await parsed_body(request) or {}
     name = body.get("session", "default")
     session = ctx.sessions.get(name)
     if session is None:

@@ -23,7 +23,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -67,8 +67,11 @@ class SimProcess:
         record: Path | None = None,
         host: str = "127.0.0.1",
         port: int = 0,
+        extra_args: Sequence[str] = (),
     ) -> None:
         self.name = name
+        # More simulator flags, e.g. ("--browser-linger", "5") for Blazz.
+        self.extra_args = list(extra_args)
         self.dialect = dialect
         self.api_key = api_key
         self.start_delay = start_delay
@@ -94,7 +97,7 @@ class SimProcess:
             cmd += ["--api-key", self.api_key]
         if not self.auto_auth:
             cmd.append("--no-auto-auth")
-        return cmd
+        return cmd + self.extra_args
 
     def spawn(self) -> None:
         """Start the process without waiting for it (see ``wait_ready``)."""
@@ -283,6 +286,7 @@ class SimFleet:
         start_delay: float = 0.1,
         auto_auth: bool = True,
         prefix: str | None = None,
+        extra_args: Sequence[str] = (),
     ) -> None:
         self.directory = directory
         self.auth_dir = directory / "auth"
@@ -292,6 +296,7 @@ class SimFleet:
         self.start_delay = start_delay
         self.auto_auth = auto_auth
         self.prefix = prefix or ("wa" if dialect == "waha" else "blazz")
+        self.extra_args = list(extra_args)
         self.instances: list[SimProcess] = []
         for _ in range(n):
             self._new()
@@ -306,6 +311,7 @@ class SimFleet:
             auto_auth=self.auto_auth,
             auth_dir=self.auth_dir,
             record=self.record,
+            extra_args=self.extra_args,
         )
         self.instances.append(proc)
         return proc
@@ -335,6 +341,11 @@ class SimFleet:
         return [r for r in records if session is None or r["session"] == session]
 
     def auth_file(self, session: str) -> Path:
+        """WAHA: ``<auth>/<session>.json``; Blazz: the stored login in its profile
+        (``<auth>/workspace_<w>/session-<session>/sim-auth.json``, any workspace)."""
+        if self.dialect == "blazz":
+            found = sorted(self.auth_dir.glob(f"workspace_*/session-{session}/sim-auth.json"))
+            return found[0] if found else self.auth_dir / f"session-{session}" / "sim-auth.json"
         return self.auth_dir / f"{session}.json"
 
     @property
@@ -359,7 +370,8 @@ SimFleetFactory = Callable[..., SimFleet]
 
 @pytest.fixture
 def sim_fleet(tmp_path: Path) -> Iterator[SimFleetFactory]:
-    """``sim_fleet(n=2, dialect="waha", api_key=None, start_delay=0.1, auto_auth=True)``.
+    """``sim_fleet(n=2, dialect="waha", api_key=None, start_delay=0.1, auto_auth=True,
+    extra_args=())``.
 
     Each call starts a new fleet in its own directory under ``tmp_path``;
     every process is stopped when the test ends.
