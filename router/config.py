@@ -31,11 +31,23 @@ class Timeouts:
 
 @dataclass(frozen=True, slots=True)
 class Limits:
-    # Largest request body the router buffers (JSON session extraction,
-    # credential injection). A larger body gets a 413.
+    # Largest request body (buffered for JSON session extraction and
+    # credential injection, or streamed through). A larger body gets a 413.
     max_body_bytes: int = 10 * 1024 * 1024
     # Open connections kept per upstream instance (0 means unlimited).
     max_connections_per_instance: int = 512
+    # Request bodies held in memory at once, all requests together; beyond
+    # it a request gets 503 with Retry-After (router.body.BodyBudget).
+    max_buffered_bytes: int = 128 * 1024 * 1024
+    # Seconds a client may take to send its request head, and may stay
+    # silent while sending its body, before its connection is closed.
+    header_timeout: float = 10.0
+    body_timeout: float = 30.0
+    # Seconds an idle client connection (no request) stays open.
+    idle_timeout: float = 60.0
+    # Client connections open at once; more are closed at once (with one
+    # log line a second). The open-file limit is raised to fit at start.
+    max_client_connections: int = 10000
 
 
 @dataclass(frozen=True, slots=True)

@@ -801,17 +801,21 @@ class _Parser:
         )
 
     def _limits(self, node: yaml.Node) -> Limits:
-        m = self._mapping(node, "limits", ("max_body_bytes", "max_connections_per_instance"))
-        d = Limits()
-        body = d.max_body_bytes
-        if "max_body_bytes" in m:
-            body = self._size(m["max_body_bytes"][1], "limits.max_body_bytes")
-        conns = d.max_connections_per_instance
-        if "max_connections_per_instance" in m:
-            conns = self._int(
-                m["max_connections_per_instance"][1], "limits.max_connections_per_instance", 0
-            )
-        return Limits(max_body_bytes=body, max_connections_per_instance=conns)
+        sizes = ("max_body_bytes", "max_buffered_bytes")
+        counts = ("max_connections_per_instance", "max_client_connections")
+        seconds = ("header_timeout", "body_timeout", "idle_timeout")
+        m = self._mapping(node, "limits", (*sizes, *counts, *seconds))
+        values: dict[str, Any] = {}
+        for key in sizes:
+            if key in m:
+                values[key] = self._size(m[key][1], f"limits.{key}")
+        for key in counts:
+            if key in m:
+                values[key] = self._int(m[key][1], f"limits.{key}", 0)
+        for key in seconds:
+            if key in m:
+                values[key] = self._positive(m[key][1], f"limits.{key}")
+        return dataclasses.replace(Limits(), **values)
 
     def _health(self, node: yaml.Node) -> HealthConfig:
         m = self._mapping(node, "health", ("interval", "timeout", "rise", "fall"))

@@ -11,19 +11,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
 import logging
 import random
 import time
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
-from urllib.parse import quote, quote_plus, urlencode
+from urllib.parse import quote, quote_plus, unquote, urlencode
 
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, MultiDict, istr
 
+from router import body as body_io
 from router import metrics
 from router.adapters.base import (
+    Adapter,
     Answer,
     BadSessionId,
     Extraction,
@@ -50,6 +54,7 @@ from router.metrics import (
     UPSTREAM_DURATION,
     UPSTREAM_ERRORS,
 )
+from router.paths import path_problem
 from router.readiness import Ready
 from router.resolver import Unanswered
 from router.retry import backoff, may_replay
@@ -141,27 +146,13 @@ def _add_forwarded(headers: CIMultiDict[str], request: web.BaseRequest, request_
     headers[REQUEST_ID_HEADER] = request_id
 
 
-async def _read_capped(request: web.BaseRequest, cap: int) -> bytes:
-    length = request.content_length
-    if length is not None and length > cap:
-        raise RouterError(
-            413, "body_too_large", f"request body of {length} bytes exceeds the {cap} byte cap"
-        )
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.content.iter_any():
-        size += len(chunk)
-        if size > cap:
-            raise RouterError(413, "body_too_large", f"request body exceeds the {cap} byte cap")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
 class ProxyHandler:
     """The aiohttp handler for every client request."""
 
     def __init__(self, runtime: Runtime) -> None:
         self.rt = runtime
+        # Request bodies held in memory, all requests together (limits).
+        self.budget = body_io.BodyBudget(runtime.config.limits.max_buffered_bytes)
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         request_id = request.headers.get(REQUEST_ID_HEADER) or _new_request_id()
@@ -172,6 +163,9 @@ class ProxyHandler:
         except RouterError as exc:
             ROUTER_ERRORS.labels(exc.error).inc()
             return error_response(exc, request_id)
+        except body_io.ClientGone:
+            # It left mid-body: nobody reads this answer, and it is no error of ours.
+            return web.Response(status=400)
         except Exception:
             # A bug must still answer JSON, never a traceback.
             log.exception("unexpected error handling request %s", request_id)
@@ -182,6 +176,7 @@ class ProxyHandler:
             )
         finally:
             IN_FLIGHT.value -= 1
+            body_io.release(request, self.budget)
 
     async def _handle(self, request: web.BaseRequest, request_id: str) -> web.StreamResponse:
         rt = self.rt
@@ -191,33 +186,71 @@ class ProxyHandler:
         if path in adapter.health_paths and method in ("GET", "HEAD"):
             fleet = [InstanceHealth(i.name, i.healthy, i.last_health) for i in rt.fleet]
             return _answer_json(adapter.health_answer(path, fleet), request_id)
+        problem = path_problem(request.raw_path.partition("?")[0])
+        if problem is not None:
+            raise _bad_path(request, adapter, *problem)
 
-        body: bytes | None = None
-        parsed: dict[str, Any] | None = None
-        if adapter.needs_body(method, path):
-            body = await _read_capped(request, rt.config.limits.max_body_bytes)
-            if body:
-                parsed = _parse_json_object(body)
-        elif method not in _METHODS_WITHOUT_BODY or request.body_exists:
-            length = request.content_length
-            if length is not None and length <= SMALL_BODY:
-                body = await request.read()
-
+        limits = rt.config.limits
+        keys = rt.api_keys
         ureq = UpstreamRequest(
             method=method,
             path=path,
             query=MultiDict(request.query),
             headers=_filtered_request_headers(request),
-            json=parsed,
-            has_body=bool(body) or (body is None and request.body_exists),
         )
+        key_in_body = adapter.key_in_body(method, path)
+        if keys and not key_in_body and not _known_key(adapter.client_key(ureq), keys):
+            # Before a byte of the body is read: an unauthenticated client
+            # costs the router nothing whatever it sends.
+            raise RouterError(401, "unauthorized", "missing or invalid router API key")
+
+        body: bytes | None = None
+        length = request.content_length
+        if length is not None and length > limits.max_body_bytes:
+            raise RouterError(
+                413,
+                "body_too_large",
+                f"request body of {length} bytes exceeds the {limits.max_body_bytes} byte cap",
+            )
+        budget = self.budget
+        budget.cap = limits.max_buffered_bytes
+        if adapter.needs_body(method, path):
+            body = await body_io.read(
+                request, cap=limits.max_body_bytes, budget=budget, progress=limits.body_timeout
+            )
+            if "Content-Encoding" in ureq.headers:
+                del ureq.headers["Content-Encoding"]  # forwarded as read: decoded
+            # A large body is parsed only if a router key appears in it:
+            # parsing is the expensive part, and nobody without a key can
+            # make it happen.
+            if (
+                key_in_body
+                and keys
+                and len(body) > _SCAN_FIRST
+                and not any(k.encode() in body for k in keys)
+            ):
+                raise RouterError(401, "unauthorized", "missing or invalid router API key")
+            ureq.json = body_io.parse(body, body_io.mime(request), forms=adapter.reads_forms)
+        elif (
+            (method not in _METHODS_WITHOUT_BODY or request.body_exists)
+            and length is not None
+            and length <= SMALL_BODY
+        ):
+            body = await body_io.read(
+                request,
+                cap=limits.max_body_bytes,
+                budget=budget,
+                progress=limits.body_timeout,
+                decoded=False,  # not read by the router: forwarded as sent
+            )
+        ureq.has_body = bool(body) or (body is None and request.body_exists)
         try:
             ext = adapter.extract(ureq)
         except BadSessionId as exc:
             raise RouterError(400, "bad_session_id", str(exc)) from None
 
         key = ureq.client_key = adapter.client_key(ureq)
-        if rt.api_keys and (key is None or key not in rt.api_keys):
+        if keys and key_in_body and not _known_key(key, keys):
             raise RouterError(
                 401, "unauthorized", "missing or invalid router API key", session=ext.session
             )
@@ -590,6 +623,10 @@ class ProxyHandler:
                     if replaying:
                         rt.budget.release()
                         replaying = False
+                    cause = request.get(_BODY_FAILED)
+                    if cause is not None:
+                        # The client's body failed, not the instance.
+                        raise cause from exc
                     kind = _error_kind(exc)
                     UPSTREAM_ERRORS.labels(inst.name, kind).inc()
                     rt.outliers.failure(inst, kind)
@@ -744,7 +781,10 @@ class ProxyHandler:
         if ureq.json_dirty and ureq.json is not None:
             body = json.dumps(ureq.json, separators=(",", ":")).encode()
             ureq.headers["Content-Type"] = "application/json"
-        data: Body = request.content.iter_any() if streamed else body
+        data: Body = body
+        if streamed:
+            limits = self.rt.config.limits
+            data = _streamed(request, limits.body_timeout, limits.max_body_bytes)
         return upstream_path_qs(request.rel_url.raw_path, ureq), data
 
     async def _recover(
@@ -906,6 +946,43 @@ def _scrub(payload: bytes, key: str, up: UpstreamResponse) -> bytes:
     return payload
 
 
+def _known_key(key: str | None, keys: frozenset[str]) -> bool:
+    """Is ``key`` a router key? Compared in constant time per key."""
+    if key is None:
+        return False
+    given = key.encode()
+    found = False
+    for k in keys:
+        found |= hmac.compare_digest(given, k.encode())
+    return found
+
+
+async def _streamed(request: web.BaseRequest, progress: float, cap: int) -> AsyncIterator[bytes]:
+    """The client's body as it comes, bounded; why it stopped is kept on the
+    request, so the answer says so (413, 408) rather than "upstream error"."""
+    try:
+        async for chunk in body_io.chunks_of(request, progress=progress, cap=cap):
+            yield chunk
+    except (RouterError, body_io.ClientGone) as exc:
+        request[_BODY_FAILED] = exc
+        raise
+
+
+def _bad_path(request: web.BaseRequest, adapter: Adapter, segment: str, reason: str) -> RouterError:
+    """400 for a path the upstream would read differently (router.paths):
+    ``bad_session_id`` when the odd segment is where the session id is."""
+    code = "bad_path"
+    req = UpstreamRequest(request.method, request.path, MultiDict(request.query), CIMultiDict())
+    try:
+        ext = adapter.extract(req)
+        if ext.session and unquote(segment).startswith(ext.session):
+            code = "bad_session_id"
+    except BadSessionId:
+        code = "bad_session_id"
+    shown = segment[:64]
+    return RouterError(400, code, f"path segment {shown!r}: {reason}")
+
+
 def _answer_json(answer: Answer, request_id: str) -> web.Response:
     """An answer the router gives in the upstream API's own shape."""
     return web.Response(
@@ -924,18 +1001,14 @@ def upstream_path_qs(raw_path: str, ureq: UpstreamRequest) -> str:
     return raw_path + "?" + urlencode(list(ureq.query.items()))
 
 
-def _parse_json_object(body: bytes) -> dict[str, Any] | None:
-    try:
-        value = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        # Not JSON: the adapter sees no body fields and the bytes pass as sent.
-        return None
-    return value if isinstance(value, dict) else None
-
-
 # Where the proxy notes which instance answered, for the duration metric.
 # When the request arrived (monotonic), for the request duration metric.
 _STARTED: web.RequestKey[float] = web.RequestKey("wa_router.started", float)
+# Why a streamed client body stopped (router.body), if it did.
+_BODY_FAILED: web.RequestKey[Exception] = web.RequestKey("wa_router.body_failed", Exception)
+# Bodies larger than this are parsed only when a router key appears in them
+# (adapters whose key is in the body): nobody without a key makes us parse MBs.
+_SCAN_FIRST = 64 * 1024
 # Answers that may mean "this session does not run here" (the adapter decides).
 _MAYBE_MISSING = frozenset({404, 410, 422})
 

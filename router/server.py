@@ -24,6 +24,7 @@ from router.adapters import build_adapter
 from router.adapters.base import Adapter, BadSessionId, valid_session_id
 from router.admin import AdminAPI
 from router.config import HealthConfig, RouterConfig
+from router.connections import GuardedHandler, GuardedServer, raise_nofile_limit
 from router.dashboard import Dashboard
 from router.discovery import Discovery
 from router.health import HealthChecker
@@ -78,6 +79,8 @@ class Server:
         # ``/dashboard`` (admin key); closed first on shutdown (it holds open streams).
         self.dashboard: Dashboard | None = None
         self._runner: web.ServerRunner | None = None
+        # Client connections (bounded in number and time): router.connections.
+        self.guard: GuardedServer | None = None
         self._stop = asyncio.Event()
         self.port: int | None = None
 
@@ -149,7 +152,16 @@ class Server:
             await self.webhooks.start()
 
         proxy = ProxyHandler(self.runtime)
-        server = web.Server(self._dispatcher(proxy), access_log=None)
+        soft, _ = raise_nofile_limit()
+        if cfg.limits.max_client_connections > soft - 256:
+            log.warning(
+                "limits.max_client_connections (%d) is close to the open-file limit (%d)",
+                cfg.limits.max_client_connections,
+                soft,
+            )
+        server = self.guard = GuardedServer(
+            self._dispatcher(proxy), limits=cfg.limits, access_log=None
+        )
         self._runner = web.ServerRunner(server, shutdown_timeout=self.drain_timeout)
         await self._runner.setup()
         site: web.BaseSite
@@ -292,6 +304,9 @@ class Server:
         dashboard = self.dashboard = Dashboard(self._current_runtime, admin)
 
         async def dispatch(request: web.BaseRequest) -> web.StreamResponse:
+            conn = request.protocol
+            if type(conn) is GuardedHandler:
+                conn.head_started = None  # the head is complete
             path = request.path
             if path == "/healthz":
                 return web.Response(body=b'{"status":"ok"}', content_type=_JSON)

@@ -22,6 +22,7 @@ from multidict import CIMultiDict, MultiDict
 
 from router.adapters.base import (
     Adapter,
+    HeldElsewhere,
     ListFailed,
     SessionInfo,
     SessionStatus,
@@ -333,8 +334,11 @@ async def test_blazz_health_list_probe_start(
     assert listed[0].extra["workspace_id"] == 12
     assert listed[0].extra["phone_number"]
     assert (await a.health(http, inst)).sessions == 1
-    # starting what already runs is accepted
-    assert await a.start(http, inst, BLAZZ_ID, listed[0])
+    # Starting what already runs is Blazz's SingletonLock 500 (and it drops
+    # its own record): the router never does it (create_answer), and an
+    # adapter that is asked to says "held elsewhere", not "started".
+    with pytest.raises(HeldElsewhere):
+        await a.start(http, inst, BLAZZ_ID, listed[0])
 
 
 async def test_blazz_restore_on_another_instance(
@@ -355,14 +359,21 @@ async def test_blazz_restore_on_another_instance(
     assert status == 200
     await eventually(lambda: _is(a, http, one, session, SessionStatus.READY))
     info = (await a.list_sessions(http, one))[0]
-    assert info.extra["workspace_id"] == 99 and info.extra["account_id"] == 5
+    # Blazz's list forgets account_id: the router keeps it from the create.
+    assert info.extra["workspace_id"] == 99 and "account_id" not in info.extra
 
-    assert await a.start(http, two, session, info)
-    # restoring from the shared auth: "authenticated" (STARTING), then connected
+    # While b1 runs it, its profile is locked: a start elsewhere is refused.
+    with pytest.raises(HeldElsewhere):
+        await a.start(http, two, session, info)
+    assert await a.stop(http, one, session)
+    noted = SessionInfo(session, info.status, {**info.extra, "account_id": 5})
+    assert await a.start(http, two, session, noted)
+    # restoring from the shared auth: qr_scanning, authenticated (STARTING), connected
     assert await status_of(a, http, two, session) is SessionStatus.STARTING
     await eventually(lambda: _is(a, http, two, session, SessionStatus.READY))
-    state = (await raw(http, two, "GET", "/_sim/state"))[1]
-    assert state["sessions"][0]["workspace_id"] == 99
+    status, meta = await raw(http, two, "GET", f"/api/sessions/{session}/metadata?api_key={KEY}")
+    assert status == 200, meta
+    assert meta["metadata"]["workspaceId"] == 99 and meta["metadata"]["accountId"] == 5
 
 
 async def test_blazz_wrong_key_and_faults(

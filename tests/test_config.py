@@ -516,10 +516,10 @@ BAD: list[tuple[str, str, dict[str, str], int, str]] = [
     ),
     (
         "health-interval-below-default-timeout",
-        "health:\n  interval: 0.5\n" + INSTANCES,
+        "health:\n  interval: 0.4\n" + INSTANCES,
         {},
         2,
-        "health.timeout (default 1) must be less than health.interval (0.5)",
+        "health.timeout (default 0.5) must be less than health.interval (0.4)",
     ),
     (
         "health-rise-zero",

@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import json
 from collections import Counter
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -219,9 +220,9 @@ async def test_large_bodies_stream_both_ways(
     sim_fleet: SimFleetFactory, start_router: StartRouter
 ) -> None:
     _fleet, router = await fleet_router(
-        sim_fleet, start_router, n=1, limits=Limits(max_body_bytes=1024)
+        sim_fleet, start_router, n=1, limits=Limits(max_body_bytes=8 * 1024 * 1024)
     )
-    upload = bytes(range(256)) * 20_000  # 5 MB, far over the buffering cap
+    upload = bytes(range(256)) * 20_000  # 5 MB: streamed, never buffered whole
     async with router.client() as http:
         async with http.post(f"{router.url}/_sim/echo/upload", data=upload) as resp:
             assert resp.status == 200
@@ -399,3 +400,26 @@ async def test_healthz_and_readyz(sim_fleet: SimFleetFactory, start_router: Star
         await router.server.health.wait_round()  # type: ignore[union-attr]
         async with http.get(f"{router.url}/readyz") as resp:
             assert resp.status == 503
+
+
+async def test_the_body_cap_holds_for_streamed_bodies_too(
+    sim_fleet: SimFleetFactory, start_router: StartRouter
+) -> None:
+    _fleet, router = await fleet_router(
+        sim_fleet, start_router, n=1, limits=Limits(max_body_bytes=1024 * 1024)
+    )
+    upload = b"x" * (2 * 1024 * 1024)
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for i in range(0, len(upload), 65536):
+            yield upload[i : i + 65536]
+
+    async with router.client() as http:
+        # Declared too large: refused before a byte goes upstream.
+        async with http.post(f"{router.url}/_sim/echo/upload", data=upload) as resp:
+            assert resp.status == 413
+            assert (await resp.json())["error"] == "body_too_large"
+        # Chunked, found too large on the way: still a 413, not an upstream error.
+        async with http.post(f"{router.url}/_sim/echo/upload", data=chunks()) as resp:
+            assert resp.status == 413, await resp.text()
+            assert (await resp.json())["error"] == "body_too_large"

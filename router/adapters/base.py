@@ -182,6 +182,16 @@ class Adapter(ABC):
         Called on the hot path: keep it to string tests, no allocation.
         """
 
+    #: The upstream also parses ``application/x-www-form-urlencoded`` bodies
+    #: (Blazz: ``express.urlencoded()``): the router reads them the same way.
+    reads_forms: bool = False
+
+    def key_in_body(self, method: str, path: str) -> bool:
+        """True when this request's credential is in its body (Blazz POST / PUT
+        / DELETE), so it cannot be checked before the body is read. Default:
+        it is in a header or the query, checked before a byte of body is read."""
+        return False
+
     @abstractmethod
     def extract(self, req: UpstreamRequest) -> Extraction:
         """Find the session of a request. Raise ``BadSessionId`` on a malformed id."""

@@ -135,10 +135,27 @@ class BlazzAdapter(JsonAdapter):
     def needs_body(self, method: str, path: str) -> bool:
         # Every /api/* route checks api_key, which lives in the body of
         # POST / PUT / DELETE requests.
-        return method in BODY_METHODS and path.startswith("/api/")
+        return method in BODY_METHODS and path[:5].lower() == "/api/"
+
+    reads_forms = True
+
+    def key_in_body(self, method: str, path: str) -> bool:
+        return self.needs_body(method, path)
 
     def extract(self, req: UpstreamRequest) -> Extraction:
         path = req.path
+        if not path.startswith("/api/"):
+            # Express routes ignore case: /API/Sessions/{id} reaches Blazz's
+            # handlers too. The fixed parts only: ids keep their case.
+            head = path[:15].lower()
+            if not head.startswith("/api/"):
+                return _NO_SESSION
+            if head.startswith("/api/sessions"):
+                path = "/api/sessions" + path[13:]
+            elif head.startswith("/api/messages/"):
+                path = "/api/messages/" + path[14:]
+            else:
+                path = "/api/" + path[5:]
         if path.startswith("/api/sessions"):
             rest = path[13:]
             if not rest or rest == "/":
@@ -156,7 +173,7 @@ class BlazzAdapter(JsonAdapter):
             rest = path[14:]
             slash = rest.find("/")
             seg = rest if slash < 0 else rest[:slash]
-            if seg not in _BODY_ACTIONS:
+            if seg.lower() not in _BODY_ACTIONS:
                 if slash >= 0:
                     return self._ids.get(seg)
                 # "/api/messages/{x}" alone is no documented route

@@ -83,7 +83,8 @@ class EvolutionAdapter(HeaderCredentialAdapter):
 
     # -- 1. where the session id is ------------------------------------------
     def needs_body(self, method: str, path: str) -> bool:
-        return method == "POST" and (path == _CREATE_PATH or path == _CREATE_PATH + "/")
+        # Express routes ignore case and a trailing slash.
+        return method == "POST" and path.rstrip("/").lower() == _CREATE_PATH
 
     def extract(self, req: UpstreamRequest) -> Extraction:
         path = req.path
@@ -92,7 +93,7 @@ class EvolutionAdapter(HeaderCredentialAdapter):
         parts = path.split("/")  # "/a/b/c" -> ["", "a", "b", "c"]
         n = len(parts)
         if n < 4 or parts[0]:
-            if n == 3 and path == _CREATE_PATH and req.method == "POST":
+            if n == 3 and path.lower() == _CREATE_PATH and req.method == "POST":
                 name = req.json.get("instanceName") if req.json is not None else None
                 if name is None or name == "":
                     return _CREATE_UNNAMED
@@ -112,8 +113,8 @@ class EvolutionAdapter(HeaderCredentialAdapter):
         return (
             req.method == "DELETE"
             and len(parts) == 3
-            and parts[0] == "instance"
-            and parts[1] in ("logout", "delete")
+            and parts[0].lower() == "instance"
+            and parts[1].lower() in ("logout", "delete")
         )
 
     def session_missing(self, status: int, body: bytes) -> bool:

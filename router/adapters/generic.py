@@ -482,6 +482,9 @@ class GenericAdapter(JsonAdapter):
         return _NO_SESSION
 
     # -- 5. credentials ----------------------------------------------------------
+    def key_in_body(self, method: str, path: str) -> bool:
+        return self._cred_json is not None and self.needs_body(method, path)
+
     def client_key(self, req: UpstreamRequest) -> str | None:
         if self._cred_json is not None and req.json is not None:
             value = req.json.get(self._cred_json)

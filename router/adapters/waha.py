@@ -185,8 +185,12 @@ class WahaAdapter(JsonAdapter):
 
     # -- 1. where the session id is ------------------------------------------
     def needs_body(self, method: str, path: str) -> bool:
-        if method not in BODY_METHODS or not path.startswith("/api/"):
+        if method not in BODY_METHODS:
             return False
+        if not path.startswith("/api/"):
+            if path[:5].lower() != "/api/":
+                return False
+            path = "/api/" + path[5:]
         slash = path.find("/", 5)
         first = path[5:] if slash < 0 else path[5:slash]
         kind = self._roots.get(first)
@@ -196,11 +200,13 @@ class WahaAdapter(JsonAdapter):
             return True
         if kind == _SESSIONS and method == "POST":
             rest = "" if slash < 0 else path[slash + 1 :].rstrip("/")
-            return not rest or rest in _LEGACY
+            return not rest or rest.lower() in _LEGACY
         return False
 
     def extract(self, req: UpstreamRequest) -> Extraction:
         path = req.path
+        if not path.startswith("/api/") and path[:5].lower() == "/api/":
+            path = "/api/" + path[5:]  # Express routes ignore case (/API/sendText)
         if path.startswith("/api/"):
             slash = path.find("/", 5)
             if slash >= 0:
@@ -228,7 +234,7 @@ class WahaAdapter(JsonAdapter):
             if kind == _FILES:
                 return self._files(rest)
             return _NO_SESSION
-        if path == "/ws" or path == "/ws/":
+        if path.lower() in ("/ws", "/ws/"):
             value = req.query.get("session")
             if not value or value == "*":
                 return _FANOUT
@@ -256,12 +262,16 @@ class WahaAdapter(JsonAdapter):
             return Extraction(valid_session_id(name), create=True)
         slash = rest.find("/")
         seg = rest if slash < 0 else rest[:slash]
-        if seg in _LEGACY and req.method == "POST" and (slash < 0 or slash == len(rest) - 1):
+        if (
+            seg.lower() in _LEGACY
+            and req.method == "POST"
+            and (slash < 0 or slash == len(rest) - 1)
+        ):
             # POST /api/sessions/start|stop|logout[/] with body {"name"}
             name = req.json.get("name") if req.json is not None else None
             session = self.default_session if name is None else valid_session_id(name)
             # Legacy start is WAHA's "upsert and start": it may create.
-            return Extraction(session, create=seg == "start")
+            return Extraction(session, create=seg.lower() == "start")
         if req.method == "POST" and rest.rstrip("/").lower().endswith("/start"):
             # Starting a stopped session is how WAHA creates it again (after a
             # stop through the router, which marked it removed: router.removals).

@@ -106,7 +106,11 @@ class WwebjsAdapter(HeaderCredentialAdapter):
     def removes(self, req: UpstreamRequest) -> bool:
         # /session/stop/{id} and /session/terminate/{id} (terminate also logs out).
         parts = req.path.strip("/").split("/")
-        return len(parts) == 3 and parts[0] == "session" and parts[1] in ("stop", "terminate")
+        return (
+            len(parts) == 3
+            and parts[0].lower() == "session"
+            and parts[1].lower() in ("stop", "terminate")
+        )
 
     def session_missing(self, status: int, body: bytes) -> bool:
         return status == 404 and _NOT_FOUND in body[:4096]
