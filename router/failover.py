@@ -153,10 +153,13 @@ class Failover:
                 self._moved_off(failed, exclude_failed, session)
                 self._event(session, failed_name, found.name, reason, "found_elsewhere", started)
                 return found
-            if failed is not None and exclude_failed:
+            if failed is not None and exclude_failed and not failed.checks_down:
                 # Before starting it elsewhere, make sure the owner is really
                 # gone: an instance ejected for errors, slow, or with a full
                 # pool may still run the session (two browsers on one phone).
+                # One that health checks took down does not answer anything:
+                # asking would only cost the probe timeout per session, and
+                # it is fenced before it serves again.
                 state = await self._owner_state(failed, session)
                 if state == "running":
                     self._event(session, failed_name, failed_name, reason, "owner_alive", started)

@@ -142,6 +142,7 @@ class HealthChecker:
                     self._streak[inst.name] = streak
                     return
                 self._down.discard(inst.name)
+                inst.checks_down = False
                 inst.healthy = True
                 inst.healthy_since = now
                 inst.failures = 0
@@ -160,6 +161,7 @@ class HealthChecker:
                 # it: a busy instance is ejected by live traffic first, and its
                 # idle sessions must be evacuated all the same.
                 self._down.add(inst.name)
+                inst.checks_down = True
                 inst.healthy = False
                 released = inst.transport.abort_in_flight(
                     f"instance {inst.name} stopped answering health checks"

@@ -58,6 +58,7 @@ class Instance:
     __slots__ = (
         "admin",
         "base",
+        "checks_down",
         "config",
         "ejected_until",
         "ejections",
@@ -93,6 +94,10 @@ class Instance:
         self.healthy_since = 0.0
         # What its last active health check said (None: none answered yet).
         self.last_health: HealthReport | None = None
+        # Down by active health checks (it does not answer /health), as opposed
+        # to ejected for errors while it still answers (then it may well still
+        # run its sessions, and failover asks it first).
+        self.checks_down = False
 
     @property
     def placeable(self) -> bool:

@@ -356,8 +356,7 @@ class BlazzAdapter(JsonAdapter):
         if res.status == 500 and b"singletonlock" in res.body[:4096].lower():
             # Chromium's profile lock in the shared storage: a browser of a
             # crashed instance still runs this session's profile.
-            error = res.data.get("error") if isinstance(res.data, dict) else None
-            raise HeldElsewhere(inst.name, str(error or "SingletonLock")[:200])
+            raise HeldElsewhere(inst.name, "SingletonLock: its browser profile is in use")
         return res.ok
 
     async def stop(self, http: aiohttp.ClientSession, inst: InstanceConfig, session: str) -> bool:

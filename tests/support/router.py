@@ -60,6 +60,7 @@ def router_config(
     adapter: str = "waha",
     adapter_options: dict[str, Any] | None = None,
     instance_key: str | None = INSTANCE_KEY,
+    instance_keys: Sequence[str] | None = None,
     router_key: str | None = ROUTER_KEY,
     max_sessions: int | Sequence[int] = 1000,
     weights: Sequence[float] | None = None,
@@ -80,7 +81,7 @@ def router_config(
                 url=url,
                 max_sessions=caps[i],
                 weight=weights[i] if weights else 1.0,
-                api_key=instance_key,
+                api_key=instance_keys[i] if instance_keys is not None else instance_key,
             )
             for i, url in enumerate(urls)
         ),

@@ -287,8 +287,11 @@ class SimFleet:
         auto_auth: bool = True,
         prefix: str | None = None,
         extra_args: Sequence[str] = (),
+        api_keys: Sequence[str] | None = None,
     ) -> None:
         self.directory = directory
+        # One key per instance (in order) instead of ``api_key`` for all.
+        self.api_keys = list(api_keys) if api_keys is not None else None
         self.auth_dir = directory / "auth"
         self.record = directory / "sent.jsonl"
         self.dialect = dialect
@@ -302,11 +305,12 @@ class SimFleet:
             self._new()
 
     def _new(self) -> SimProcess:
+        n = len(self.instances)
         proc = SimProcess(
-            f"{self.prefix}-{len(self.instances) + 1}",
+            f"{self.prefix}-{n + 1}",
             self.directory,
             dialect=self.dialect,
-            api_key=self.api_key,
+            api_key=self.api_keys[n] if self.api_keys is not None else self.api_key,
             start_delay=self.start_delay,
             auto_auth=self.auto_auth,
             auth_dir=self.auth_dir,
