@@ -46,6 +46,7 @@ class Failover:
         self.readiness = Readiness(
             lambda: rt.adapter,
             rt.events,
+            owner_of=rt.smap.peek,
             limit=max(rt.config.failover.wait, rt.config.failover.ready_timeout) * 10,
             probe_timeout=rt.resolver.probe_timeout,
         )

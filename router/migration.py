@@ -52,7 +52,7 @@ from router.discovery import RUNNING, peek_owner, pick_owner
 from router.instances import AdminState, Instance
 from router.locks import LockBusy
 from router.placement import load_ratio
-from router.restore import start_and_wait, with_notes
+from router.restore import RUNS, start_and_wait, with_notes
 from router.store.base import StoreUnavailable
 
 if TYPE_CHECKING:
@@ -440,8 +440,17 @@ class Migration:
             return fail("stop_failed", f"{source.name} still runs it after the stop")
 
         known = await with_notes(rt.smap.store, session, info) or info
+        # Moved once the target runs it; requests then wait for it to be READY
+        # (router.readiness). A copy that only waits for a QR scan (Blazz
+        # offline) moves too: waiting for READY would roll every such move back.
         state = await start_and_wait(
-            adapter, target, session, known, rt.config.failover.ready_timeout, events=rt.events
+            adapter,
+            target,
+            session,
+            known,
+            rt.config.failover.ready_timeout,
+            until=RUNS,
+            events=rt.events,
         )
         if state is not None:
             await rt.resolver.record(session, target)
@@ -519,7 +528,13 @@ class Migration:
                 rt.failover.readiness.track(session, target, started=started, status=there.status)
                 return MoveResult(session, source.name, target.name, "moved", detail="late start")
         back = await start_and_wait(
-            adapter, source, session, info, rt.config.failover.ready_timeout, events=rt.events
+            adapter,
+            source,
+            session,
+            info,
+            rt.config.failover.ready_timeout,
+            until=RUNS,
+            events=rt.events,
         )
         if back is not None:
             await rt.resolver.record(session, source)

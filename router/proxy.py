@@ -609,7 +609,11 @@ class ProxyHandler:
                 if recoverable and not inst.healthy:
                     assert session is not None
                     inst = await self._recover(session, inst, "owner_down", exclude_failed=True)
-                if session is not None and rt.failover.readiness.pending(session):
+                if (
+                    session is not None
+                    and rt.failover.readiness.pending(session)
+                    and rt.adapter.needs_ready(ureq)
+                ):
                     inst = await self._until_ready(session, inst)
                 if inst is not rendered_for:
                     path_qs, data = self._render(request, ureq, body, inst, streamed)

@@ -4,20 +4,23 @@ Every restore passes through a "not yet connected" phase (Blazz reports
 ``qr_scanning`` while it opens the stored login, WAHA ``STARTING``), during
 which a send is refused with the upstream's own "not connected" error. The
 router started that copy, so the client must never see that error: requests
-for a session being started wait here (bounded by ``failover.wait``) and go
-out once the instance reports it READY.
+that need a logged-in session (``adapter.needs_ready``) wait here (bounded by
+``failover.wait``) and go out once the instance reports it READY.
 
-``track`` starts one watcher per session: it polls the new owner (gently,
-with backoff) until READY, NEEDS_AUTH (the upstream asked for a QR: the
-stored login is gone), FAILED / gone, or the watch limit; webhooks can say
-"QR asked" sooner (``auth_needed``). ``wait`` is what a request calls.
+``track`` starts one watcher per session. It polls the new owner (gently,
+with backoff) until READY (done), FAILED or gone (done: the request then finds
+out where the session is), or NEEDS_AUTH: the stored login is gone and the
+upstream asks for a QR scan (a probe says so, or a QR webhook:
+``auth_needed``). A copy that needs a scan answers such requests with
+``session_needs_auth`` at once, for as long as it needs one: the watcher
+keeps looking every few seconds until it is READY, or no longer the
+session's copy. A copy still starting after ``limit`` seconds is let go.
 Until a session is tracked, nothing here costs more than a dict lookup.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
 import logging
 import time
@@ -26,7 +29,7 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
-from router.adapters.base import Adapter, SessionStatus
+from router.adapters.base import Adapter, SessionInfo, SessionStatus
 from router.events import EventLog
 from router.instances import Instance
 from router.metrics import RESTORE_DURATION
@@ -35,11 +38,13 @@ log = logging.getLogger(__name__)
 
 _POLL_FIRST = 0.05
 _POLL_MAX = 0.5
+_POLL_NEEDS_AUTH = 5.0  # a QR scan takes a person: look now and then
+_QR_KEPT = 60.0
 
 
 class Ready(enum.Enum):
     READY = "ready"
-    NEEDS_AUTH = "needs_auth"  # the upstream asked for a new QR
+    NEEDS_AUTH = "needs_auth"  # the upstream asks for a new QR scan
     GONE = "gone"  # failed, or no longer there
     TIMEOUT = "timeout"  # not ready within the wait
 
@@ -49,6 +54,7 @@ class _Watch:
     instance: str
     started: float
     done: asyncio.Future[Ready]
+    needs_auth: bool = False
     task: asyncio.Task[None] | None = field(default=None)
 
 
@@ -58,16 +64,23 @@ class Readiness:
         get_adapter: Callable[[], Adapter],
         events: EventLog,
         *,
+        owner_of: Callable[[str], str | None],
         limit: float = 300.0,
         probe_timeout: float = 2.0,
     ) -> None:
         self._get_adapter = get_adapter
         self.events = events
-        # How long a watcher polls before it lets requests through anyway
-        # (the upstream then answers for itself).
+        # Where the map says the session runs (a copy that is no longer the
+        # session's owner is not watched any more).
+        self._owner_of = owner_of
+        # How long a starting copy is waited for before requests go through
+        # anyway (the upstream then answers for itself).
         self.limit = limit
         self.probe_timeout = probe_timeout
         self._watches: dict[str, _Watch] = {}
+        # QR requests seen before the session was tracked (a webhook can beat
+        # the create's answer): session -> (instance, when).
+        self._recent_qr: dict[str, tuple[str, float]] = {}
 
     def pending(self, session: str) -> bool:
         return session in self._watches
@@ -75,36 +88,47 @@ class Readiness:
     def track(self, session: str, inst: Instance, *, started: float, status: SessionStatus) -> None:
         """``session`` was just started on ``inst`` by the router (``status``:
         what the instance reported first). ``started``: when recovery began."""
-        old = self._watches.pop(session, None)
-        if old is not None:
-            self._finish(old, Ready.GONE)
+        self.forget(session)
         if status is SessionStatus.READY:
             RESTORE_DURATION.observe(time.monotonic() - started)
             return
         loop = asyncio.get_running_loop()
         watch = _Watch(inst.name, started, loop.create_future())
         self._watches[session] = watch
-        if status is SessionStatus.NEEDS_AUTH:
-            self._finish_session(session, Ready.NEEDS_AUTH)
-            return
+        qr = self._recent_qr.pop(session, None)
+        if status is SessionStatus.NEEDS_AUTH or (
+            qr is not None and qr[0] == inst.name and qr[1] >= started
+        ):
+            self._needs_auth(session, watch)
         watch.task = asyncio.create_task(self._watch(session, inst, watch), name=f"ready:{session}")
 
     def auth_needed(self, session: str, instance: str) -> None:
         """An event from ``instance`` says ``session`` asks for a QR (webhook)."""
         watch = self._watches.get(session)
-        if watch is not None and watch.instance == instance:
-            self._finish_session(session, Ready.NEEDS_AUTH)
+        if watch is None:
+            now = time.monotonic()
+            if len(self._recent_qr) > 10_000:  # bounded: keep only the last minute
+                self._recent_qr = {
+                    s: v for s, v in self._recent_qr.items() if now - v[1] < _QR_KEPT
+                }
+            self._recent_qr[session] = (instance, now)
+        elif watch.instance == instance:
+            self._needs_auth(session, watch)
 
     def forget(self, session: str) -> None:
         watch = self._watches.pop(session, None)
         if watch is not None:
-            self._finish(watch, Ready.GONE)
+            self._resolve(watch, Ready.GONE)
+            if watch.task is not None and watch.task is not asyncio.current_task():
+                watch.task.cancel()
 
     async def wait(self, session: str, within: float) -> Ready:
         """Until ``session`` is ready to serve (READY also when not tracked)."""
         watch = self._watches.get(session)
         if watch is None:
             return Ready.READY
+        if watch.needs_auth:
+            return Ready.NEEDS_AUTH
         try:
             return await asyncio.wait_for(asyncio.shield(watch.done), within)
         except TimeoutError:
@@ -120,33 +144,46 @@ class Readiness:
         delay = _POLL_FIRST
         deadline = watch.started + self.limit
         outcome = Ready.TIMEOUT
-        while time.monotonic() < deadline:
-            try:
-                async with asyncio.timeout(self.probe_timeout):
-                    info = await self._get_adapter().probe(inst.http, inst.config, session)
-            except (aiohttp.ClientError, OSError, TimeoutError):
-                info = None
-            if info is None:
+        while watch.needs_auth or time.monotonic() < deadline:
+            await asyncio.sleep(_POLL_NEEDS_AUTH if watch.needs_auth else delay)
+            delay = min(delay * 1.5, _POLL_MAX)
+            if self._owner_of(session) != inst.name:
+                outcome = Ready.GONE  # moved, removed or forgotten since
+                break
+            info = await self._probe(inst, session)
+            if info is None or info.status in (SessionStatus.FAILED, SessionStatus.STOPPED):
                 outcome = Ready.GONE
                 break
             if info.status is SessionStatus.READY:
                 outcome = Ready.READY
                 break
             if info.status is SessionStatus.NEEDS_AUTH:
-                outcome = Ready.NEEDS_AUTH
-                break
-            if info.status in (SessionStatus.FAILED, SessionStatus.STOPPED):
-                outcome = Ready.GONE
-                break
-            await asyncio.sleep(delay)
-            delay = min(delay * 1.5, _POLL_MAX)
+                self._needs_auth(session, watch)
         if self._watches.get(session) is watch:
-            self._finish_session(session, outcome)
+            del self._watches[session]
+            self._done(session, watch, outcome)
 
-    def _finish_session(self, session: str, outcome: Ready) -> None:
-        watch = self._watches.pop(session, None)
-        if watch is None:
+    async def _probe(self, inst: Instance, session: str) -> SessionInfo | None:
+        try:
+            async with asyncio.timeout(self.probe_timeout):
+                return await self._get_adapter().probe(inst.http, inst.config, session)
+        except (aiohttp.ClientError, OSError, TimeoutError):
+            return None
+
+    def _needs_auth(self, session: str, watch: _Watch) -> None:
+        if watch.needs_auth:
             return
+        watch.needs_auth = True
+        self.events.add("needs_auth", session=session, instance=watch.instance)
+        log.warning(
+            "session %s restored on %s asks for a new QR scan after %.1fs",
+            session,
+            watch.instance,
+            time.monotonic() - watch.started,
+        )
+        self._resolve(watch, Ready.NEEDS_AUTH)
+
+    def _done(self, session: str, watch: _Watch, outcome: Ready) -> None:
         took = time.monotonic() - watch.started
         if outcome is Ready.READY:
             RESTORE_DURATION.observe(took)
@@ -161,14 +198,9 @@ class Readiness:
                 outcome.value,
                 took,
             )
-        self._finish(watch, outcome)
+        self._resolve(watch, outcome)
 
     @staticmethod
-    def _finish(watch: _Watch, outcome: Ready) -> None:
+    def _resolve(watch: _Watch, outcome: Ready) -> None:
         if not watch.done.done():
             watch.done.set_result(outcome)
-        task = watch.task
-        if task is not None and not task.done() and task is not asyncio.current_task():
-            task.cancel()
-            with contextlib.suppress(Exception):
-                task.add_done_callback(lambda t: t.cancelled() or t.exception())

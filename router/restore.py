@@ -1,11 +1,10 @@
 """Start a session on a chosen instance and wait (bounded) until it reports in.
 
 Used by failover (restore after a crash), migration (drain, move) and
-rebalancing. The caller holds the session's lock. What "reports in" means is
-the caller's: failover maps a restored copy as soon as the instance runs it
-(``RUNS``: starting, ready or asking for a QR) and lets ``router.readiness``
-hold requests until it is READY; a move waits for ``SETTLED`` (ready, or
-asking for a QR) before it switches the map, or rolls back.
+rebalancing. The caller holds the session's lock. Failover and moves map the
+new copy as soon as the instance runs it (``RUNS``: starting, ready or asking
+for a QR) and let ``router.readiness`` hold requests until it is READY;
+``SETTLED`` (ready, or asking for a QR) is there for callers that must wait.
 
 A start answered "held elsewhere" (``HeldElsewhere``: a browser of a crashed
 instance still holds the session's profile in the shared storage) is tried

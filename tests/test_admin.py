@@ -208,7 +208,7 @@ async def test_drain_undrain_maintenance_and_move_over_http(
         "wa-1",
         "moved",
     )
-    assert await fleet[0].session_status("c") == "WORKING"
+    await fleet[0].wait_session("c")
     status, body, _ = await admin(router, "POST", "/admin/sessions/c/move", body={"to": "wa-3"})
     assert status == 409 and body["error"] == "target_not_active"
     status, body, _ = await admin(router, "POST", "/admin/sessions/c/move", body={"x": 1})

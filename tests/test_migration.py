@@ -158,7 +158,8 @@ async def test_move_to_a_named_instance_and_the_requests_it_refuses(
     assert result.ok and result.outcome == "moved", result
     assert (result.source, result.target) == (source, target)
     assert rt.smap.cached("m1") == target
-    assert await fleet.by_name(target).session_status("m1") == "WORKING"
+    # Moved once it runs there; it is READY (WORKING) right after.
+    await fleet.by_name(target).wait_session("m1")
     assert await fleet.by_name(source or "").session_status("m1") == "STOPPED"
 
     again = await migration.move("m1", target)
@@ -239,7 +240,7 @@ async def test_rebalance_moves_from_the_most_to_the_least_loaded_within_bounds(
     assert await migration.rebalance() == []
     for s, owner in ((f"r{i}", rt.smap.cached(f"r{i}")) for i in range(8)):
         assert owner is not None
-        assert await fleet.by_name(owner).session_status(s) == "WORKING"
+        await fleet.by_name(owner).wait_session(s)
     assert len(await running_on(fleet[0])) == 5
     assert len(await running_on(fleet[1])) == 3
 
@@ -278,6 +279,8 @@ async def test_drain_on_a_blazz_fleet_keeps_workspace_and_login(
     job = await migration.drain("blazz-1")
     assert await job.wait(20)
     assert (job.moved, job.failed) == (3, 0), job.as_dict()
+    for s in ids:
+        await fleet[1].wait_session(s)
     state = await fleet[1].state()
     assert sorted(s["name"] for s in state["sessions"] if s["status"] == "WORKING") == ids
     assert {s["workspace_id"] for s in state["sessions"]} == {7}

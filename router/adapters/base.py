@@ -282,6 +282,13 @@ class Adapter(ABC):
     #: also covers a dropped connection that the upstream will retry.
     stopped_is_removed: bool = False
 
+    def needs_ready(self, req: UpstreamRequest) -> bool:
+        """True when this request needs its session logged in (a send, a chat
+        read): such requests wait for a copy the router is starting. Session
+        management (status, QR, delete) goes through at once: a client must
+        be able to fetch the QR of a session that asks for one. Default: all."""
+        return True
+
     def removes(self, req: UpstreamRequest) -> bool:
         """True when this request, answered 2xx, removes its session on purpose
         (delete, stop, logout): the router then never brings it back until it

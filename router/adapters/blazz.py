@@ -224,6 +224,10 @@ class BlazzAdapter(JsonAdapter):
     def _key_params(self, inst: InstanceConfig) -> dict[str, str]:
         return {_KEY: inst.api_key} if inst.api_key else {}
 
+    def needs_ready(self, req: UpstreamRequest) -> bool:
+        # /api/messages/* sends and reads; /api/sessions/* is management.
+        return req.path[:14].lower() == "/api/messages/"
+
     def removes(self, req: UpstreamRequest) -> bool:
         # DELETE /api/sessions/{id}: disconnects it (the login stays on disk).
         parts = req.path.rstrip("/").split("/")

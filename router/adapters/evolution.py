@@ -107,6 +107,9 @@ class EvolutionAdapter(HeaderCredentialAdapter):
 
     # -- 5. credentials ----------------------------------------------------------
     # -- answers -----------------------------------------------------------------
+    def needs_ready(self, req: UpstreamRequest) -> bool:
+        return req.path.strip("/").split("/", 1)[0].lower() != "instance"
+
     def removes(self, req: UpstreamRequest) -> bool:
         # DELETE /instance/logout/{i} (unpairs) and /instance/delete/{i}.
         parts = req.path.strip("/").split("/")

@@ -287,6 +287,11 @@ class WahaAdapter(JsonAdapter):
 
     stopped_is_removed = True
 
+    def needs_ready(self, req: UpstreamRequest) -> bool:
+        # Not the session API (/api/sessions/...) nor the QR / pairing routes.
+        path = req.path.lower()
+        return not (path.startswith("/api/sessions") or "/auth/" in path)
+
     def removes(self, req: UpstreamRequest) -> bool:
         # DELETE /api/sessions/{s}; POST /api/sessions/{s}/stop|logout and the
         # legacy POST /api/sessions/stop|logout {"name"}.

@@ -103,6 +103,9 @@ class WwebjsAdapter(HeaderCredentialAdapter):
 
     # -- 5. credentials ----------------------------------------------------------
     # -- answers -----------------------------------------------------------------
+    def needs_ready(self, req: UpstreamRequest) -> bool:
+        return req.path.strip("/").split("/", 1)[0].lower() != "session"
+
     def removes(self, req: UpstreamRequest) -> bool:
         # /session/stop/{id} and /session/terminate/{id} (terminate also logs out).
         parts = req.path.strip("/").split("/")
