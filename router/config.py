@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 from typing import Any
 
 # Session ids travel into upstream URLs; anything outside this pattern is
@@ -262,6 +263,25 @@ class WebhookConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class RoutesConfig:
+    """Which upstream paths clients may reach (glob patterns, ``*`` matches
+    anything including ``/``, compared ignoring case as Express routes are).
+    Empty ``allow``: every path not denied. Evaluated before anything else of
+    a request; a refused path is a 403 ``route_denied``."""
+
+    allow: tuple[str, ...] = ()
+    deny: tuple[str, ...] = ()
+
+    def permits(self, path: str) -> bool:
+        if not self.allow and not self.deny:
+            return True
+        low = path.lower()
+        if self.allow and not any(fnmatchcase(low, p) for p in self.allow):
+            return False
+        return not any(fnmatchcase(low, p) for p in self.deny)
+
+
+@dataclass(frozen=True, slots=True)
 class RouterConfig:
     instances: tuple[InstanceConfig, ...]
     listen: ListenConfig = ListenConfig()
@@ -281,6 +301,8 @@ class RouterConfig:
     api_keys: tuple[str, ...] = field(default=(), repr=False)
     # The durable webhook relay (router/webhooks); None = disabled.
     webhooks: WebhookConfig | None = None
+    # Upstream paths clients may reach.
+    routes: RoutesConfig = RoutesConfig()
     # Where this config came from, for error messages and reload.
     source: str | None = None
 

@@ -40,6 +40,7 @@ from router.config import (
     ListenConfig,
     OutlierConfig,
     RouterConfig,
+    RoutesConfig,
     StoreConfig,
     Timeouts,
     WebhookConfig,
@@ -681,6 +682,7 @@ class _Parser:
             "idempotency": lambda k, v: self._section(v, "idempotency", IdempotencyConfig),
             "admin_key": lambda k, v: self._opt_secret(v, "admin_key"),
             "webhooks": lambda k, v: self._webhooks(v),
+            "routes": lambda k, v: self._routes(v),
         }
         top = self._mapping(root, "", tuple(sections))
         values: dict[str, Any] = {}
@@ -697,6 +699,18 @@ class _Parser:
         if values.get("webhooks") is not None:
             self._check_webhook_instances(values["instances"])
         return RouterConfig(source=self.file, **values)
+
+    def _routes(self, node: yaml.Node) -> RoutesConfig:
+        m = self._mapping(node, "routes", ("allow", "deny"))
+        lists: dict[str, tuple[str, ...]] = {}
+        for key in ("allow", "deny"):
+            if key in m:
+                patterns = self._str_list(m[key][1], f"routes.{key}")
+                for p in patterns:
+                    if not p.startswith("/"):
+                        self.fail(m[key][1], f"routes.{key}: {p!r} must start with '/'")
+                lists[key] = tuple(p.lower() for p in patterns)
+        return RoutesConfig(**lists)
 
     def _listen(self, node: yaml.Node) -> ListenConfig:
         m = self._mapping(node, "listen", ("host", "port"))

@@ -7,11 +7,32 @@ people), ``request_id`` and, when known, ``session``. Never a traceback.
 from __future__ import annotations
 
 import json
+import random
+import re
 from typing import Any
 
 from aiohttp import web
 
 REQUEST_ID_HEADER = "X-Request-Id"
+# A client's own id is kept (logs correlate across systems) only when it is
+# short and plain: it is echoed in answers and logs.
+_CLIENT_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+_randbits = random.getrandbits
+
+
+def new_request_id() -> str:
+    """``uuid.uuid4().hex`` without the syscall and the UUID object: random bits
+    with the version-4 and variant bits set (ids correlate logs, they are not secrets)."""
+    n = _randbits(128) & ~(0xF000 << 64) & ~(0xC000 << 48)
+    return "%032x" % (n | (0x4000 << 64) | (0x8000 << 48))
+
+
+def request_id_of(request: web.BaseRequest) -> str:
+    """The client's ``X-Request-Id`` when it is a bounded, printable token, else a new one."""
+    given = request.headers.get(REQUEST_ID_HEADER)
+    if given is not None and _CLIENT_ID.fullmatch(given):
+        return given
+    return new_request_id()
 
 
 class RouterError(Exception):

@@ -14,7 +14,6 @@ import contextlib
 import hmac
 import json
 import logging
-import random
 import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
@@ -34,7 +33,7 @@ from router.adapters.base import (
     InstanceHealth,
     UpstreamRequest,
 )
-from router.errors import REQUEST_ID_HEADER, RouterError, error_response
+from router.errors import REQUEST_ID_HEADER, RouterError, error_response, request_id_of
 from router.idempotency import (
     IDEMPOTENCY_HEADER,
     REPLAYED_HEADER,
@@ -120,16 +119,6 @@ def _filtered_request_headers(request: web.BaseRequest) -> CIMultiDict[str]:
     return headers
 
 
-_randbits = random.getrandbits
-
-
-def _new_request_id() -> str:
-    """``uuid.uuid4().hex`` without the syscall and the UUID object: random bits
-    with the version-4 and variant bits set (ids correlate logs, they are not secrets)."""
-    n = _randbits(128) & ~(0xF000 << 64) & ~(0xC000 << 48)
-    return "%032x" % (n | (0x4000 << 64) | (0x8000 << 48))
-
-
 def _response_headers(up: UpstreamResponse, request_id: str) -> list[tuple[str, str]]:
     # A list: web.Response copies whatever it gets into its own CIMultiDict.
     headers = [(k, v) for k, v in up.headers if k.lower() not in _RESPONSE_DROP]
@@ -155,7 +144,7 @@ class ProxyHandler:
         self.budget = body_io.BodyBudget(runtime.config.limits.max_buffered_bytes)
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
-        request_id = request.headers.get(REQUEST_ID_HEADER) or _new_request_id()
+        request_id = request_id_of(request)
         request[_STARTED] = time.monotonic()
         IN_FLIGHT.value += 1
         try:
@@ -189,6 +178,8 @@ class ProxyHandler:
         problem = path_problem(request.raw_path.partition("?")[0])
         if problem is not None:
             raise _bad_path(request, adapter, *problem)
+        if not rt.config.routes.permits(path):
+            raise RouterError(403, "route_denied", "this path is not open to clients")
 
         limits = rt.config.limits
         keys = rt.api_keys

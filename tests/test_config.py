@@ -886,3 +886,13 @@ def test_real_adapter_rejects_unknown_option() -> None:
         parse_text(text, "router.yaml", env={})
     assert info.value.line == 1
     assert info.value.reason.startswith("adapter: ")
+
+
+def test_routes_section() -> None:
+    cfg = _parse("routes:\n  allow: ['/api/*']\n  deny: ['/API/Server/*']\n", tail=INSTANCES)
+    assert cfg.routes.allow == ("/api/*",) and cfg.routes.deny == ("/api/server/*",)
+    assert cfg.routes.permits("/api/sendText") and not cfg.routes.permits("/api/server/stop")
+    assert not cfg.routes.permits("/ping")
+    with pytest.raises(ConfigError) as info:
+        _parse("routes:\n  deny: ['api/x']\n", tail=INSTANCES)
+    assert "must start with '/'" in str(info.value)

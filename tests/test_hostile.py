@@ -294,3 +294,53 @@ async def test_malformed_requests_log_one_line_without_their_bytes(
     assert "Traceback" not in text
     lines = [r for r in caplog.records if r.name in ("router.connections", "aiohttp.server")]
     assert len(lines) <= 2, [r.getMessage() for r in lines]
+
+
+# -- request ids, route lists -------------------------------------------------------
+
+
+async def test_a_client_request_id_is_kept_only_when_short_and_plain(
+    sim_fleet: SimFleetFactory, start_router: StartRouter
+) -> None:
+    _fleet, router = await waha_router(sim_fleet, start_router)
+    async with router.client() as http:
+        async with http.get(
+            f"{router.url}/api/nobody/me", headers={"X-Request-Id": "abc-123"}
+        ) as r:
+            assert r.headers["X-Request-Id"] == "abc-123"
+            assert (await r.json())["request_id"] == "abc-123"
+        for bad in ("x" * 8000, "has space", "new\u00e9line"):
+            async with http.get(f"{router.url}/api/nobody/me", headers={"X-Request-Id": bad}) as r:
+                echoed = r.headers["X-Request-Id"]
+                assert echoed != bad and len(echoed) == 32, echoed
+
+
+async def test_routes_allow_and_deny_lists_keep_clients_off_paths(
+    sim_fleet: SimFleetFactory, start_router: StartRouter
+) -> None:
+    import dataclasses
+
+    from router.config import RoutesConfig
+
+    fleet = sim_fleet(2, api_key=INSTANCE_KEY)
+    cfg = dataclasses.replace(
+        router_config(fleet.urls, names=[p.name for p in fleet]),
+        routes=RoutesConfig(deny=("/api/server/*",)),
+    )
+    router = await start_router(config=cfg)
+    async with router.client() as http:
+        for path in ("/api/server/status", "/API/Server/Stop"):
+            async with http.get(router.url + path) as resp:
+                assert resp.status == 403, path
+                assert (await resp.json())["error"] == "route_denied"
+        async with http.get(f"{router.url}/api/sessions") as resp:
+            assert resp.status == 200
+    allow_only = dataclasses.replace(
+        cfg, routes=RoutesConfig(allow=("/api/send*", "/api/sessions*"))
+    )
+    router2 = await start_router(config=allow_only)
+    async with router2.client() as http:
+        async with http.get(f"{router2.url}/api/sessions") as resp:
+            assert resp.status == 200
+        async with http.get(f"{router2.url}/api/contacts?session=x") as resp:
+            assert resp.status == 403
