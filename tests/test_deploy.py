@@ -996,3 +996,27 @@ webhooks:
     # Nothing was sent twice: m-a once (after its failover), m-c three times
     # (the plain send, the first of the two Idempotency-Key sends, the lost answer).
     assert (len(fleet.sent("m-a")), len(fleet.sent("m-c"))) == (1, 3)
+
+
+BLAZZ_UNIT = DEPLOY / "systemd" / "blazz-whatsapp@.service"
+
+
+def test_blazz_instance_unit_takes_its_browsers_with_it(tmp_path: Path) -> None:
+    text = BLAZZ_UNIT.read_text()
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
+    assert "KillMode=control-group" in lines  # detached Chromium dies with node
+    assert "Environment=LARAVEL_URL=http://127.0.0.1:8080/webhooks/blazz/wa-%i" in lines
+    analyze = shutil.which("systemd-analyze")
+    node = shutil.which("node")
+    if analyze is None or node is None:
+        return  # structure checked above; ./dev test installs both
+    unit = tmp_path / "blazz-whatsapp@3001.service"
+    unit.write_text(
+        text.replace("/usr/bin/node", node)
+        .replace("WorkingDirectory=/opt/blazz/whatsapp-service", f"WorkingDirectory={tmp_path}")
+        .replace("EnvironmentFile=/etc/blazz/whatsapp.env", "")
+    )
+    proc = subprocess.run(
+        [analyze, "verify", str(unit)], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
