@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import math
 import os
 import re
@@ -13,14 +14,23 @@ import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import aiohttp
 import pytest
+from aiohttp.test_utils import make_mocked_request
 from playwright.async_api import Page, expect
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from router.dashboard import COOKIE
-from router.dashboard.handler import make_token, token_valid
+from router.dashboard.handler import (
+    Revocations,
+    make_token,
+    parse_token,
+    request_is_https,
+    token_valid,
+    trusted_proxy,
+)
 from router.dashboard.stats import StatsSampler, quantile
 from router.metrics import REQUEST_DURATION, REQUESTS
 from tests.support.browser import browser, browser_page, chromium_path, screenshot_on_failure
@@ -98,10 +108,121 @@ def test_cookie_token_holds_no_key_expires_and_follows_the_key() -> None:
     assert token_valid(ADMIN_KEY, token, now=1059.0)
     assert not token_valid(ADMIN_KEY, token, now=1061.0)
     assert not token_valid("another-key", token, now=1001.0)
-    expires, _, mac = token.partition(".")
-    assert not token_valid(ADMIN_KEY, f"{int(expires) + 9999}.{mac}", now=1001.0)
-    for bad in ("", ".", "abc", "1.", ".abc", "x.y"):
-        assert not token_valid(ADMIN_KEY, bad)
+    expires, nonce, mac = token.split(".")
+    assert not token_valid(ADMIN_KEY, f"{int(expires) + 9999}.{nonce}.{mac}", now=1001.0)
+    # Each login its own nonce, signed with the expiry: it cannot be swapped.
+    parsed = parse_token(ADMIN_KEY, token, now=1001.0)
+    assert parsed is not None and parsed.expires == 1060 and parsed.nonce == nonce
+    other = make_token(ADMIN_KEY, now=1000.0, ttl=60)
+    assert other.split(".")[1] != nonce
+    assert not token_valid(ADMIN_KEY, f"{expires}.{other.split('.')[1]}.{mac}", now=1001.0)
+    # Hostile cookies: refused, never an exception.
+    for bad in (
+        "",
+        ".",
+        "abc",
+        "1.",
+        ".abc",
+        "x.y",
+        f"{expires}.{mac}",  # the old two-part format
+        f"\u00b2.{nonce}.{mac}",  # a digit to str.isdigit(), not to int()
+        f"{expires}.{nonce.upper()}.{mac}",
+        f"{expires}.{nonce}.{mac}.",
+        f"{expires}.{nonce}.\udcff{mac[1:]}",  # undecodable bytes
+        f"{expires}.{nonce}.{mac}\n",
+    ):
+        assert not token_valid(ADMIN_KEY, bad, now=1001.0), bad
+
+
+def test_revocations_are_bounded_and_never_revive_a_cookie() -> None:
+    def token(now: float, ttl: int = 100) -> Any:
+        parsed = parse_token(ADMIN_KEY, make_token(ADMIN_KEY, now=now, ttl=ttl), now=now)
+        assert parsed is not None
+        return parsed
+
+    revoked = Revocations(limit=3, ttl=100)
+    a, b, c = token(0), token(10), token(20)
+    for t in (a, b, c):
+        revoked.revoke(t, now=30)
+        revoked.revoke(t, now=30)  # twice: remembered once
+    assert len(revoked) == 3 and all(revoked.revoked(t) for t in (a, b, c))
+    kept = token(25)
+    assert not revoked.revoked(kept)
+    # Full: the expired (a, b) are forgotten first; c is still remembered.
+    d = token(115)
+    revoked.revoke(d, now=115)
+    assert len(revoked) == 2 and revoked.revoked(c) and revoked.revoked(d)
+    assert revoked.cutoff == 0 and not revoked.revoked(kept)
+    # Full of live logouts: every cookie issued so far goes, memory stays bounded.
+    e = token(116)
+    revoked.revoke(e, now=116)
+    f = token(117, ttl=1000)  # even one outliving the others
+    revoked.revoke(f, now=117)
+    assert len(revoked) == 0 and revoked.cutoff >= f.expires
+    for t in (c, d, e, f, token(117)):
+        assert revoked.revoked(t)
+    assert not revoked.revoked(token(revoked.cutoff - 100 + 1))
+
+
+class _Transport:
+    def __init__(self, peer: Any) -> None:
+        self.peer = peer
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self.peer if name == "peername" else default
+
+
+def _request(peer: Any, headers: dict[str, str], *, tls: bool = False) -> Any:
+    request = make_mocked_request(
+        "POST",
+        "/dashboard/login",
+        headers=headers,
+        sslcontext=mock.Mock() if tls else None,
+    )
+    request.protocol.transport = None if peer is None else _Transport(peer)
+    return request
+
+
+def test_only_a_trusted_proxy_may_say_the_request_came_over_https() -> None:
+    xfp = {"X-Forwarded-Proto": "https"}
+    trusted = [
+        ("127.0.0.1", 50000),
+        ("::1", 50000, 0, 0),
+        ("10.1.2.3", 1),
+        ("172.16.0.9", 1),
+        ("172.31.255.1", 1),
+        ("192.168.1.10", 1),
+        ("fd12:3456::1", 1, 0, 0),
+        ("::ffff:192.168.1.10", 1, 0, 0),
+        "",  # a Unix socket
+    ]
+    untrusted = [
+        ("8.8.8.8", 1),
+        ("172.32.0.1", 1),
+        ("100.64.0.1", 1),  # carrier-grade NAT: shared, not ours
+        ("2001:4860::8888", 1, 0, 0),
+        ("::ffff:8.8.8.8", 1, 0, 0),
+        ("not-an-ip", 1),
+        None,  # no transport (the connection is gone)
+    ]
+    for peer in trusted:
+        assert trusted_proxy(_request(peer, {})), peer
+        assert request_is_https(_request(peer, xfp)), peer
+        assert not request_is_https(_request(peer, {})), peer
+    for peer in untrusted:
+        assert not trusted_proxy(_request(peer, {})), peer
+        assert not request_is_https(_request(peer, xfp)), peer
+    # A TLS connection is HTTPS whoever the peer, whatever a header says.
+    assert request_is_https(_request(("8.8.8.8", 1), {}, tls=True))
+    assert request_is_https(_request(("10.0.0.1", 1), {"X-Forwarded-Proto": "http"}, tls=True))
+    # The value the trusted proxy itself added is the last one.
+    proxy = ("10.0.0.2", 1)
+    assert not request_is_https(_request(proxy, {"X-Forwarded-Proto": "https, http"}))
+    assert request_is_https(_request(proxy, {"X-Forwarded-Proto": "http, HTTPS "}))
+    assert request_is_https(_request(proxy, {"Forwarded": "for=1.2.3.4;proto=https"}))
+    assert not request_is_https(
+        _request(proxy, {"Forwarded": "proto=https, proto=http", "X-Forwarded-Proto": "https"})
+    )
 
 
 # -- HTTP --------------------------------------------------------------------------------
@@ -191,6 +312,152 @@ async def test_login_sets_a_strict_httponly_cookie_and_drops_the_key_from_the_ur
         assert resp.status == 200 and resp.url.path == "/dashboard"  # redirected to the page
     async with http.get(url + "/api/snapshot") as resp:
         assert resp.status == 200
+
+
+def _cookie_value(resp: aiohttp.ClientResponse) -> str:
+    morsel = resp.cookies.get(COOKIE)
+    assert morsel is not None and morsel.value, resp.headers.getall("Set-Cookie", [])
+    return morsel.value
+
+
+async def test_logout_revokes_the_cookie_on_the_server_and_no_key_is_shown_or_logged(
+    sim_fleet: SimFleetFactory,
+    start_router: StartRouter,
+    http: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    _fleet, router = await setup(sim_fleet, start_router, n=1)
+    dashboard = router.server.dashboard
+    assert dashboard is not None
+    url = router.url + "/dashboard"
+    async with http.get(url, params={"key": "wrong-" + ADMIN_KEY}) as resp:
+        assert resp.status == 401
+        assert ADMIN_KEY not in await resp.text()
+    # Two logins (two browsers): two cookies, neither of them the key.
+    async with http.get(url, params={"key": ADMIN_KEY}, allow_redirects=False) as resp:
+        first = _cookie_value(resp)
+    async with http.post(url + "/login", data={"key": ADMIN_KEY}, allow_redirects=False) as resp:
+        second = _cookie_value(resp)
+    assert first != second
+    for token in (first, second):
+        assert ADMIN_KEY not in token
+        async with aiohttp.ClientSession() as browser:
+            cookie = {"Cookie": f"{COOKIE}={token}"}
+            async with browser.get(url, headers=cookie) as resp:
+                assert resp.status == 200
+                assert ADMIN_KEY not in await resp.text()
+            async with browser.get(url + "/api/snapshot", headers=cookie) as resp:
+                assert resp.status == 200
+
+    # Logouts without a valid cookie remember nothing (nobody fills the list).
+    async with aiohttp.ClientSession() as stranger:
+        for cookie in ("", "garbage", make_token("another-key")):
+            async with stranger.post(
+                url + "/logout", headers={"Cookie": f"{COOKIE}={cookie}"}, allow_redirects=False
+            ) as resp:
+                assert resp.status == 303
+    assert len(dashboard.revocations) == 0
+
+    async with aiohttp.ClientSession() as browser:
+        async with browser.post(
+            url + "/logout", headers={"Cookie": f"{COOKIE}={first}"}, allow_redirects=False
+        ) as resp:
+            assert resp.status == 303
+            deleted = resp.headers["Set-Cookie"]
+    assert f"{COOKIE}=" in deleted and "max-age=0" in deleted.lower()
+    assert len(dashboard.revocations) == 1
+    # The logged-out cookie, replayed (a copy kept by a thief): refused everywhere.
+    async with aiohttp.ClientSession() as thief:
+        cookie = {"Cookie": f"{COOKIE}={first}"}
+        async with thief.get(url, headers=cookie) as resp:
+            assert resp.status == 401
+            assert 'name="key"' in await resp.text()
+        async with thief.get(url + "/api/snapshot", headers=cookie) as resp:
+            assert resp.status == 401
+        async with thief.get(url + "/api/stream", headers=cookie) as resp:
+            assert resp.status == 401
+        # The other browser's login is untouched.
+        async with thief.get(
+            url + "/api/snapshot", headers={"Cookie": f"{COOKIE}={second}"}
+        ) as resp:
+            assert resp.status == 200
+    # Logging out twice remembers it once.
+    async with aiohttp.ClientSession() as browser:
+        async with browser.post(
+            url + "/logout", headers={"Cookie": f"{COOKIE}={first}"}, allow_redirects=False
+        ) as resp:
+            assert resp.status == 303
+    assert len(dashboard.revocations) == 1
+    assert ADMIN_KEY not in caplog.text
+
+
+async def test_the_cookie_is_secure_when_the_browser_came_over_https(
+    sim_fleet: SimFleetFactory, start_router: StartRouter
+) -> None:
+    # The tests reach the router from 127.0.0.1: a trusted proxy's address.
+    _fleet, router = await setup(sim_fleet, start_router, n=1)
+    url = router.url + "/dashboard"
+
+    async def set_cookie(method: str, path: str, headers: dict[str, str]) -> str:
+        async with aiohttp.ClientSession() as browser:
+            kwargs: dict[str, Any] = {"headers": headers, "allow_redirects": False}
+            if path == "/login":
+                kwargs["data"] = {"key": ADMIN_KEY}
+            if path == "/logout":
+                async with browser.get(url, params={"key": ADMIN_KEY}, **kwargs) as resp:
+                    headers = {**headers, "Cookie": f"{COOKIE}={_cookie_value(resp)}"}
+                    kwargs["headers"] = headers
+            params = {"key": ADMIN_KEY} if path == "" else None
+            async with browser.request(method, url + path, params=params, **kwargs) as resp:
+                assert resp.status == 303, await resp.text()
+                value = resp.headers["Set-Cookie"]
+        for attr in ("HttpOnly", "SameSite=Strict", "Path=/dashboard"):
+            assert attr.lower() in value.lower(), value
+        return value
+
+    for method, path in (("GET", ""), ("POST", "/login"), ("POST", "/logout")):
+        for headers in (
+            {"X-Forwarded-Proto": "https"},
+            {"X-Forwarded-Proto": "HTTPS"},
+            {"Forwarded": "for=198.51.100.7;proto=https"},
+        ):
+            value = await set_cookie(method, path, headers)
+            assert "secure" in value.lower().split("; "), (path, headers, value)
+        for headers in (
+            {},
+            {"X-Forwarded-Proto": "http"},
+            {"X-Forwarded-Proto": "https, http"},  # the proxy's own value is the last
+        ):
+            value = await set_cookie(method, path, headers)
+            assert "secure" not in value.lower().split("; "), (path, headers, value)
+
+
+async def _raw_status(router: RouterHandle, head: bytes) -> int:
+    host, _, port = router.url.removeprefix("http://").partition(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(head + b"\r\n\r\n")
+        await writer.drain()
+        line = await reader.readline()
+    finally:
+        writer.close()
+    return int(line.split()[1])
+
+
+async def test_undecodable_keys_and_cookies_are_refused_not_a_500(
+    sim_fleet: SimFleetFactory, start_router: StartRouter
+) -> None:
+    _fleet, router = await setup(sim_fleet, start_router, n=1)
+    for path in (b"/dashboard", b"/dashboard/api/snapshot"):
+        for header in (
+            b"X-Admin-Key: \xff\xfe",
+            b"Authorization: Bearer \xed\xa0\x80",
+            b"Cookie: " + COOKIE.encode() + b"=\xff.\xfe",
+            b"Cookie: " + COOKIE.encode() + b"=\xc2\xb2.0123456789abcdef0123456789abcdef.00",
+        ):
+            head = b"GET " + path + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n" + header
+            assert await _raw_status(router, head) == 401, (path, header)
 
 
 async def test_changes_by_cookie_need_the_csrf_header_and_only_some_admin_calls_pass(
@@ -441,4 +708,15 @@ async def test_dashboard_in_a_real_browser(
         await page.get_by_label("Session id contains").fill("no-such-session")
         await page.get_by_role("button", name="Search").click()
         await expect(page.locator("#search-status")).to_contain_text("No session matches")
+
+        # Log out: the browser drops the cookie and the router refuses a copy of it.
+        token = (await page.context.cookies())[0]["value"]
+        await page.get_by_role("button", name="Log out").click()
+        await expect(page.get_by_label("Admin key")).to_be_visible()
+        assert await page.context.cookies() == []
+        async with aiohttp.ClientSession() as thief:
+            async with thief.get(
+                f"{router.url}/dashboard/api/snapshot", headers={"Cookie": f"{COOKIE}={token}"}
+            ) as resp:
+                assert resp.status == 401
         assert problems == []

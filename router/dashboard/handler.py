@@ -7,7 +7,7 @@ GET    /dashboard                      the page; ``?key=KEY`` once sets the cook
                                        redirects to the bare URL; without a valid
                                        cookie, a login form (401)
 POST   /dashboard/login                form field ``key``: sets the cookie (303)
-POST   /dashboard/logout               clears the cookie (303)
+POST   /dashboard/logout               revokes and clears the cookie (303)
 GET    /dashboard/api/snapshot         fleet snapshot (JSON), as the stream sends it
 GET    /dashboard/api/stream           server-sent events: ``hello`` (recent events),
                                        ``snapshot`` every second and right after
@@ -19,13 +19,34 @@ GET    /dashboard/api/stream           server-sent events: ``hello`` (recent eve
 ====== =============================== ================================================
 
 Authentication: the admin key, compared in constant time, as ``X-Admin-Key``
-or ``Authorization: Bearer`` (scripts), or the dashboard cookie. The cookie
-holds no key: it is ``expiry.HMAC-SHA256(admin_key, expiry)``, HttpOnly,
-SameSite=Strict, path ``/dashboard``, so changing the admin key logs every
-browser out and a stolen cookie expires. A request authenticated by cookie
-that changes something must also carry ``X-Dashboard-Request: 1`` (a header
-no cross-site form can send). No answer carries an instance's api key or
-URL credentials.
+or ``Authorization: Bearer`` (scripts), or the dashboard cookie. A request
+authenticated by cookie that changes something must also carry
+``X-Dashboard-Request: 1`` (a header no cross-site form can send). No answer
+carries an instance's api key or URL credentials, and nothing here logs a key.
+
+The cookie holds no key: it is ``expires.nonce.HMAC-SHA256(admin_key,
+expires.nonce)``, with a random nonce per login. So changing the admin key
+logs every browser out, a stolen cookie expires (``SESSION_TTL``), and any
+replica with the same admin key accepts it. Its attributes: ``HttpOnly``,
+``SameSite=Strict``, ``Path=/dashboard``, ``Max-Age`` = ``SESSION_TTL``, and
+``Secure`` when the login came over HTTPS (below).
+
+Logout revokes the cookie on the server, not only in the browser: its nonce
+is remembered until the cookie would have expired anyway (``Revocations``).
+That memory is bounded (``MAX_REVOKED``; past it every cookie issued so far is
+revoked at once: everyone logs in again, no revoked cookie comes back) and it
+is **per process**: another replica behind the same load balancer, or this
+one after a restart, still accepts a logged-out cookie until it expires.
+Changing the admin key is the way to revoke every cookie everywhere.
+
+HTTPS: a login is over HTTPS when the connection itself is TLS, or when the
+peer is a trusted proxy that says so (the last value of
+``X-Forwarded-Proto``, or the last ``proto=`` of ``Forwarded``). A trusted
+proxy is a peer on loopback, on an RFC 1918 private network (10/8,
+172.16/12, 192.168/16), an IPv6 unique-local network (fc00::/7), or a Unix
+socket: where reverse proxies run, and no setting to keep right. A public
+peer's header is ignored. Trusting too much could only put ``Secure`` on the
+sender's own cookie, never take it off anyone else's.
 """
 
 from __future__ import annotations
@@ -34,6 +55,7 @@ import asyncio
 import hashlib
 import hmac
 import html
+import ipaddress
 import json
 import logging
 import re
@@ -42,7 +64,7 @@ import time
 from collections.abc import Callable
 from functools import cache
 from importlib import resources
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from aiohttp import web
 from multidict import CIMultiDict
@@ -62,6 +84,8 @@ PREFIX = "/dashboard"
 COOKIE = "wa_router_dashboard"
 # How long a login lasts, seconds.
 SESSION_TTL = 12 * 3600
+# Logouts remembered at once (per process); see ``Revocations``.
+MAX_REVOKED = 10_000
 # The header a cookie-authenticated change must carry (CSRF defence).
 CSRF_HEADER = "X-Dashboard-Request"
 # Events of these kinds are shown on the page (the stream sends every kind).
@@ -126,26 +150,139 @@ def _error(status: int, code: str, message: str) -> web.Response:
 # -- the cookie -----------------------------------------------------------------------
 
 
+class Token(NamedTuple):
+    """A valid dashboard cookie's content."""
+
+    expires: int
+    nonce: str
+
+
+# ``expires.nonce.mac``: ASCII digits and lowercase hex only (a hostile cookie
+# is refused here, before any arithmetic or encoding).
+_TOKEN = re.compile(r"([0-9]{1,12})\.([0-9a-f]{32})\.([0-9a-f]{64})")
+
+
 def make_token(key: str, now: float | None = None, ttl: float = SESSION_TTL) -> str:
     expires = str(int((now if now is not None else time.time()) + ttl))
-    return f"{expires}.{_mac(key, expires)}"
+    nonce = secrets.token_hex(16)
+    return f"{expires}.{nonce}.{_mac(key, expires, nonce)}"
+
+
+def parse_token(key: str, token: str, now: float | None = None) -> Token | None:
+    """The token's expiry and nonce if ``key`` signed it and it has not expired
+    (revocation is ``Revocations``' business)."""
+    m = _TOKEN.fullmatch(token)
+    if m is None:
+        return None
+    expires, nonce, mac = m.groups()
+    if not hmac.compare_digest(mac, _mac(key, expires, nonce)):
+        return None
+    if int(expires) <= (now if now is not None else time.time()):
+        return None
+    return Token(int(expires), nonce)
 
 
 def token_valid(key: str, token: str, now: float | None = None) -> bool:
-    expires, _, mac = token.partition(".")
-    if not expires.isdigit() or not mac:
-        return False
-    if not hmac.compare_digest(mac.encode(), _mac(key, expires).encode()):
-        return False
-    return int(expires) > (now if now is not None else time.time())
+    return parse_token(key, token, now) is not None
 
 
-def _mac(key: str, expires: str) -> str:
-    return hmac.new(key.encode(), b"dashboard:" + expires.encode(), hashlib.sha256).hexdigest()
+def _mac(key: str, expires: str, nonce: str) -> str:
+    msg = f"dashboard:{expires}.{nonce}".encode()
+    return hmac.new(_bytes(key), msg, hashlib.sha256).hexdigest()
+
+
+def _bytes(text: str) -> bytes:
+    # Headers and forms may hold undecodable bytes (lone surrogates): never an
+    # exception (a 500), just bytes no valid key equals.
+    return text.encode("utf-8", "surrogatepass")
 
 
 def key_matches(given: str, key: str) -> bool:
-    return hmac.compare_digest(given.encode(), key.encode())
+    return hmac.compare_digest(_bytes(given), _bytes(key))
+
+
+class Revocations:
+    """The cookies logged out of, until they would have expired anyway.
+
+    Per process (see the module docstring). At most ``limit`` nonces: when a
+    logout finds it full even after forgetting expired ones, every cookie
+    issued so far is revoked (``cutoff``) and the list starts again, so memory
+    stays bounded and nothing revoked becomes valid again."""
+
+    def __init__(self, limit: int = MAX_REVOKED, ttl: int = SESSION_TTL) -> None:
+        self.limit = limit
+        self.ttl = ttl
+        self._nonces: dict[str, int] = {}  # nonce -> expires
+        # Tokens expiring at or before this (issued by then) are revoked.
+        self.cutoff = 0
+
+    def __len__(self) -> int:
+        return len(self._nonces)
+
+    def revoke(self, token: Token, now: float | None = None) -> None:
+        now = now if now is not None else time.time()
+        if self.revoked(token):
+            return
+        if len(self._nonces) >= self.limit:
+            self._nonces = {n: e for n, e in self._nonces.items() if e > now}
+        if len(self._nonces) >= self.limit:
+            log.warning(
+                "more than %d dashboard logouts in %d s: every dashboard login so far is revoked",
+                self.limit,
+                self.ttl,
+            )
+            latest = max(self._nonces.values(), default=0)
+            self.cutoff = max(self.cutoff, int(now) + self.ttl, token.expires, latest)
+            self._nonces.clear()
+            return
+        self._nonces[token.nonce] = token.expires
+
+    def revoked(self, token: Token) -> bool:
+        return token.expires <= self.cutoff or token.nonce in self._nonces
+
+
+# The networks a proxy in front of the router is trusted from (X-Forwarded-Proto).
+_TRUSTED_NETS = tuple(
+    ipaddress.ip_network(n)
+    for n in ("127.0.0.0/8", "::1/128", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7")
+)
+
+
+def trusted_proxy(request: web.BaseRequest) -> bool:
+    """Whether the connection's peer (the socket's, never a header's) may tell
+    the scheme: loopback, a private network, or a Unix socket."""
+    transport = request.transport
+    peer = transport.get_extra_info("peername") if transport is not None else None
+    if isinstance(peer, str | bytes):
+        return True  # a Unix socket: only a local process reaches it
+    if not isinstance(peer, tuple) or not peer:
+        return False
+    try:
+        ip = ipaddress.ip_address(str(peer[0]).partition("%")[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return any(ip in net for net in _TRUSTED_NETS)
+
+
+def request_is_https(request: web.BaseRequest) -> bool:
+    """Whether the browser reached us over HTTPS: a TLS connection, or a trusted
+    proxy's ``X-Forwarded-Proto``/``Forwarded: proto=`` (the last value: the
+    one that proxy added) saying ``https``."""
+    if request.secure:
+        return True
+    if not trusted_proxy(request):
+        return False
+    proto = None
+    forwarded = request.forwarded
+    if forwarded:
+        proto = forwarded[-1].get("proto")
+    if proto is None:
+        values = request.headers.getall("X-Forwarded-Proto", [])
+        if values:
+            proto = ",".join(values).rsplit(",", 1)[-1]
+    return proto is not None and proto.strip().lower() == "https"
 
 
 def header_key(request: web.BaseRequest) -> str | None:
@@ -178,6 +315,8 @@ class Dashboard:
         self.tick = tick
         self._streams: set[asyncio.Queue[dict[str, Any]]] = set()
         self._closing = False
+        # Logged-out cookies (this process only: see the module docstring).
+        self.revocations = Revocations()
 
     @property
     def rt(self) -> Runtime:
@@ -205,7 +344,7 @@ class Dashboard:
         if path == PREFIX + "/login" and method == "POST":
             return await self._login(request, key)
         if path == PREFIX + "/logout" and method == "POST":
-            return self._logout(request)
+            return self._logout(request, key)
         if not path.startswith(PREFIX + "/api/"):
             return _error(404, "not_found", f"no dashboard endpoint {request.path}")
 
@@ -235,20 +374,27 @@ class Dashboard:
         given = header_key(request)
         if given is not None:
             return "header" if key_matches(given, key) else None
-        token = request.cookies.get(COOKIE)
-        if token is not None and token_valid(key, token):
-            return "cookie"
-        return None
+        return "cookie" if self._cookie(request, key) is not None else None
+
+    def _cookie(self, request: web.BaseRequest, key: str) -> Token | None:
+        """The request's dashboard cookie, if valid and not logged out of."""
+        raw = request.cookies.get(COOKIE)
+        token = parse_token(key, raw) if raw is not None else None
+        if token is None or self.revocations.revoked(token):
+            return None
+        return token
 
     def _set_cookie(self, request: web.BaseRequest, resp: web.StreamResponse, key: str) -> None:
+        # Never a cookie revoked at birth (by a cutoff in this very second).
+        now = max(time.time(), self.revocations.cutoff - SESSION_TTL + 1)
         resp.set_cookie(
             COOKIE,
-            make_token(key),
+            make_token(key, now),
             max_age=SESSION_TTL,
             path=PREFIX,
             httponly=True,
             samesite="Strict",
-            secure=request.secure,
+            secure=request_is_https(request),
         )
 
     def _page(self, request: web.BaseRequest, key: str) -> web.Response:
@@ -294,9 +440,19 @@ class Dashboard:
         self._set_cookie(request, resp, key)
         return resp
 
-    def _logout(self, request: web.BaseRequest) -> web.Response:
+    def _logout(self, request: web.BaseRequest, key: str) -> web.Response:
+        # Only a valid cookie is remembered: nobody fills the list without the key.
+        token = self._cookie(request, key)
+        if token is not None:
+            self.revocations.revoke(token)
         resp = _see_other(PREFIX)
-        resp.del_cookie(COOKIE, path=PREFIX)
+        resp.del_cookie(
+            COOKIE,
+            path=PREFIX,
+            httponly=True,
+            samesite="Strict",
+            secure=request_is_https(request),
+        )
         return resp
 
     # -- data -------------------------------------------------------------------------
