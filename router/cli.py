@@ -48,7 +48,8 @@ def _cmd_check_config(ns: argparse.Namespace) -> int:
 
 
 def _cmd_simulate(ns: argparse.Namespace) -> int:
-    from router.simulator import options_from_args, run
+    from router.simulator.app import run
+    from router.simulator.options import options_from_args
 
     run(options_from_args(ns))
     return 0
@@ -101,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(func=_cmd_check_config)
 
     sim = sub.add_parser("simulate", help="run one simulated WhatsApp instance")
-    from router.simulator import add_arguments
+    from router.simulator.options import add_arguments
 
     add_arguments(sim)
     sim.set_defaults(func=_cmd_simulate)

@@ -17,11 +17,11 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
-from urllib.parse import quote, quote_plus, unquote, urlencode
+from urllib.parse import quote, quote_plus, unquote
 
 import aiohttp
 from aiohttp import web
-from multidict import CIMultiDict, MultiDict, istr
+from multidict import CIMultiDict, MultiDict
 
 from router import body as body_io
 from router import metrics
@@ -67,32 +67,18 @@ from router.transport import (
     UpstreamResponse,
     UpstreamTimeout,
 )
+from router.upstream import (
+    add_forwarded,
+    filtered_request_headers,
+    response_headers,
+    upstream_path_qs,
+)
+from router.websocket import proxy_websocket, proxy_websocket_fanout
 
 if TYPE_CHECKING:
     from router.runtime import Runtime
 
 log = logging.getLogger(__name__)
-
-# RFC 9110 section 7.6.1 hop-by-hop headers, plus the ones the client library
-# must compute itself for the upstream leg.
-HOP_BY_HOP = frozenset(
-    h.lower()
-    for h in (
-        "Connection",
-        "Keep-Alive",
-        "Proxy-Authenticate",
-        "Proxy-Authorization",
-        "Proxy-Connection",
-        "TE",
-        "Trailer",
-        "Transfer-Encoding",
-        "Upgrade",
-    )
-)
-_REQUEST_DROP = HOP_BY_HOP | {"host", "content-length"}
-_REQUEST_DROP_KEYS = tuple(istr(h) for h in sorted(_REQUEST_DROP))
-# The upstream's X-Request-Id is replaced by ours.
-_RESPONSE_DROP = HOP_BY_HOP | {"content-length", REQUEST_ID_HEADER.lower()}
 
 # Bodies up to this size are read whole even when the adapter does not need
 # them: one write upstream instead of a stream, and replayable after a
@@ -102,37 +88,6 @@ SMALL_BODY = 64 * 1024
 SMALL_RESPONSE = 256 * 1024
 
 _METHODS_WITHOUT_BODY = frozenset({"GET", "HEAD", "OPTIONS", "DELETE", "TRACE"})
-
-
-def _filtered_request_headers(request: web.BaseRequest) -> CIMultiDict[str]:
-    # Copy (in C), then delete: half the cost of filtering header by header.
-    headers = CIMultiDict(request.headers)
-    connection = headers.get("Connection")
-    for name in _REQUEST_DROP_KEYS:
-        if name in headers:
-            del headers[name]
-    if connection:
-        for token in connection.split(","):
-            token = token.strip()
-            if token and token in headers:
-                del headers[token]
-    return headers
-
-
-def _response_headers(up: UpstreamResponse, request_id: str) -> list[tuple[str, str]]:
-    # A list: web.Response copies whatever it gets into its own CIMultiDict.
-    headers = [(k, v) for k, v in up.headers if k.lower() not in _RESPONSE_DROP]
-    headers.append((REQUEST_ID_HEADER, request_id))
-    return headers
-
-
-def _add_forwarded(headers: CIMultiDict[str], request: web.BaseRequest, request_id: str) -> None:
-    peer = request.remote or ""
-    prior = headers.get("X-Forwarded-For")
-    headers["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
-    headers.setdefault("X-Forwarded-Proto", request.scheme)
-    headers.setdefault("X-Forwarded-Host", request.host)
-    headers[REQUEST_ID_HEADER] = request_id
 
 
 class ProxyHandler:
@@ -187,7 +142,7 @@ class ProxyHandler:
             method=method,
             path=path,
             query=MultiDict(request.query),
-            headers=_filtered_request_headers(request),
+            headers=filtered_request_headers(request),
         )
         key_in_body = adapter.key_in_body(method, path)
         if keys and not key_in_body and not _known_key(adapter.client_key(ureq), keys):
@@ -248,8 +203,6 @@ class ProxyHandler:
 
         websocket = request.headers.get("Upgrade", "").lower() == "websocket"
         if ext.fanout and websocket:
-            from router.websocket import proxy_websocket_fanout
-
             return await proxy_websocket_fanout(rt, request, ureq, request_id)
 
         if ext.create and ext.session is not None:
@@ -379,11 +332,9 @@ class ProxyHandler:
     ) -> web.StreamResponse:
         rt = self.rt
         inst, placed = route if route is not None else await self._route(ext)
-        _add_forwarded(ureq.headers, request, request_id)
+        add_forwarded(ureq.headers, request, request_id)
 
         if websocket:
-            from router.websocket import proxy_websocket
-
             rt.adapter.apply_credential(ureq, inst.config)
             return await proxy_websocket(rt, request, ureq, inst, request_id)
         if not placed:
@@ -849,7 +800,7 @@ class ProxyHandler:
             status=up.status,
             reason=up.reason,
             body=payload,
-            headers=_response_headers(up, request_id),
+            headers=response_headers(up, request_id),
         )
 
     async def _relay(
@@ -873,7 +824,7 @@ class ProxyHandler:
             return self._answer(up, inst, request.method, request_id, payload)
 
         _count(inst.name, request.method, up.status)
-        headers = _response_headers(up, request_id)
+        headers = response_headers(up, request_id)
         resp = web.StreamResponse(status=up.status, reason=up.reason, headers=headers)
         if length is not None:
             resp.content_length = length
@@ -986,14 +937,6 @@ def _answer_json(answer: Answer, request_id: str) -> web.Response:
         content_type="application/json",
         headers={REQUEST_ID_HEADER: request_id},
     )
-
-
-def upstream_path_qs(raw_path: str, ureq: UpstreamRequest) -> str:
-    # The raw (still percent-encoded) path goes upstream as the client sent
-    # it; the query is rebuilt because adapters may move credentials in it.
-    if not ureq.query:
-        return raw_path
-    return raw_path + "?" + urlencode(list(ureq.query.items()))
 
 
 # Where the proxy notes which instance answered, for the duration metric.

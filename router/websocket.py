@@ -17,7 +17,7 @@ from aiohttp import web
 from router.adapters.base import UpstreamRequest
 from router.errors import REQUEST_ID_HEADER, RouterError
 from router.instances import Instance
-from router.proxy import upstream_path_qs
+from router.upstream import upstream_path_qs
 
 if TYPE_CHECKING:
     from router.runtime import Runtime

@@ -34,7 +34,8 @@ from router.adapters.generic import GenericAdapter
 from router.adapters.waha import WahaAdapter
 from router.adapters.wwebjs import WwebjsAdapter
 from router.config import InstanceConfig
-from router.simulator import SimulatorOptions, build_app
+from router.simulator.app import build_app
+from router.simulator.options import SimulatorOptions
 
 KEY = "instance-secret"
 BLAZZ_ID = "webjs_12_1700000000_ab12cd34"

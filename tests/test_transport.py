@@ -31,7 +31,8 @@ from aiohttp.test_utils import TestServer
 
 from router.config import InstanceConfig, Limits, RouterConfig, Timeouts
 from router.instances import Fleet
-from router.simulator import SimulatorOptions, build_app
+from router.simulator.app import build_app
+from router.simulator.options import SimulatorOptions
 from router.transport import (
     AiohttpTransport,
     BadResponse,

@@ -3,18 +3,9 @@
 It keeps sessions in memory like a real instance, stores their "auth" in a
 directory shared by a fleet (so any instance can restore any session), records
 every accepted send in an append-only JSONL file, and takes injected faults
-through ``/_sim/fault``. See ``router/simulator/app.py`` for the entry points.
+through ``/_sim/fault``.
+
+The package imports nothing itself (so that its modules can import one another
+without a cycle through it): ``router.simulator.app`` has ``build_app``,
+``serve`` and ``run``; ``router.simulator.options`` the options and flags.
 """
-
-from router.simulator.app import READY_PREFIX, build_app, run, serve
-from router.simulator.options import SimulatorOptions, add_arguments, options_from_args
-
-__all__ = [
-    "READY_PREFIX",
-    "SimulatorOptions",
-    "add_arguments",
-    "build_app",
-    "options_from_args",
-    "run",
-    "serve",
-]

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from router.simulator import add_arguments, options_from_args, run
+from router.simulator.app import run
+from router.simulator.options import add_arguments, options_from_args
 
 
 def main(argv: list[str] | None = None) -> None:
