@@ -57,6 +57,8 @@ import aiohttp
 from router.adapters.base import ListFailed, SessionInfo, SessionStatus
 from router.instances import Instance
 from router.locks import LockBusy
+from router.probe import PREFERENCE
+from router.probe import RUNNING as RUNNING  # re-exported: router.admin reads it here
 from router.store.base import StoreUnavailable
 
 if TYPE_CHECKING:
@@ -65,16 +67,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# A session in one of these states occupies the phone on that instance.
-RUNNING = frozenset({SessionStatus.READY, SessionStatus.STARTING, SessionStatus.NEEDS_AUTH})
-# Which copy of a session wins (the resolver's order).
-_RANK = {
-    SessionStatus.READY: 0,
-    SessionStatus.STARTING: 1,
-    SessionStatus.NEEDS_AUTH: 2,
-    SessionStatus.FAILED: 3,
-    SessionStatus.STOPPED: 4,
-}
 # Orphans are forgotten after this many consecutive rounds seen nowhere.
 FORGET_AFTER = 2
 # Report lists longer than this are cut (the counts stay exact).
@@ -89,7 +81,7 @@ def pick_owner(copies: Iterable[Copy], mapped: str | None, order: Mapping[str, i
     return min(
         copies,
         key=lambda c: (
-            _RANK.get(c[1].status, 9),
+            PREFERENCE.get(c[1].status, 9),
             0 if c[0].name == mapped else 1,
             order.get(c[0].name, len(order)),
         ),
@@ -509,10 +501,4 @@ class Discovery:
         return True
 
     async def _probe(self, inst: Instance, session: str) -> SessionInfo | None:
-        rt = self.rt
-        try:
-            async with asyncio.timeout(rt.resolver.probe_timeout):
-                return await rt.adapter.probe(inst.http, inst.config, session)
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            log.info("probe of %s on %s failed: %r", session, inst.name, exc)
-            return None
+        return await self.rt.resolver.probe.info(self.rt.adapter, inst, session)

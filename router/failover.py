@@ -24,8 +24,10 @@ from router.adapters.base import SessionStatus
 from router.instances import Instance
 from router.locks import LockBusy
 from router.metrics import FAILOVERS, RESTORE_DURATION
+from router.probe import ProbeState
 from router.readiness import Readiness
 from router.restore import RUNS, start_and_wait, with_notes
+from router.singleflight import SingleFlight
 from router.store.base import StoreUnavailable
 
 if TYPE_CHECKING:
@@ -40,7 +42,7 @@ REASONS = ("owner_down", "connect_failed", "session_missing")
 class Failover:
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
-        self._inflight: dict[str, asyncio.Task[Instance | None]] = {}
+        self._recoveries: SingleFlight[str, Instance | None] = SingleFlight("failover")
         self._evacuating: dict[str, asyncio.Task[int]] = {}
         # Sessions the router started, until their instance reports them READY.
         self.readiness = Readiness(
@@ -56,7 +58,7 @@ class Failover:
         self.moved_off: dict[str, set[str]] = {}
 
     def recovering(self, session: str) -> bool:
-        return session in self._inflight
+        return self._recoveries.running(session)
 
     def evacuate_soon(self, inst: Instance) -> None:
         """Recover every session of a down instance in the background."""
@@ -97,11 +99,10 @@ class Failover:
 
     async def close(self) -> None:
         await self.readiness.close()
-        for task in [*self._evacuating.values(), *self._inflight.values()]:
+        tasks = [*self._evacuating.values(), *self._recoveries.tasks()]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(
-            *self._evacuating.values(), *self._inflight.values(), return_exceptions=True
-        )
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def recover(
         self, session: str, failed: Instance | None, reason: str, *, exclude_failed: bool
@@ -123,15 +124,9 @@ class Failover:
         self, session: str, failed: Instance | None, reason: str, exclude_failed: bool
     ) -> asyncio.Task[Instance | None]:
         """The one recovery task of ``session`` (single-flight)."""
-        task = self._inflight.get(session)
-        if task is None:
-            task = asyncio.create_task(
-                self._recover(session, failed, reason, exclude_failed),
-                name=f"failover:{session}",
-            )
-            self._inflight[session] = task
-            task.add_done_callback(lambda _: self._inflight.pop(session, None))
-        return task
+        return self._recoveries.task(
+            session, lambda: self._recover(session, failed, reason, exclude_failed)
+        )
 
     async def _recover(
         self, session: str, failed: Instance | None, reason: str, exclude_failed: bool
@@ -162,10 +157,10 @@ class Failover:
                 # asking would only cost the probe timeout per session, and
                 # it is fenced before it serves again.
                 state = await self._owner_state(failed, session)
-                if state == "running":
+                if state is ProbeState.RUNNING:
                     self._event(session, failed_name, failed_name, reason, "owner_alive", started)
                     return failed
-                if state == "unknown" and failed.healthy:
+                if state is ProbeState.UNKNOWN and failed.healthy:
                     self._event(session, failed_name, None, reason, "owner_unknown", started)
                     return None
             target = await self._restore(session, exclude, failed_name, started)
@@ -237,8 +232,8 @@ class Failover:
         self.moved_off.pop(inst.name, None)
         return True
 
-    async def _owner_state(self, inst: Instance, session: str) -> str:
-        return await self.rt.resolver.probe_state(inst, session, self.rt.adapter)
+    async def _owner_state(self, inst: Instance, session: str) -> ProbeState:
+        return await self.rt.resolver.probe.state(self.rt.adapter, inst, session)
 
     async def _restore(
         self, session: str, exclude: frozenset[str], failed_name: str | None, started: float
@@ -288,11 +283,11 @@ class Failover:
         map it if it runs after all, else stop it."""
         rt = self.rt
         state = await self._owner_state(target, session)
-        if state == "running":
+        if state is ProbeState.RUNNING:
             await rt.resolver.record(session, target)
             self.readiness.track(session, target, started=started, status=SessionStatus.STARTING)
             return target
-        if state != "unreachable":
+        if state is not ProbeState.UNREACHABLE:
             try:
                 async with asyncio.timeout(rt.resolver.probe_timeout):
                     await rt.adapter.stop(target.http, target.config, session)

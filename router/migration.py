@@ -48,10 +48,11 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 
 from router.adapters.base import SessionInfo
-from router.discovery import RUNNING, peek_owner, pick_owner
+from router.discovery import peek_owner, pick_owner
 from router.instances import AdminState, Instance
 from router.locks import LockBusy
 from router.placement import load_ratio
+from router.probe import RUNNING
 from router.restore import RUNS, start_and_wait, with_notes
 from router.store.base import StoreUnavailable
 
@@ -485,11 +486,7 @@ class Migration:
         )
 
     async def _probe(self, inst: Instance, session: str) -> SessionInfo | None:
-        try:
-            async with asyncio.timeout(self.rt.resolver.probe_timeout):
-                return await self.rt.adapter.probe(inst.http, inst.config, session)
-        except (aiohttp.ClientError, TimeoutError, OSError):
-            return None
+        return await self.rt.resolver.probe.info(self.rt.adapter, inst, session)
 
     async def _confirm_stopped(self, inst: Instance, session: str) -> bool:
         deadline = time.monotonic() + _STOP_CONFIRM

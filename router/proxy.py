@@ -54,6 +54,7 @@ from router.metrics import (
     UPSTREAM_ERRORS,
 )
 from router.paths import path_problem
+from router.probe import ProbeState
 from router.readiness import Ready
 from router.resolver import Unanswered
 from router.retry import backoff, may_replay
@@ -288,7 +289,7 @@ class ProxyHandler:
         rt = self.rt
         session = ext.session
         assert session is not None
-        info = await rt.resolver.probe_info(owner, session, rt.adapter)
+        info = await rt.resolver.probe.info(rt.adapter, owner, session)
         answer = rt.adapter.create_answer(session, info)
         if answer is None:
             return await self._send(request, request_id, ureq, body, ext, websocket, (owner, False))
@@ -355,13 +356,13 @@ class ProxyHandler:
         """A create whose answer never came (timeout, reset) is not left half
         known: mapped if the instance runs the session after all, else said."""
         rt = self.rt
-        state = await rt.resolver.probe_state(inst, session, rt.adapter)
-        if state == "running":
+        state = await rt.resolver.probe.state(rt.adapter, inst, session)
+        if state is ProbeState.RUNNING:
             await rt.resolver.record(session, inst)
             await self._keep_notes(session, ureq)
-        exc.extra["session_state"] = state
+        exc.extra["session_state"] = state.value
         exc.extra["instance"] = inst.name
-        rt.events.add("create_unsettled", session=session, instance=inst.name, state=state)
+        rt.events.add("create_unsettled", session=session, instance=inst.name, state=state.value)
         log.warning(
             "create of %s on %s got no answer; the session is %s there", session, inst.name, state
         )

@@ -382,7 +382,7 @@ class Reloader:
         rt.adapter = adapter
         rt.fleet = change.fleet
         rt.api_keys = frozenset(cfg.api_keys)
-        rt.resolver.probe_timeout = cfg.timeouts.connect + cfg.health.timeout
+        rt.resolver.probe.timeout = cfg.timeouts.connect + cfg.health.timeout
         rt.budget.ratio = cfg.failover.retry_budget
         if rt.discovery is not None:
             rt.discovery.list_timeout = cfg.timeouts.connect + cfg.timeouts.read

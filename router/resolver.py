@@ -11,36 +11,28 @@ from __future__ import annotations
 import asyncio
 import logging
 
-import aiohttp
-
-from router.adapters.base import Adapter, SessionInfo, SessionStatus
+from router.adapters.base import Adapter
 from router.instances import Fleet, Instance
+from router.probe import PREFERENCE, Probe, ProbeState
 from router.removals import Removals
 from router.sessionmap import SessionMap
+from router.singleflight import SingleFlight
 from router.store.base import StoreUnavailable
 
 log = logging.getLogger(__name__)
 
-# A copy in one of these states runs on its instance.
-RUNNING = frozenset({SessionStatus.READY, SessionStatus.STARTING, SessionStatus.NEEDS_AUTH})
-
-# Order in which to prefer copies when a session answers on several instances.
-_PREFERENCE = {
-    SessionStatus.READY: 0,
-    SessionStatus.STARTING: 1,
-    SessionStatus.NEEDS_AUTH: 2,
-    SessionStatus.FAILED: 3,
-    SessionStatus.STOPPED: 4,
-}
-
 
 class Resolver:
-    def __init__(self, smap: SessionMap, probe_timeout: float = 2.0) -> None:
+    def __init__(self, smap: SessionMap, probe: Probe) -> None:
         self.smap = smap
-        self.probe_timeout = probe_timeout
+        self.probe = probe
         # Sessions removed on purpose are not looked for (router.removals).
         self.removals: Removals | None = None
-        self._inflight: dict[str, asyncio.Future[Instance | None]] = {}
+        self._lookups: SingleFlight[str, Instance | None] = SingleFlight("locate")
+
+    @property
+    def probe_timeout(self) -> float:
+        return self.probe.timeout
 
     async def owner(self, session: str, fleet: Fleet, adapter: Adapter) -> Instance | None:
         """The instance running ``session``, or None when it runs nowhere."""
@@ -49,22 +41,7 @@ class Resolver:
             inst = fleet.get(name)
             if inst is not None:
                 return inst
-        pending = self._inflight.get(session)
-        if pending is not None:
-            return await asyncio.shield(pending)
-        fut: asyncio.Future[Instance | None] = asyncio.get_running_loop().create_future()
-        self._inflight[session] = fut
-        try:
-            inst = await self._resolve(session, fleet, adapter)
-            fut.set_result(inst)
-            return inst
-        except BaseException as exc:
-            fut.set_exception(exc)
-            # Retrieve it so a lone waiter-less future does not log a warning.
-            fut.exception()
-            raise
-        finally:
-            del self._inflight[session]
+        return await self._lookups.run(session, lambda: self._resolve(session, fleet, adapter))
 
     async def _resolve(self, session: str, fleet: Fleet, adapter: Adapter) -> Instance | None:
         try:
@@ -103,7 +80,7 @@ class Resolver:
         if not candidates:
             return None
         results = await asyncio.gather(
-            *(self.probe_info(inst, session, adapter) for inst in candidates)
+            *(self.probe.info(adapter, inst, session) for inst in candidates)
         )
         hits = [(inst, info) for inst, info in zip(candidates, results, strict=True) if info]
         if not hits:
@@ -115,31 +92,8 @@ class Resolver:
                 len(hits),
                 ", ".join(i.name for i, _ in hits),
             )
-        hits.sort(key=lambda h: _PREFERENCE.get(h[1].status, 9))
+        hits.sort(key=lambda h: PREFERENCE.get(h[1].status, 9))
         return hits[0][0]
-
-    async def probe_info(
-        self, inst: Instance, session: str, adapter: Adapter
-    ) -> SessionInfo | None:
-        """``session`` as ``inst`` reports it; None when absent or unanswered."""
-        try:
-            async with asyncio.timeout(self.probe_timeout):
-                return await adapter.probe(inst.http, inst.config, session)
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            log.info("probe of %s on %s failed: %r", session, inst.name, exc)
-            return None
-
-    async def probe_state(self, inst: Instance, session: str, adapter: Adapter) -> str:
-        """Whether ``session`` runs on ``inst``: "running", "absent", "unreachable"
-        (no connection: it cannot be running there) or "unknown" (no answer)."""
-        try:
-            async with asyncio.timeout(self.probe_timeout):
-                info = await adapter.probe(inst.http, inst.config, session)
-        except aiohttp.ClientConnectorError:
-            return "unreachable"
-        except (aiohttp.ClientError, OSError, TimeoutError):
-            return "unknown"
-        return "running" if info is not None and info.status in RUNNING else "absent"
 
     async def confirm_absent(self, session: str, fleet: Fleet, adapter: Adapter) -> Instance | None:
         """Before a create places ``session``: ask every instance, healthy or not.
@@ -149,12 +103,14 @@ class Resolver:
         not "not running", and guessing starts a session twice.
         """
         instances = list(fleet)
-        states = await asyncio.gather(*(self.probe_state(i, session, adapter) for i in instances))
-        running = [i for i, st in zip(instances, states, strict=True) if st == "running"]
+        states = await asyncio.gather(*(self.probe.state(adapter, i, session) for i in instances))
+        running = [i for i, st in zip(instances, states, strict=True) if st is ProbeState.RUNNING]
         if running:
             await self.record(session, running[0])
             return running[0]
-        silent = [i.name for i, st in zip(instances, states, strict=True) if st == "unknown"]
+        silent = [
+            i.name for i, st in zip(instances, states, strict=True) if st is ProbeState.UNKNOWN
+        ]
         if silent:
             raise Unanswered(silent)
         return None

@@ -33,6 +33,7 @@ from router.instances import Fleet
 from router.locks import LocalLocks, LockBusy, SessionLocks
 from router.metrics import CONFIG_LAST_RELOAD_TIME, metrics_exposition, register_runtime
 from router.migration import Migration
+from router.probe import Probe
 from router.proxy import ProxyHandler
 from router.reload import Reloader
 from router.resolver import Resolver
@@ -108,7 +109,7 @@ class Server:
             adapter=build_adapter(cfg.adapter),
             fleet=Fleet.build(cfg),
             smap=smap,
-            resolver=Resolver(smap, probe_timeout=cfg.timeouts.connect + cfg.health.timeout),
+            resolver=Resolver(smap, Probe(cfg.timeouts.connect + cfg.health.timeout)),
             api_keys=frozenset(cfg.api_keys),
             locks=locks,
             idempotency=_idempotency_store(store, cfg),

@@ -38,7 +38,6 @@ cache entry, and the next lookup reads the store, which knows the order.
 
 from __future__ import annotations
 
-import asyncio
 import sys
 import time
 from collections import Counter
@@ -46,6 +45,7 @@ from collections.abc import Iterator, KeysView, Mapping
 from types import MappingProxyType
 from typing import NamedTuple
 
+from router.singleflight import SingleFlight
 from router.store.base import SessionStore, StoreUnavailable
 from router.store.memory import MemoryStore
 
@@ -61,25 +61,6 @@ class Resync(NamedTuple):
     kept: bool  # keep_missing: cached sessions the store lacks were kept
 
 
-class _Fetch:
-    """One store read in flight for one session, shared by every waiter."""
-
-    __slots__ = ("stale", "task")
-
-    def __init__(self) -> None:
-        # Set when the entry changes while the read is in flight: the answer
-        # is still returned to the waiters but never cached.
-        self.stale = False
-        self.task: asyncio.Future[str | None] | None = None
-
-
-def _consume(task: asyncio.Future[str | None]) -> None:
-    # Every waiter may have been cancelled; don't let asyncio log
-    # "exception was never retrieved" for a StoreUnavailable nobody awaits.
-    if not task.cancelled():
-        task.exception()
-
-
 class SessionMap:
     def __init__(self, store: SessionStore, *, conflict_window: float = 1.0) -> None:
         self.store = store
@@ -91,7 +72,10 @@ class SessionMap:
         if self._shared:
             # The store may already hold entries (written before this map).
             self._counts.update(Counter(self._cache.values()))
-        self._fetches: dict[str, _Fetch] = {}
+        # Store reads in flight, one per session; sessions that changed while
+        # theirs was in flight (the answer goes to its waiters, not the cache).
+        self._reads: SingleFlight[str, str | None] = SingleFlight("store-read")
+        self._stale: set[str] = set()
         # One set per running load(): sessions changed while it scans.
         self._loads: list[set[str]] = []
         # Bumped by invalidate_all(): a load() running stops filling.
@@ -154,18 +138,11 @@ class SessionMap:
             # The cache is the store's own dict: nothing more to ask.
             self.store_misses += 1
             return None
-        fetch = self._fetches.get(session)
-        if fetch is None:
-            fetch = _Fetch()
-            task = asyncio.ensure_future(self._read(session, fetch))
-            task.add_done_callback(_consume)
-            fetch.task = task
-            self._fetches[session] = fetch
-        assert fetch.task is not None
-        # A waiter cancelled must not cancel the read the others wait for.
-        return await asyncio.shield(fetch.task)
+        if not self._reads.running(session):
+            self._stale.discard(session)
+        return await self._reads.run(session, lambda: self._read(session))
 
-    async def _read(self, session: str, fetch: _Fetch) -> str | None:
+    async def _read(self, session: str) -> str | None:
         try:
             try:
                 owner = await self.store.get(session)
@@ -177,12 +154,11 @@ class SessionMap:
                 return None
             self.store_hits += 1
             owner = sys.intern(owner)
-            if not fetch.stale and session not in self._cache:
+            if session not in self._stale and session not in self._cache:
                 self._put(session, owner)
             return owner
         finally:
-            if self._fetches.get(session) is fetch:
-                del self._fetches[session]
+            self._stale.discard(session)
 
     # -- writes ----------------------------------------------------------
 
@@ -304,8 +280,7 @@ class SessionMap:
         if self._shared:
             return
         self._generation += 1
-        for fetch in self._fetches.values():
-            fetch.stale = True
+        self._stale.update(self._reads.keys())
         self._cache.clear()
         self._counts.clear()
 
@@ -464,9 +439,8 @@ class SessionMap:
 
     def _touch(self, session: str) -> None:
         """``session`` changes now: reads in flight must not cache their answer."""
-        fetch = self._fetches.get(session)
-        if fetch is not None:
-            fetch.stale = True
+        if self._reads.running(session):
+            self._stale.add(session)
         for touched in self._loads:
             touched.add(session)
 
