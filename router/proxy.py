@@ -15,7 +15,8 @@ import hmac
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, quote_plus, unquote
 
@@ -57,7 +58,8 @@ from router.paths import path_problem
 from router.probe import ProbeState
 from router.readiness import Ready
 from router.resolver import Unanswered
-from router.retry import backoff, may_replay
+from router.retry import Replays, backoff, may_replay
+from router.runtime import Snapshot
 from router.store.base import StoreUnavailable
 from router.transport import (
     Body,
@@ -91,13 +93,50 @@ SMALL_RESPONSE = 256 * 1024
 _METHODS_WITHOUT_BODY = frozenset({"GET", "HEAD", "OPTIONS", "DELETE", "TRACE"})
 
 
+@dataclass(slots=True, eq=False)
+class Call:
+    """One client request on its way through the steps of ``ProxyHandler``."""
+
+    request: web.BaseRequest
+    request_id: str
+    # The config, adapter, fleet and keys in force when it arrived, for all
+    # of its life: a reload meanwhile never mixes two of them in one request.
+    snap: Snapshot
+    ureq: UpstreamRequest
+    body: bytes | None
+    ext: Extraction
+    websocket: bool
+
+    @property
+    def session(self) -> str | None:
+        return self.ext.session
+
+    @property
+    def streamed(self) -> bool:
+        """The body goes upstream as it comes (it was not read whole)."""
+        return self.body is None and self.request.body_exists
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """Where a call goes: the session's owner, or a new placement (a create,
+    with a reservation held while it is in flight, and never recovered)."""
+
+    instance: Instance
+    placed: bool = False
+
+
 class ProxyHandler:
-    """The aiohttp handler for every client request."""
+    """The aiohttp handler for every client request (the steps are in
+    docs/architecture.md, one method each)."""
 
     def __init__(self, runtime: Runtime) -> None:
         self.rt = runtime
         # Request bodies held in memory, all requests together (limits).
         self.budget = body_io.BodyBudget(runtime.config.limits.max_buffered_bytes)
+        # One create per session name at a time in this process (the session
+        # lock covers replicas); an entry lives while a create uses it.
+        self._creates: dict[str, _CreateLock] = {}
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         request_id = request_id_of(request)
@@ -124,21 +163,36 @@ class ProxyHandler:
             body_io.release(request, self.budget)
 
     async def _handle(self, request: web.BaseRequest, request_id: str) -> web.StreamResponse:
-        rt = self.rt
-        adapter = rt.adapter
+        snap = self.rt.snap
+        adapter = snap.adapter
+        path = request.path
+        if path in adapter.health_paths and request.method in ("GET", "HEAD"):
+            fleet = [InstanceHealth(i.name, i.healthy, i.last_health) for i in snap.fleet]
+            return _answer_json(adapter.health_answer(path, fleet), request_id)
+        call = await self._intake(request, request_id, snap)
+        if call.ext.fanout and call.websocket:
+            return await proxy_websocket_fanout(self.rt, request, call.ureq, request_id)
+        idem = request.headers.get(IDEMPOTENCY_HEADER)
+        if idem is not None:
+            return await self._idempotent(call, idem)
+        return await self._dispatch(call)
+
+    # -- 1. intake: what the request is, and who may send it --------------------------
+
+    async def _intake(self, request: web.BaseRequest, request_id: str, snap: Snapshot) -> Call:
+        """Path checks, the router key (before the body wherever it is outside
+        it), the body (bounded, decoded, parsed as the upstream would), the
+        session."""
+        adapter = snap.adapter
         method = request.method
         path = request.path
-        if path in adapter.health_paths and method in ("GET", "HEAD"):
-            fleet = [InstanceHealth(i.name, i.healthy, i.last_health) for i in rt.fleet]
-            return _answer_json(adapter.health_answer(path, fleet), request_id)
         problem = path_problem(request.raw_path.partition("?")[0])
         if problem is not None:
             raise _bad_path(request, adapter, *problem)
-        if not rt.config.routes.permits(path):
+        config = snap.config
+        if not config.routes.permits(path):
             raise RouterError(403, "route_denied", "this path is not open to clients")
-
-        limits = rt.config.limits
-        keys = rt.api_keys
+        keys = snap.api_keys
         ureq = UpstreamRequest(
             method=method,
             path=path,
@@ -150,8 +204,28 @@ class ProxyHandler:
             # Before a byte of the body is read: an unauthenticated client
             # costs the router nothing whatever it sends.
             raise RouterError(401, "unauthorized", "missing or invalid router API key")
+        body = await self._read_body(request, ureq, snap, key_in_body)
+        ureq.has_body = bool(body) or (body is None and request.body_exists)
+        try:
+            ext = adapter.extract(ureq)
+        except BadSessionId as exc:
+            raise RouterError(400, "bad_session_id", str(exc)) from None
+        key = ureq.client_key = adapter.client_key(ureq)
+        if keys and key_in_body and not _known_key(key, keys):
+            raise RouterError(
+                401, "unauthorized", "missing or invalid router API key", session=ext.session
+            )
+        websocket = request.headers.get("Upgrade", "").lower() == "websocket"
+        return Call(request, request_id, snap, ureq, body, ext, websocket)
 
-        body: bytes | None = None
+    async def _read_body(
+        self, request: web.BaseRequest, ureq: UpstreamRequest, snap: Snapshot, key_in_body: bool
+    ) -> bytes | None:
+        """The body, when the adapter reads it or it is small enough to keep
+        for a safe replay (the rest streams through, bounded)."""
+        adapter = snap.adapter
+        limits = snap.config.limits
+        method = ureq.method
         length = request.content_length
         if length is not None and length > limits.max_body_bytes:
             raise RouterError(
@@ -161,12 +235,13 @@ class ProxyHandler:
             )
         budget = self.budget
         budget.cap = limits.max_buffered_bytes
-        if adapter.needs_body(method, path):
+        if adapter.needs_body(method, ureq.path):
             body = await body_io.read(
                 request, cap=limits.max_body_bytes, budget=budget, progress=limits.body_timeout
             )
             if "Content-Encoding" in ureq.headers:
                 del ureq.headers["Content-Encoding"]  # forwarded as read: decoded
+            keys = snap.api_keys
             # A large body is parsed only if a router key appears in it:
             # parsing is the expensive part, and nobody without a key can
             # make it happen.
@@ -178,76 +253,169 @@ class ProxyHandler:
             ):
                 raise RouterError(401, "unauthorized", "missing or invalid router API key")
             ureq.json = body_io.parse(body, body_io.mime(request), forms=adapter.reads_forms)
-        elif (
+            return body
+        if (
             (method not in _METHODS_WITHOUT_BODY or request.body_exists)
             and length is not None
             and length <= SMALL_BODY
         ):
-            body = await body_io.read(
+            return await body_io.read(
                 request,
                 cap=limits.max_body_bytes,
                 budget=budget,
                 progress=limits.body_timeout,
                 decoded=False,  # not read by the router: forwarded as sent
             )
-        ureq.has_body = bool(body) or (body is None and request.body_exists)
+        return None
+
+    # -- 2. Idempotency-Key: a repeat is answered from the first result ---------------
+
+    async def _idempotent(self, call: Call, idem: str) -> web.StreamResponse:
+        """Before routing, so that a repeat gets its first answer even when
+        the session has moved or gone since."""
+        rt = self.rt
+        config = call.snap.config
+        ttl = config.idempotency.window
+        key = scoped_key(call.ureq.client_key, call.ureq.method, call.request.path, idem)
+        # A claim outlives its request only this long: a router that crashed
+        # mid-request must not leave the key "in progress" for the whole window.
+        claim_ttl = min(ttl, config.timeouts.read + config.failover.wait + 30)
         try:
-            ext = adapter.extract(ureq)
-        except BadSessionId as exc:
-            raise RouterError(400, "bad_session_id", str(exc)) from None
-
-        key = ureq.client_key = adapter.client_key(ureq)
-        if keys and key_in_body and not _known_key(key, keys):
+            prior = await rt.idempotency.begin(key, claim_ttl)
+        except StoreUnavailable:
             raise RouterError(
-                401, "unauthorized", "missing or invalid router API key", session=ext.session
+                503,
+                "idempotency_unavailable",
+                "the idempotency store is unreachable; retry later",
+                session=call.session,
+                headers={"Retry-After": "5"},
+            ) from None
+        if isinstance(prior, StoredResponse):
+            IDEMPOTENT_REPLAYS.inc()
+            headers = [
+                *prior.headers,
+                (REPLAYED_HEADER, "true"),
+                (REQUEST_ID_HEADER, call.request_id),
+            ]
+            return web.Response(status=prior.status, body=prior.body, headers=headers)
+        if prior is not None:
+            raise RouterError(
+                409,
+                "idempotency_key_in_use",
+                "a request with this Idempotency-Key is still being processed",
+                session=call.session,
+                headers={"Retry-After": "1"},
             )
+        try:
+            resp = await self._dispatch(call)
+        except RouterError as exc:
+            if exc.request_sent:
+                # Outcome unknown: remember the error so a repeat is told, not resent.
+                stored = error_response(exc, call.request_id)
+                await self._remember(call, key, stored.status, stored.headers.items(), stored.body)
+            else:
+                with contextlib.suppress(StoreUnavailable):
+                    await rt.idempotency.abandon(key)
+            raise
+        # Cancelled mid-flight (client gone): the upstream may have acted, so
+        # the claim is kept until it expires rather than allow a second send.
+        payload = resp.body if isinstance(resp, web.Response) else None
+        if isinstance(payload, bytes) and len(payload) <= config.idempotency.max_body_bytes:
+            await self._remember(call, key, resp.status, resp.headers.items(), payload)
+        else:
+            note = json.dumps(
+                {
+                    "error": "idempotent_result_not_kept",
+                    "message": "the first request was processed; its response was too large "
+                    "to remember (or was streamed)",
+                    "status": resp.status,
+                }
+            ).encode()
+            await self._remember(call, key, 200, [("Content-Type", "application/json")], note)
+        return resp
 
-        websocket = request.headers.get("Upgrade", "").lower() == "websocket"
-        if ext.fanout and websocket:
-            return await proxy_websocket_fanout(rt, request, ureq, request_id)
+    async def _remember(
+        self, call: Call, key: str, status: int, headers: Any, payload: Any
+    ) -> None:
+        config = call.snap.config
+        if not isinstance(payload, bytes) or len(payload) > config.idempotency.max_body_bytes:
+            payload = b""
+        kept = tuple(
+            (str(k), str(v)) for k, v in headers if str(k).lower() != REQUEST_ID_HEADER.lower()
+        )
+        try:
+            await self.rt.idempotency.complete(
+                key, StoredResponse(status, kept, payload), config.idempotency.window
+            )
+        except StoreUnavailable:
+            log.warning("could not remember an Idempotency-Key result (store unavailable)")
 
-        if ext.create and ext.session is not None:
-            return await self._create(request, request_id, ureq, body, ext, websocket)
-        return await self._send(request, request_id, ureq, body, ext, websocket)
+    # -- 3. route: the session's owner, or a placement for a create ---------------------
 
-    async def _create(
-        self,
-        request: web.BaseRequest,
-        request_id: str,
-        ureq: UpstreamRequest,
-        body: bytes | None,
-        ext: Extraction,
-        websocket: bool,
-    ) -> web.StreamResponse:
+    async def _dispatch(self, call: Call) -> web.StreamResponse:
+        if call.ext.create and call.session is not None:
+            return await self._create(call)
+        return await self._send(call, await self._route(call))
+
+    async def _route(self, call: Call) -> Route:
+        """The owner of the call's session (cache, store, then asking every
+        instance: never a guess), any instance for a session-less call, or a
+        new placement for a create."""
+        rt = self.rt
+        snap = call.snap
+        fleet = snap.fleet
+        session = call.session
+        if session is not None:
+            inst = await rt.resolver.owner(session, fleet, snap.adapter)
+            if inst is not None:
+                return Route(inst)
+            if not call.ext.create:
+                raise RouterError(
+                    404,
+                    "unknown_session",
+                    f"session {session!r} does not run on any instance",
+                    session=session,
+                )
+        elif not call.ext.create:
+            inst = rt.any_instance()
+            if inst is None:
+                raise RouterError(503, "no_healthy_instance", "no healthy instance is available")
+            return Route(inst)
+        inst = rt.place()
+        if inst is None:
+            raise RouterError(
+                503,
+                "fleet_full" if fleet.healthy() else "no_healthy_instance",
+                "no instance has capacity for a new session"
+                if fleet.healthy()
+                else "no healthy instance is available",
+                session=session,
+                headers={"Retry-After": "30"},
+            )
+        return Route(inst, placed=True)
+
+    async def _create(self, call: Call) -> web.StreamResponse:
         """One create per session name at a time: in this process (an asyncio
         lock, so concurrent creates queue) and across replicas (the session
         lock, so two routers cannot place the same new session twice)."""
         rt = self.rt
-        session = ext.session
+        session = call.session
         assert session is not None
         # Already running somewhere: answered from what the router knows, or
         # forwarded to its owner (adapter.create_answer); no lock, so a
         # recovery on the way cannot wait on a lock this request holds.
-        owner = await rt.resolver.owner(session, rt.fleet, rt.adapter)
+        owner = await rt.resolver.owner(session, call.snap.fleet, call.snap.adapter)
         if owner is not None:
-            return await self._create_existing(
-                request, request_id, ureq, body, ext, websocket, owner
-            )
-        entry = rt.create_locks.get(session)
-        if entry is None:
-            entry = rt.create_locks[session] = [asyncio.Lock(), 0]
-        entry[1] += 1
-        try:
-            async with entry[0]:
+            return await self._create_existing(call, owner)
+        with self._create_lock(session) as lock:
+            async with lock:
                 try:
-                    async with rt.locks.hold(session, rt.config.failover.lock_ttl):
-                        route = await self._create_route(ext, session)
-                        if route[1]:
+                    async with rt.locks.hold(session, call.snap.config.failover.lock_ttl):
+                        route = await self._create_route(call, session)
+                        if route.placed:
                             # A new placement: forward under the lock. A placed
                             # request is never recovered, so it cannot deadlock.
-                            return await self._send(
-                                request, request_id, ureq, body, ext, websocket, route
-                            )
+                            return await self._send(call, route)
                 except LockBusy:
                     raise RouterError(
                         409,
@@ -264,44 +432,43 @@ class ProxyHandler:
                         session=session,
                         headers={"Retry-After": "5"},
                     ) from None
-            # Someone placed it meanwhile: like any create of a running session.
-            return await self._create_existing(
-                request, request_id, ureq, body, ext, websocket, route[0]
-            )
-        finally:
-            entry[1] -= 1
-            if entry[1] == 0 and rt.create_locks.get(session) is entry:
-                del rt.create_locks[session]
+        # Someone placed it meanwhile: like any create of a running session.
+        return await self._create_existing(call, route.instance)
 
-    async def _create_existing(
-        self,
-        request: web.BaseRequest,
-        request_id: str,
-        ureq: UpstreamRequest,
-        body: bytes | None,
-        ext: Extraction,
-        websocket: bool,
-        owner: Instance,
-    ) -> web.StreamResponse:
+    @contextlib.contextmanager
+    def _create_lock(self, session: str) -> Iterator[asyncio.Lock]:
+        entry = self._creates.get(session)
+        if entry is None:
+            entry = self._creates[session] = _CreateLock()
+        entry.users += 1
+        try:
+            yield entry.lock
+        finally:
+            entry.users -= 1
+            if entry.users == 0 and self._creates.get(session) is entry:
+                del self._creates[session]
+
+    async def _create_existing(self, call: Call, owner: Instance) -> web.StreamResponse:
         """A create for a session that runs on ``owner``: a retry of a create,
         or a second client. Never a second start where the upstream would
         harm the running copy (Blazz): the adapter answers it instead."""
         rt = self.rt
-        session = ext.session
+        adapter = call.snap.adapter
+        session = call.session
         assert session is not None
-        info = await rt.resolver.probe.info(rt.adapter, owner, session)
-        answer = rt.adapter.create_answer(session, info)
+        info = await rt.resolver.probe.info(adapter, owner, session)
+        answer = adapter.create_answer(session, info)
         if answer is None:
-            return await self._send(request, request_id, ureq, body, ext, websocket, (owner, False))
-        _count(owner.name, request.method, answer.status)
-        return _answer_json(answer, request_id)
+            return await self._send(call, Route(owner))
+        _count(owner.name, call.ureq.method, answer.status)
+        return _answer_json(answer, call.request_id)
 
-    async def _create_route(self, ext: Extraction, session: str) -> tuple[Instance, bool]:
+    async def _create_route(self, call: Call, session: str) -> Route:
         """Under the session lock: where a create goes. Every instance is asked
         first (healthy or not); one that cannot answer blocks the placement."""
         rt = self.rt
         try:
-            running = await rt.resolver.confirm_absent(session, rt.fleet, rt.adapter)
+            running = await rt.resolver.confirm_absent(session, call.snap.fleet, call.snap.adapter)
         except Unanswered as exc:
             raise RouterError(
                 503,
@@ -312,219 +479,37 @@ class ProxyHandler:
                 headers={"Retry-After": "5"},
             ) from None
         if running is not None:
-            return running, False
+            return Route(running)
         where = await rt.removals.removed_from(session)
         if isinstance(where, str):
             # Created again after a removal: where its stopped copy may still be.
-            inst = rt.fleet.get(where)
+            inst = call.snap.fleet.get(where)
             if inst is not None and inst.placeable:
-                return inst, True
-        return await self._route(ext)
+                return Route(inst, placed=True)
+        return await self._route(call)
 
-    async def _send(
-        self,
-        request: web.BaseRequest,
-        request_id: str,
-        ureq: UpstreamRequest,
-        body: bytes | None,
-        ext: Extraction,
-        websocket: bool,
-        route: tuple[Instance, bool] | None = None,
-    ) -> web.StreamResponse:
+    # -- 4. send: attempts, recovery and replays ---------------------------------------
+
+    async def _send(self, call: Call, route: Route) -> web.StreamResponse:
         rt = self.rt
-        inst, placed = route if route is not None else await self._route(ext)
-        add_forwarded(ureq.headers, request, request_id)
-
-        if websocket:
-            rt.adapter.apply_credential(ureq, inst.config)
-            return await proxy_websocket(rt, request, ureq, inst, request_id)
-        if not placed:
-            return await self._forward(request, ureq, body, inst, ext, placed, request_id)
+        inst = route.instance
+        add_forwarded(call.ureq.headers, call.request, call.request_id)
+        if call.websocket:
+            call.snap.adapter.apply_credential(call.ureq, inst.config)
+            return await proxy_websocket(rt, call.request, call.ureq, inst, call.request_id)
+        if not route.placed:
+            return await self._attempts(call, route)
         rt.reservations.add(inst.name)
         try:
-            return await self._forward(request, ureq, body, inst, ext, placed, request_id)
+            return await self._attempts(call, route)
         except RouterError as exc:
-            if exc.request_sent and ext.session is not None:
-                await self._settle_create(ext.session, inst, ureq, exc)
+            if exc.request_sent and call.session is not None:
+                await self._settle_create(call, inst, exc)
             raise
         finally:
             rt.reservations.release(inst.name)
 
-    async def _settle_create(
-        self, session: str, inst: Instance, ureq: UpstreamRequest, exc: RouterError
-    ) -> None:
-        """A create whose answer never came (timeout, reset) is not left half
-        known: mapped if the instance runs the session after all, else said."""
-        rt = self.rt
-        state = await rt.resolver.probe.state(rt.adapter, inst, session)
-        if state is ProbeState.RUNNING:
-            await rt.resolver.record(session, inst)
-            await self._keep_notes(session, ureq)
-        exc.extra["session_state"] = state.value
-        exc.extra["instance"] = inst.name
-        rt.events.add("create_unsettled", session=session, instance=inst.name, state=state.value)
-        log.warning(
-            "create of %s on %s got no answer; the session is %s there", session, inst.name, state
-        )
-
-    async def _keep_notes(self, session: str, ureq: UpstreamRequest) -> None:
-        """Remember what the create said that the upstream's listings forget."""
-        notes = self.rt.adapter.create_notes(ureq)
-        store = self.rt.smap.store
-        try:
-            # A create also ends a removal (router.removals): its note goes.
-            if notes:
-                await store.set_note(session, notes)
-            else:
-                await store.delete_note(session)
-        except StoreUnavailable:
-            log.warning("could not keep the create notes of %s (store unavailable)", session)
-
-    async def _route(self, ext: Extraction) -> tuple[Instance, bool]:
-        """The owner of the request's session; ``placed`` when it is a new placement."""
-        rt = self.rt
-        fleet = rt.fleet
-        session = ext.session
-        if session is not None:
-            inst = await rt.resolver.owner(session, fleet, rt.adapter)
-            if inst is not None:
-                return inst, False
-            if not ext.create:
-                raise RouterError(
-                    404,
-                    "unknown_session",
-                    f"session {session!r} does not run on any instance",
-                    session=session,
-                )
-        elif not ext.create:
-            inst = rt.any_instance()
-            if inst is None:
-                raise RouterError(503, "no_healthy_instance", "no healthy instance is available")
-            return inst, False
-        inst = rt.place()
-        if inst is None:
-            raise RouterError(
-                503,
-                "fleet_full" if fleet.healthy() else "no_healthy_instance",
-                "no instance has capacity for a new session"
-                if fleet.healthy()
-                else "no healthy instance is available",
-                session=session,
-                headers={"Retry-After": "30"},
-            )
-        return inst, True
-
-    async def _forward(
-        self,
-        request: web.BaseRequest,
-        ureq: UpstreamRequest,
-        body: bytes | None,
-        inst: Instance,
-        ext: Extraction,
-        placed: bool,
-        request_id: str,
-    ) -> web.StreamResponse:
-        idem = request.headers.get(IDEMPOTENCY_HEADER)
-        if idem is None:
-            return await self._attempts(request, ureq, body, inst, ext, placed, request_id)
-        return await self._idempotent(request, ureq, body, inst, ext, placed, request_id, idem)
-
-    async def _idempotent(
-        self,
-        request: web.BaseRequest,
-        ureq: UpstreamRequest,
-        body: bytes | None,
-        inst: Instance,
-        ext: Extraction,
-        placed: bool,
-        request_id: str,
-        idem: str,
-    ) -> web.StreamResponse:
-        """Answer a repeat of an ``Idempotency-Key`` from the first result."""
-        rt = self.rt
-        ttl = rt.config.idempotency.window
-        key = scoped_key(ureq.client_key, ureq.method, request.path, idem)
-        # A claim outlives its request only this long: a router that crashed
-        # mid-request must not leave the key "in progress" for the whole window.
-        claim_ttl = min(ttl, rt.config.timeouts.read + rt.config.failover.wait + 30)
-        try:
-            prior = await rt.idempotency.begin(key, claim_ttl)
-        except StoreUnavailable:
-            raise RouterError(
-                503,
-                "idempotency_unavailable",
-                "the idempotency store is unreachable; retry later",
-                session=ext.session,
-                headers={"Retry-After": "5"},
-            ) from None
-        if isinstance(prior, StoredResponse):
-            IDEMPOTENT_REPLAYS.inc()
-            headers = [*prior.headers, (REPLAYED_HEADER, "true"), (REQUEST_ID_HEADER, request_id)]
-            return web.Response(status=prior.status, body=prior.body, headers=headers)
-        if prior is not None:
-            raise RouterError(
-                409,
-                "idempotency_key_in_use",
-                "a request with this Idempotency-Key is still being processed",
-                session=ext.session,
-                headers={"Retry-After": "1"},
-            )
-        try:
-            resp = await self._attempts(request, ureq, body, inst, ext, placed, request_id)
-        except RouterError as exc:
-            if exc.request_sent:
-                # Outcome unknown: remember the error so a repeat is told, not resent.
-                stored = error_response(exc, request_id)
-                await self._remember(key, stored.status, stored.headers.items(), stored.body, ttl)
-            else:
-                with contextlib.suppress(StoreUnavailable):
-                    await rt.idempotency.abandon(key)
-            raise
-        except BaseException:
-            # Cancelled mid-flight (client gone): the upstream may have acted.
-            # Keep the claim until it expires rather than allow a second send.
-            raise
-        payload = resp.body if isinstance(resp, web.Response) else None
-        if isinstance(payload, bytes) and len(payload) <= rt.config.idempotency.max_body_bytes:
-            await self._remember(key, resp.status, resp.headers.items(), payload, ttl)
-        else:
-            note = json.dumps(
-                {
-                    "error": "idempotent_result_not_kept",
-                    "message": "the first request was processed; its response was too large "
-                    "to remember (or was streamed)",
-                    "status": resp.status,
-                }
-            ).encode()
-            await self._remember(key, 200, [("Content-Type", "application/json")], note, ttl)
-        return resp
-
-    async def _remember(
-        self, key: str, status: int, headers: Any, payload: Any, ttl: float
-    ) -> None:
-        if (
-            not isinstance(payload, bytes)
-            or len(payload) > self.rt.config.idempotency.max_body_bytes
-        ):
-            payload = b""
-        kept = tuple(
-            (str(k), str(v)) for k, v in headers if str(k).lower() != REQUEST_ID_HEADER.lower()
-        )
-        try:
-            await self.rt.idempotency.complete(key, StoredResponse(status, kept, payload), ttl)
-        except StoreUnavailable:
-            log.warning("could not remember an Idempotency-Key result (store unavailable)")
-
-    async def _attempts(
-        self,
-        request: web.BaseRequest,
-        ureq: UpstreamRequest,
-        body: bytes | None,
-        inst: Instance,
-        ext: Extraction,
-        placed: bool,
-        request_id: str,
-    ) -> web.StreamResponse:
+    async def _attempts(self, call: Call, route: Route) -> web.StreamResponse:
         """Send, and on a failure that allows it, recover the session and send again.
 
         What may be replayed is ``router.retry.may_replay``; how often is bounded
@@ -532,34 +517,37 @@ class ProxyHandler:
         holds a budget slot while it is in flight, not while recovery runs).
         """
         rt = self.rt
-        rt.budget.enter()
-        replaying = False
-        try:
-            cfg = rt.config.failover
-            method = ureq.method
-            streamed = body is None and request.body_exists
-            session = ext.session
-            # Credentials are the instance's own: rendered again whenever an
-            # attempt goes to another instance (a replay after failover).
-            rendered_for: Instance | None = None
-            path_qs = ""
-            data: Body = None
-            read_timeout = rt.adapter.request_timeout(method, ureq.path)
-            recoverable = session is not None and not placed and cfg.enabled
+        snap = call.snap
+        adapter = snap.adapter
+        cfg = snap.config.failover
+        request = call.request
+        ureq = call.ureq
+        method = ureq.method
+        session = call.session
+        streamed = call.streamed
+        inst = route.instance
+        recoverable = session is not None and not route.placed and cfg.enabled
+        # Credentials are the instance's own: rendered again whenever an
+        # attempt goes to another instance (a replay after failover).
+        rendered_for: Instance | None = None
+        path_qs = ""
+        data: Body = None
+        read_timeout = adapter.request_timeout(method, ureq.path)
+        with rt.budget.request() as replays:
             tries = 0
             while True:
                 tries += 1
                 if recoverable and not inst.healthy:
                     assert session is not None
-                    inst = await self._recover(session, inst, "owner_down", exclude_failed=True)
+                    inst = await self._recover(call, inst, "owner_down", exclude_failed=True)
                 if (
                     session is not None
                     and rt.failover.readiness.pending(session)
-                    and rt.adapter.needs_ready(ureq)
+                    and adapter.needs_ready(ureq)
                 ):
-                    inst = await self._until_ready(session, inst)
+                    inst = await self._until_ready(call, inst)
                 if inst is not rendered_for:
-                    path_qs, data = self._render(request, ureq, body, inst, streamed)
+                    path_qs, data = self._render(call, inst)
                     rendered_for = inst
                 started = time.monotonic()
                 try:
@@ -567,9 +555,7 @@ class ProxyHandler:
                         method, path_qs, ureq.headers, data, read_timeout=read_timeout
                     )
                 except UpstreamError as exc:
-                    if replaying:
-                        rt.budget.release()
-                        replaying = False
+                    replays.done()
                     cause = request.get(_BODY_FAILED)
                     if cause is not None:
                         # The client's body failed, not the instance.
@@ -581,46 +567,40 @@ class ProxyHandler:
                         # Released from a hung instance: a request that may be
                         # repeated goes to the session's recovered copy; one
                         # that may have been acted on is answered at once.
-                        assert session is not None
                         if tries >= cfg.max_tries or not may_replay(
                             method, request_sent=exc.request_sent, idempotency_key=False
                         ):
                             RETRIES_DENIED.labels("unsafe").inc()
                             raise _transport_error(exc, inst, session) from exc
-                        inst = await self._recover(session, inst, "owner_down", exclude_failed=True)
-                        replaying = await self._replay_slot(kind)
-                        if not replaying:
-                            raise _transport_error(exc, inst, session) from exc
-                        continue
-                    if streamed or tries >= cfg.max_tries or isinstance(exc, UpstreamTimeout):
+                        inst = await self._recover(call, inst, "owner_down", exclude_failed=True)
+                    elif streamed or tries >= cfg.max_tries or isinstance(exc, UpstreamTimeout):
                         # A timeout is not retried: the instance is slow or hung,
                         # and waiting again doubles the client's wait.
                         RETRIES_DENIED.labels("exhausted").inc()
                         raise _transport_error(exc, inst, session) from exc
-                    if not may_replay(method, request_sent=exc.request_sent, idempotency_key=False):
+                    elif not may_replay(
+                        method, request_sent=exc.request_sent, idempotency_key=False
+                    ):
                         RETRIES_DENIED.labels("unsafe").inc()
                         raise _transport_error(exc, inst, session) from exc
-                    if exc.request_sent:
+                    elif exc.request_sent:
                         # Same instance, idempotent method: back off first.
                         await asyncio.sleep(backoff(tries - 1, cfg.backoff))
                     else:
-                        inst = await self._elsewhere(ureq, ext, placed, inst, exc)
-                    replaying = await self._replay_slot(kind)
-                    if not replaying:
+                        inst = await self._elsewhere(call, route, inst, exc)
+                    if not await self._replay_slot(replays, call, kind):
                         raise _transport_error(exc, inst, session) from exc
                     continue
-                if replaying:
-                    rt.budget.release()
-                    replaying = False
+                replays.done()
                 if metrics.HOT_PATH:
                     _durations(inst.name, request[_STARTED], started, time.monotonic())
 
                 if recoverable and up.status in _MAYBE_MISSING:
-                    payload = await self._read_upstream(up, inst, ext)
+                    payload = await self._read_upstream(up, inst, call)
                     up.release()
                     assert session is not None
-                    if not rt.adapter.session_missing(up.status, payload):
-                        return self._answer(up, inst, method, request_id, payload)
+                    if not adapter.session_missing(up.status, payload):
+                        return self._answer(up, inst, call, payload)
                     UPSTREAM_ERRORS.labels(inst.name, "session_missing").inc()
                     if tries >= cfg.max_tries:
                         raise RouterError(
@@ -631,9 +611,7 @@ class ProxyHandler:
                             headers={"Retry-After": str(cfg.retry_after)},
                         )
                     # The instance did not act on it: safe to send again, any method.
-                    inst = await self._recover(
-                        session, inst, "session_missing", exclude_failed=False
-                    )
+                    inst = await self._recover(call, inst, "session_missing", exclude_failed=False)
                     if streamed:
                         # The body was streamed and (partly) consumed: it cannot
                         # be sent again. The session is back; the client resends.
@@ -644,8 +622,7 @@ class ProxyHandler:
                             session=session,
                             headers={"Retry-After": "1"},
                         )
-                    replaying = await self._replay_slot("session_missing")
-                    if not replaying:
+                    if not await self._replay_slot(replays, call, "session_missing"):
                         raise RouterError(
                             503,
                             "retry_budget_exhausted",
@@ -654,36 +631,27 @@ class ProxyHandler:
                             headers={"Retry-After": "1"},
                         )
                     continue
-
-                if (
-                    200 <= up.status < 300
-                    and session is not None
-                    and method != "GET"
-                    and rt.adapter.removes(ureq)
-                ):
-                    await rt.removals.mark(session, by="client", instance=inst.name)
-                if rt.adapter.unwell(up.status):
-                    # The instance says it is unwell (a gateway or overload
-                    # answer), not that one session's call failed (a 500).
-                    UPSTREAM_ERRORS.labels(inst.name, "status_5xx").inc()
-                    rt.outliers.failure(inst, "status_5xx")
-                else:
-                    rt.outliers.success(inst)
                 try:
-                    return await self._relay(request, ureq, up, inst, ext, placed, request_id)
+                    return await self._answered(call, route, up, inst)
                 finally:
                     up.release()
-        finally:
-            if replaying:
-                rt.budget.release()
-            rt.budget.leave()
 
-    async def _until_ready(self, session: str, inst: Instance) -> Instance:
+    async def _replay_slot(self, replays: Replays, call: Call, reason: str) -> bool:
+        """A retry-budget slot for one replay (bounded wait), counted in the metrics."""
+        if await replays.take(call.snap.config.timeouts.connect):
+            RETRIES.labels(reason).inc()
+            return True
+        RETRIES_DENIED.labels("budget").inc()
+        return False
+
+    async def _until_ready(self, call: Call, inst: Instance) -> Instance:
         """Hold a request for a copy the router is starting until it is READY
         (bounded by ``failover.wait``): the client never gets the upstream's
         "not connected" from a copy the router itself started."""
         rt = self.rt
-        cfg = rt.config.failover
+        session = call.session
+        assert session is not None
+        cfg = call.snap.config.failover
         outcome = await rt.failover.readiness.wait(session, cfg.wait)
         if outcome is Ready.NEEDS_AUTH:
             raise RouterError(
@@ -704,96 +672,96 @@ class ProxyHandler:
                 headers={"Retry-After": str(cfg.retry_after)},
             )
         # READY, or the copy went (the request then finds out where it is).
-        owner = await rt.resolver.owner(session, rt.fleet, rt.adapter)
+        owner = await rt.resolver.owner(session, call.snap.fleet, call.snap.adapter)
         return owner if owner is not None else inst
 
-    async def _replay_slot(self, reason: str) -> bool:
-        """A retry-budget slot for one replay (bounded wait), counted in the metrics."""
-        if await self.rt.budget.acquire(wait=self.rt.config.timeouts.connect):
-            RETRIES.labels(reason).inc()
-            return True
-        RETRIES_DENIED.labels("budget").inc()
-        return False
-
-    def _render(
-        self,
-        request: web.BaseRequest,
-        ureq: UpstreamRequest,
-        body: bytes | None,
-        inst: Instance,
-        streamed: bool,
-    ) -> tuple[str, Body]:
+    def _render(self, call: Call, inst: Instance) -> tuple[str, Body]:
         """The target and body of an attempt on ``inst``, with its credential."""
-        self.rt.adapter.apply_credential(ureq, inst.config)
+        ureq = call.ureq
+        call.snap.adapter.apply_credential(ureq, inst.config)
+        body = call.body
         if ureq.json_dirty and ureq.json is not None:
             body = json.dumps(ureq.json, separators=(",", ":")).encode()
             ureq.headers["Content-Type"] = "application/json"
         data: Body = body
-        if streamed:
-            limits = self.rt.config.limits
-            data = _streamed(request, limits.body_timeout, limits.max_body_bytes)
-        return upstream_path_qs(request.rel_url.raw_path, ureq), data
+        if call.streamed:
+            limits = call.snap.config.limits
+            data = _streamed(call.request, limits.body_timeout, limits.max_body_bytes)
+        return upstream_path_qs(call.request.rel_url.raw_path, ureq), data
 
     async def _recover(
-        self,
-        session: str,
-        failed: Instance,
-        reason: str,
-        *,
-        exclude_failed: bool,
+        self, call: Call, failed: Instance, reason: str, *, exclude_failed: bool
     ) -> Instance:
-        """The session's new owner after a failover, with the request re-targeted."""
+        """The session's new owner after a failover."""
         rt = self.rt
+        session = call.session
+        assert session is not None
         new = await rt.failover.recover(session, failed, reason, exclude_failed=exclude_failed)
-        if new is None and await rt.removals.is_removed(session):
+        if new is not None:
+            return new
+        if await rt.removals.is_removed(session):
             raise RouterError(
                 404,
                 "unknown_session",
                 f"session {session!r} was removed; create it again to use it",
                 session=session,
             )
-        if new is None:
-            raise RouterError(
-                503,
-                "session_unavailable",
-                f"session {session!r} could not be brought back on a healthy instance yet",
-                session=session,
-                instance=failed.name,
-                reason=reason,
-                headers={"Retry-After": str(rt.config.failover.retry_after)},
-            )
-        return new
+        raise RouterError(
+            503,
+            "session_unavailable",
+            f"session {session!r} could not be brought back on a healthy instance yet",
+            session=session,
+            instance=failed.name,
+            reason=reason,
+            headers={"Retry-After": str(call.snap.config.failover.retry_after)},
+        )
 
     async def _elsewhere(
-        self,
-        ureq: UpstreamRequest,
-        ext: Extraction,
-        placed: bool,
-        failed: Instance,
-        exc: UpstreamError,
+        self, call: Call, route: Route, failed: Instance, exc: UpstreamError
     ) -> Instance:
         """Where to send a request again after its instance could not be reached."""
         rt = self.rt
-        session = ext.session
-        if session is not None and not placed:
-            if not rt.config.failover.enabled:
+        session = call.session
+        if session is not None and not route.placed:
+            if not call.snap.config.failover.enabled:
                 raise _transport_error(exc, failed, session) from exc
-            return await self._recover(session, failed, "connect_failed", exclude_failed=True)
+            return await self._recover(call, failed, "connect_failed", exclude_failed=True)
         # A placement or a session-less request: any other instance will do.
-        other = rt.place(frozenset({failed.name})) if placed else rt.any_instance(exclude=failed)
+        other = (
+            rt.place(frozenset({failed.name})) if route.placed else rt.any_instance(exclude=failed)
+        )
         if other is None:
             raise _transport_error(exc, failed, session) from exc
         return other
 
+    # -- 5. answer: what the instance said, and what the router learns from it ----------
+
+    async def _answered(
+        self, call: Call, route: Route, up: UpstreamResponse, inst: Instance
+    ) -> web.StreamResponse:
+        rt = self.rt
+        adapter = call.snap.adapter
+        session = call.session
+        if (
+            200 <= up.status < 300
+            and session is not None
+            and call.ureq.method != "GET"
+            and adapter.removes(call.ureq)
+        ):
+            await rt.removals.mark(session, by="client", instance=inst.name)
+        if adapter.unwell(up.status):
+            # The instance says it is unwell (a gateway or overload answer),
+            # not that one session's call failed (a 500).
+            UPSTREAM_ERRORS.labels(inst.name, "status_5xx").inc()
+            rt.outliers.failure(inst, "status_5xx")
+        else:
+            rt.outliers.success(inst)
+        return await self._relay(call, route, up, inst)
+
     def _answer(
-        self,
-        up: UpstreamResponse,
-        inst: Instance,
-        method: str,
-        request_id: str,
-        payload: bytes,
+        self, up: UpstreamResponse, inst: Instance, call: Call, payload: bytes
     ) -> web.Response:
-        _count(inst.name, method, up.status)
+        _count(inst.name, call.ureq.method, up.status)
         key = inst.config.api_key
         if key and up.status >= 400 and payload:
             payload = _scrub(payload, key, up)
@@ -801,31 +769,25 @@ class ProxyHandler:
             status=up.status,
             reason=up.reason,
             body=payload,
-            headers=response_headers(up, request_id),
+            headers=response_headers(up, call.request_id),
         )
 
     async def _relay(
-        self,
-        request: web.BaseRequest,
-        ureq: UpstreamRequest,
-        up: UpstreamResponse,
-        inst: Instance,
-        ext: Extraction,
-        placed: bool,
-        request_id: str,
+        self, call: Call, route: Route, up: UpstreamResponse, inst: Instance
     ) -> web.StreamResponse:
         length = up.content_length
-        if placed:
+        if route.placed:
             # Read the create answer whole: we may need the session name from it.
-            payload = await self._read_upstream(up, inst, ext)
-            await self._record_placement(up.status, payload, inst, ext, ureq)
-            return self._answer(up, inst, request.method, request_id, payload)
+            payload = await self._read_upstream(up, inst, call)
+            await self._record_placement(call, up.status, payload, inst)
+            return self._answer(up, inst, call, payload)
         if length is not None and length <= SMALL_RESPONSE:
-            payload = await self._read_upstream(up, inst, ext)
-            return self._answer(up, inst, request.method, request_id, payload)
+            payload = await self._read_upstream(up, inst, call)
+            return self._answer(up, inst, call, payload)
 
-        _count(inst.name, request.method, up.status)
-        headers = response_headers(up, request_id)
+        request = call.request
+        _count(inst.name, call.ureq.method, up.status)
+        headers = response_headers(up, call.request_id)
         resp = web.StreamResponse(status=up.status, reason=up.reason, headers=headers)
         if length is not None:
             resp.content_length = length
@@ -843,7 +805,7 @@ class ProxyHandler:
         await resp.write_eof()
         return resp
 
-    async def _read_upstream(self, up: UpstreamResponse, inst: Instance, ext: Extraction) -> bytes:
+    async def _read_upstream(self, up: UpstreamResponse, inst: Instance, call: Call) -> bytes:
         try:
             return await up.read()
         except UpstreamTimeout as exc:
@@ -851,7 +813,7 @@ class ProxyHandler:
                 504,
                 "upstream_timeout",
                 f"instance {inst.name} stopped answering mid-response",
-                session=ext.session,
+                session=call.session,
                 instance=inst.name,
                 request_sent=True,
             ) from exc
@@ -860,22 +822,61 @@ class ProxyHandler:
                 502,
                 "upstream_error",
                 f"instance {inst.name} broke off its response",
-                session=ext.session,
+                session=call.session,
                 instance=inst.name,
                 request_sent=True,
             ) from exc
 
     async def _record_placement(
-        self, status: int, payload: bytes, inst: Instance, ext: Extraction, ureq: UpstreamRequest
+        self, call: Call, status: int, payload: bytes, inst: Instance
     ) -> None:
         if not 200 <= status < 300:
             return
-        session = ext.session or self.rt.adapter.created_session(status, payload)
+        session = call.session or call.snap.adapter.created_session(status, payload)
         if session is None:
             log.warning("instance %s created a session the router cannot name", inst.name)
             return
         await self.rt.resolver.record(session, inst)
-        await self._keep_notes(session, ureq)
+        await self._keep_notes(call, session)
+
+    async def _settle_create(self, call: Call, inst: Instance, exc: RouterError) -> None:
+        """A create whose answer never came (timeout, reset) is not left half
+        known: mapped if the instance runs the session after all, else said."""
+        rt = self.rt
+        session = call.session
+        assert session is not None
+        state = await rt.resolver.probe.state(call.snap.adapter, inst, session)
+        if state is ProbeState.RUNNING:
+            await rt.resolver.record(session, inst)
+            await self._keep_notes(call, session)
+        exc.extra["session_state"] = state.value
+        exc.extra["instance"] = inst.name
+        rt.events.add("create_unsettled", session=session, instance=inst.name, state=state.value)
+        log.warning(
+            "create of %s on %s got no answer; the session is %s there",
+            session,
+            inst.name,
+            state.value,
+        )
+
+    async def _keep_notes(self, call: Call, session: str) -> None:
+        """Remember what the create said that the upstream's listings forget."""
+        notes = call.snap.adapter.create_notes(call.ureq)
+        store = self.rt.smap.store
+        try:
+            # A create also ends a removal (router.removals): its note goes.
+            if notes:
+                await store.set_note(session, notes)
+            else:
+                await store.delete_note(session)
+        except StoreUnavailable:
+            log.warning("could not keep the create notes of %s (store unavailable)", session)
+
+
+@dataclass(slots=True, eq=False)
+class _CreateLock:
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    users: int = 0
 
 
 def _scrub(payload: bytes, key: str, up: UpstreamResponse) -> bytes:

@@ -69,6 +69,7 @@ from router.config import ConfigError, RouterConfig
 from router.discovery import peek_owner
 from router.instances import AdminState, Instance, Pools
 from router.metrics import CONFIG_LAST_RELOAD_SUCCESS, CONFIG_LAST_RELOAD_TIME, CONFIG_RELOADS
+from router.runtime import Snapshot
 
 if TYPE_CHECKING:
     from router.runtime import Runtime
@@ -378,10 +379,7 @@ class Reloader:
 
         # -- the switch: no await from here to the end of the block -------------
         change.commit()
-        rt.config = cfg
-        rt.adapter = adapter
-        rt.fleet = change.fleet
-        rt.api_keys = frozenset(cfg.api_keys)
+        rt.snap = Snapshot.of(cfg, adapter, change.fleet)
         rt.resolver.probe.timeout = cfg.timeouts.connect + cfg.health.timeout
         rt.budget.ratio = cfg.failover.retry_budget
         if rt.discovery is not None:
@@ -534,7 +532,7 @@ class Reloader:
         inst = rt.fleet.get(name)
         if inst is None:
             return
-        rt.fleet = rt.fleet.without(name)
+        rt.snap = dataclasses.replace(rt.snap, fleet=rt.snap.fleet.without(name))
         rt.events.add("instance_removed", instance=name)
         log.warning("removed instance %s owns no session any more: left the fleet", name)
         self._retire_pools([inst.pools])

@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import random
 from collections import deque
+from collections.abc import Iterator
 
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 
@@ -54,11 +55,17 @@ class RetryBudget:
         self._retrying = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
 
-    def enter(self) -> None:
+    @contextlib.contextmanager
+    def request(self) -> Iterator[Replays]:
+        """One request in flight (it widens the budget) and the replay slot it
+        may hold, given back however the request ends."""
         self._active += 1
-
-    def leave(self) -> None:
-        self._active -= 1
+        replays = Replays(self)
+        try:
+            yield replays
+        finally:
+            replays.done()
+            self._active -= 1
 
     def _allowed(self) -> int:
         return max(self.min_retries, int(self._active * self.ratio))
@@ -111,6 +118,29 @@ class RetryBudget:
     @property
     def retrying(self) -> int:
         return self._retrying
+
+
+class Replays:
+    """One request's use of the budget: at most one slot, held while a replay
+    is in flight (not while recovery runs)."""
+
+    __slots__ = ("_budget", "_held")
+
+    def __init__(self, budget: RetryBudget) -> None:
+        self._budget = budget
+        self._held = False
+
+    async def take(self, wait: float) -> bool:
+        """A slot for the next attempt, within ``wait`` seconds."""
+        self.done()
+        self._held = await self._budget.acquire(wait)
+        return self._held
+
+    def done(self) -> None:
+        """The attempt that held a slot is over (answered or failed)."""
+        if self._held:
+            self._held = False
+            self._budget.release()
 
 
 def backoff(attempt: int, base: float, cap: float = 2.0) -> float:

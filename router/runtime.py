@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from router.adapters.base import Adapter
 from router.config import RouterConfig
@@ -31,14 +31,28 @@ if TYPE_CHECKING:
     from router.reload import Reloader
 
 
-@dataclass(slots=True)
-class Runtime:
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """What a request reads of the config in force, as one immutable value:
+    a reload builds a new one and swaps the reference in one statement, so a
+    request that took one at its start never mixes two configs, adapters or
+    key sets, whatever it awaits meanwhile."""
+
     config: RouterConfig
     adapter: Adapter
     fleet: Fleet
+    api_keys: frozenset[str]
+
+    @classmethod
+    def of(cls, config: RouterConfig, adapter: Adapter, fleet: Fleet) -> Snapshot:
+        return cls(config, adapter, fleet, frozenset(config.api_keys))
+
+
+@dataclass(slots=True)
+class Runtime:
+    snap: Snapshot
     smap: SessionMap
     resolver: Resolver
-    api_keys: frozenset[str] = frozenset()
     # Per-session restore locks: in-process, or Redis-backed with several replicas.
     locks: SessionLocks = field(default_factory=LocalLocks)
     # Recent failovers, health changes and moves, for the admin API and dashboard.
@@ -59,11 +73,25 @@ class Runtime:
     # Sessions an operator pinned to their instance (POST /admin/sessions/{s}/pin):
     # rebalancing leaves them where they are. In process, like admin state.
     pins: set[str] = field(default_factory=set)
-    # One create per session name at a time, so two concurrent creates of
-    # the same session cannot start it on two instances.
-    # (lock, number of requests using it): the entry goes when the last one leaves.
-    create_locks: dict[str, list[Any]] = field(default_factory=dict)
     _rr: itertools.count[int] = field(default_factory=itertools.count)
+
+    # The current snapshot's parts, for services that act on the config in
+    # force (a request reads its own ``snap`` once instead).
+    @property
+    def config(self) -> RouterConfig:
+        return self.snap.config
+
+    @property
+    def adapter(self) -> Adapter:
+        return self.snap.adapter
+
+    @property
+    def fleet(self) -> Fleet:
+        return self.snap.fleet
+
+    @property
+    def api_keys(self) -> frozenset[str]:
+        return self.snap.api_keys
 
     def any_instance(self, exclude: Instance | None = None) -> Instance | None:
         """A healthy instance for a request that names no session (round robin)."""

@@ -37,7 +37,7 @@ from router.probe import Probe
 from router.proxy import ProxyHandler
 from router.reload import Reloader
 from router.resolver import Resolver
-from router.runtime import Runtime
+from router.runtime import Runtime, Snapshot
 from router.sessionmap import SessionMap
 from router.store import build_store
 from router.store.base import SessionStore, StoreUnavailable
@@ -105,12 +105,9 @@ class Server:
             except StoreUnavailable:
                 log.warning("session store unreachable at start; the map fills from the instances")
         self.runtime = Runtime(
-            config=cfg,
-            adapter=build_adapter(cfg.adapter),
-            fleet=Fleet.build(cfg),
+            snap=Snapshot.of(cfg, build_adapter(cfg.adapter), Fleet.build(cfg)),
             smap=smap,
             resolver=Resolver(smap, Probe(cfg.timeouts.connect + cfg.health.timeout)),
-            api_keys=frozenset(cfg.api_keys),
             locks=locks,
             idempotency=_idempotency_store(store, cfg),
         )
