@@ -7,33 +7,13 @@ every ``/admin`` path). Client keys (``api_keys``) never open it, and no
 answer ever carries an instance's api key (instance URLs are shown without
 user info or query string).
 
-Endpoints (``ROUTES`` below; add a line there, and its description in
-``router.openapi``, to add one; ``GET /admin/openapi.json`` serves the
-OpenAPI 3.1 document of them all):
-
-====== ==================================== ==========================================
-GET    /admin/instances                     every instance: health, admin state, load
-POST   /admin/instances/{name}/drain        start draining (202 + job; ``?wait=S``
-                                            waits up to S seconds, 200 once done)
-GET    /admin/instances/{name}/drain        the instance's last drain job
-POST   /admin/instances/{name}/undrain      back to active (a running drain stops
-                                            starting moves)
-POST   /admin/instances/{name}/maintenance  no new sessions; existing ones stay
-GET    /admin/sessions?q=&prefix=&instance= the map, paged (``limit``, ``cursor``)
-GET    /admin/sessions/{s}                  where it is mapped, and its state there
-POST   /admin/sessions/{s}/move             body ``{"to": NAME}``; synchronous
-POST   /admin/sessions/{s}/pin              body ``{"instance": NAME}``: map it there
-                                            (it must run there) and keep it there
-DELETE /admin/sessions/{s}/pin              unpin
-DELETE /admin/sessions/{s}                  forget the map entry (instances untouched)
-GET    /admin/events?limit=&kind=           recent events, oldest first
-POST   /admin/reconcile                     one reconcile round now; its report
-POST   /admin/reload                        reload the config file (422 + reason if bad)
-GET    /admin/reload                        the last reload and the file watch
-GET    /admin/openapi.json                  this API as an OpenAPI 3.1 document
-====== ==================================== ==========================================
-
-Errors are ``{"error": code, "message": text}`` with a fitting status.
+Endpoints: each handler below is declared with ``@route(method, path
+template, Operation)``; the operation names the models of its body and of
+each answer (``router.admin_models``), from which ``router.openapi``
+generates the OpenAPI 3.1 document (``GET /admin/openapi.json``). Requests
+are routed by aiohttp's ``UrlDispatcher`` (path templates; a known path with
+another method answers 405 with ``Allow``). Errors are ``{"error": code,
+"message": text}`` with a fitting status.
 
 **Listing sessions** must stay cheap with a million of them: a page scans
 the map in its own order (the order sessions were mapped, not sorted) and
@@ -60,29 +40,32 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-import re
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
+import msgspec
 from aiohttp import web
 
+from router import admin_models as m
 from router.adapters.base import BadSessionId, SessionInfo, valid_session_id
 from router.discovery import RUNNING, peek_owner
 from router.instances import Instance
 from router.locks import LockBusy
 from router.migration import MoveError
-from router.openapi import document
+from router.openapi import Operation, Param, bounded, describe, document
 from router.placement import load_ratio
 from router.reload import ReloadUnavailable
 from router.store.base import StoreUnavailable
 
 if TYPE_CHECKING:
+    from aiohttp.web_urldispatcher import AbstractRoute, UrlMappingMatchInfo
+
     from router.discovery import Discovery
     from router.migration import Migration
     from router.runtime import Runtime
@@ -96,10 +79,11 @@ MAX_PAGE = 1000
 SCAN_BUDGET = 200_000
 _LISTINGS = 4
 _LISTING_TTL = 120.0
-_PARAM = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
-Params = dict[str, str]
+Params = Mapping[str, str]
 Handler = Callable[["AdminAPI", web.BaseRequest, Params], Awaitable[web.StreamResponse]]
+_M = TypeVar("_M", bound=m.Model)
+_encode = msgspec.json.Encoder().encode
 
 
 class AdminError(Exception):
@@ -114,20 +98,13 @@ class AdminError(Exception):
 
 
 def json_response(
-    data: Any, status: int = 200, headers: dict[str, str] | None = None
+    data: m.Model | dict[str, Any], status: int = 200, headers: dict[str, str] | None = None
 ) -> web.Response:
-    return web.Response(
-        status=status,
-        body=json.dumps(data, separators=(",", ":")).encode(),
-        content_type=_JSON,
-        headers=headers,
-    )
+    return web.Response(status=status, body=_encode(data), content_type=_JSON, headers=headers)
 
 
 def error_response(exc: AdminError) -> web.Response:
-    return json_response(
-        {"error": exc.code, "message": exc.message}, status=exc.status, headers=exc.headers
-    )
+    return json_response(m.Error(exc.code, exc.message), status=exc.status, headers=exc.headers)
 
 
 def public_url(url: str) -> str:
@@ -140,60 +117,72 @@ def public_url(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
-def instance_summary(rt: Runtime, inst: Instance) -> dict[str, Any]:
+def instance_summary(rt: Runtime, inst: Instance) -> m.Instance:
     n = rt.smap.counts().get(inst.name, 0)
     reloader = rt.reloader
-    return {
-        "name": inst.name,
-        "url": public_url(inst.config.url),
-        "healthy": inst.healthy,
-        "admin": inst.admin.value,
-        "placeable": inst.placeable,
-        "sessions": n,
-        "capacity": inst.config.max_sessions,
-        "weight": inst.config.weight,
-        "load": round(load_ratio(inst, n), 4),
+    return m.Instance(
+        name=inst.name,
+        url=public_url(inst.config.url),
+        healthy=inst.healthy,
+        admin=inst.admin,
+        placeable=inst.placeable,
+        sessions=n,
+        capacity=inst.config.max_sessions,
+        weight=inst.config.weight,
+        load=round(load_ratio(inst, n), 4),
         # Gone from the config; leaves the fleet once its sessions have moved.
-        "removed": reloader is not None and inst.name in reloader.retiring,
-    }
-
-
-def path_regex(path: str) -> re.Pattern[str]:
-    """``/admin/x/{name}`` -> a full-match regex with one named group per parameter."""
-    out, pos = [], 0
-    for m in _PARAM.finditer(path):
-        out.append(re.escape(path[pos : m.start()]))
-        out.append(f"(?P<{m.group(1)}>[^/]+)")
-        pos = m.end()
-    out.append(re.escape(path[pos:]))
-    return re.compile("".join(out))
+        removed=reloader is not None and inst.name in reloader.retiring,
+    )
 
 
 @dataclass(frozen=True, slots=True)
 class Route:
     method: str
-    pattern: re.Pattern[str]
+    # An aiohttp path template (``/admin/sessions/{session}``), also the OpenAPI path.
+    path: str
     handler: Handler
-    # The OpenAPI path template (``/admin/sessions/{session}``).
-    path: str = ""
-    # Its OpenAPI operation object; None: described from the handler's docstring.
-    spec: dict[str, Any] | None = None
+    operation: Operation
+
+
+# The admin API's routes, in the order of the handlers below (``@route``).
+ROUTES: list[Route] = []
+
+
+def route(method: str, path: str, operation: Operation) -> Callable[[Handler], Handler]:
+    def register(handler: Handler) -> Handler:
+        ROUTES.append(Route(method, path, handler, operation))
+        return handler
+
+    return register
+
+
+async def _called_by_admin_api(request: web.Request) -> web.StreamResponse:
+    # UrlDispatcher wants an aiohttp handler per route; AdminAPI calls the Route's own.
+    raise NotImplementedError
 
 
 class AdminAPI:
-    """The ``/admin`` handler: authenticate, match a route, answer JSON."""
+    """The ``/admin`` handler: authenticate, route (aiohttp's UrlDispatcher), answer JSON."""
 
     def __init__(self, get_runtime: Callable[[], Runtime]) -> None:
         self._get_runtime = get_runtime
-        self.routes: list[Route] = [Route(m, path_regex(p), h, p) for m, p, h in ROUTES]
+        self.routes: list[Route] = []
+        self._dispatcher = web.UrlDispatcher()
+        self._by_route: dict[AbstractRoute, Route] = {}
         self.listings = _Listings()
+        for r in ROUTES:
+            self._register(r)
 
     def add_route(
-        self, method: str, path: str, handler: Handler, spec: dict[str, Any] | None = None
+        self, method: str, path: str, handler: Handler, operation: Operation | None = None
     ) -> None:
         """Register one more endpoint: ``path`` is a template (``/admin/x/{name}``),
-        ``spec`` its OpenAPI operation object (default: a summary from the handler)."""
-        self.routes.append(Route(method, path_regex(path), handler, path, spec))
+        ``operation`` its OpenAPI description (default: a summary from the handler)."""
+        self._register(Route(method, path, handler, operation or describe(handler, path)))
+
+    def _register(self, r: Route) -> None:
+        self._by_route[self._dispatcher.add_route(r.method, r.path, _called_by_admin_api)] = r
+        self.routes.append(r)
 
     @property
     def rt(self) -> Runtime:
@@ -211,28 +200,36 @@ class AdminAPI:
                     "missing or invalid admin key",
                     {"WWW-Authenticate": 'Bearer realm="session-router admin"'},
                 )
-            path = request.path.rstrip("/") or "/"
-            allowed: list[str] = []
-            for route in self.routes:
-                match = route.pattern.fullmatch(path)
-                if match is None:
-                    continue
-                if route.method != request.method:
-                    allowed.append(route.method)
-                    continue
-                return await route.handler(self, request, match.groupdict())
-            if allowed:
+            match = await self._resolve(request)
+            exc = match.http_exception
+            if isinstance(exc, web.HTTPMethodNotAllowed):
                 raise AdminError(
                     405,
                     "method_not_allowed",
                     f"{request.method} is not allowed here",
-                    {"Allow": ", ".join(sorted(set(allowed)))},
+                    {"Allow": ", ".join(sorted(exc.allowed_methods))},
                 )
-            raise AdminError(404, "not_found", f"no admin endpoint {request.path}")
+            if exc is not None:
+                raise AdminError(404, "not_found", f"no admin endpoint {request.path}")
+            r = self._by_route[match.route]
+            return await r.handler(self, request, match)
         except AdminError as exc:
             return error_response(exc)
         except MoveError as exc:
             return error_response(AdminError(exc.status, exc.code, exc.message))
+
+    async def _resolve(self, request: web.BaseRequest) -> UrlMappingMatchInfo:
+        # ``resolve`` reads only ``method`` and ``rel_url``, which a BaseRequest (what
+        # the low-level server makes) has too. A trailing slash is ignored, as ever.
+        url = request.rel_url
+        if len(url.raw_path) > 1 and url.raw_path.endswith("/"):
+            request = request.clone(rel_url=url.with_path(url.raw_path.rstrip("/"), encoded=True))
+        return await self._dispatcher.resolve(cast(web.Request, request))
+
+    def document(self) -> dict[str, Any]:
+        """The OpenAPI document of every route (and the relay's when it runs)."""
+        routes = [(r.method, r.path, r.operation) for r in self.routes]
+        return document(routes, webhooks=self.rt.config.webhooks is not None)
 
     # -- helpers -----------------------------------------------------------------
 
@@ -295,6 +292,15 @@ async def _read_json(request: web.BaseRequest) -> dict[str, Any]:
     return data
 
 
+async def _read(request: web.BaseRequest, model: type[_M], usage: str) -> _M:
+    """The body as ``model`` (an empty body is ``{}``); 400 ``usage`` when it does not fit."""
+    data = await _read_json(request)
+    try:
+        return msgspec.convert(data, model)
+    except msgspec.ValidationError:
+        raise AdminError(400, "bad_request", f"the body must be {usage}") from None
+
+
 def _number(request: web.BaseRequest, name: str, default: float, high: float) -> float:
     raw = request.query.get(name)
     if raw is None:
@@ -308,22 +314,63 @@ def _number(request: web.BaseRequest, name: str, default: float, high: float) ->
     return value
 
 
+# Answers several endpoints share.
+_UNKNOWN_INSTANCE = "No such instance."
+_NOT_MAPPED = "Not mapped."
+_BAD_PARAMETER = "Bad parameter."
+_BAD_SESSION = "Invalid session id."
+_NOT_RUNNING = "Discovery / migration is not running."
+_TOO_LARGE = "The body is over 64 KiB."
+_WAIT = Param(
+    "wait",
+    bounded(float, 0, MAX_WAIT, 0),
+    f"Seconds to wait for the drain to finish before answering (0..{MAX_WAIT:g}).",
+)
+
 # -- instances ---------------------------------------------------------------------
 
 
+@route(
+    "GET",
+    "/admin/instances",
+    Operation(
+        "Every instance with health, admin state and load",
+        {200: ("The fleet.", m.Fleet)},
+        tag="instances",
+        operation_id="listInstances",
+    ),
+)
 async def list_instances(api: AdminAPI, request: web.BaseRequest, p: Params) -> web.Response:
     rt = api.rt
     discovery = rt.discovery
     return json_response(
-        {
-            "instances": [instance_summary(rt, inst) for inst in rt.fleet],
-            "sessions": len(rt.smap),
-            "orphans": len(discovery.orphans) if discovery is not None else 0,
-            "duplicates": len(discovery.duplicates) if discovery is not None else 0,
-        }
+        m.Fleet(
+            instances=[instance_summary(rt, inst) for inst in rt.fleet],
+            sessions=len(rt.smap),
+            orphans=len(discovery.orphans) if discovery is not None else 0,
+            duplicates=len(discovery.duplicates) if discovery is not None else 0,
+        )
     )
 
 
+@route(
+    "POST",
+    "/admin/instances/{name}/drain",
+    Operation(
+        "Move every session off an instance and keep it empty",
+        {
+            200: ("The drain finished.", m.DrainJob),
+            202: ("The drain is running (Location: where to follow it).", m.DrainJob),
+            400: _BAD_PARAMETER,
+            404: _UNKNOWN_INSTANCE,
+            503: _NOT_RUNNING,
+        },
+        tag="instances",
+        operation_id="drainInstance",
+        description="Runs in the background; `wait` waits for it up to that many seconds.",
+        query=(_WAIT,),
+    ),
+)
 async def start_drain(api: AdminAPI, request: web.BaseRequest, p: Params) -> web.Response:
     inst = api.instance(p["name"])
     wait = _number(request, "wait", 0.0, MAX_WAIT)
@@ -331,9 +378,26 @@ async def start_drain(api: AdminAPI, request: web.BaseRequest, p: Params) -> web
     if wait > 0:
         await job.wait(wait)
     location = {"Location": f"/admin/instances/{inst.name}/drain"}
-    return json_response(job.as_dict(), status=200 if job.done else 202, headers=location)
+    body = msgspec.convert(job.as_dict(), m.DrainJob)
+    return json_response(body, status=200 if job.done else 202, headers=location)
 
 
+@route(
+    "GET",
+    "/admin/instances/{name}/drain",
+    Operation(
+        "The instance's last drain",
+        {
+            200: ("The drain job.", m.DrainJob),
+            400: _BAD_PARAMETER,
+            404: "No such instance, or it was never drained.",
+            503: _NOT_RUNNING,
+        },
+        tag="instances",
+        operation_id="getDrain",
+        query=(_WAIT,),
+    ),
+)
 async def get_drain(api: AdminAPI, request: web.BaseRequest, p: Params) -> web.Response:
     inst = api.instance(p["name"])
     job = api.migration().jobs.get(inst.name)
@@ -342,14 +406,34 @@ async def get_drain(api: AdminAPI, request: web.BaseRequest, p: Params) -> web.R
     wait = _number(request, "wait", 0.0, MAX_WAIT)
     if wait > 0:
         await job.wait(wait)
-    return json_response(job.as_dict())
+    return json_response(msgspec.convert(job.as_dict(), m.DrainJob))
 
 
+@route(
+    "POST",
+    "/admin/instances/{name}/undrain",
+    Operation(
+        "Back to active (a running drain starts no further moves)",
+        {200: ("The instance.", m.Instance), 404: _UNKNOWN_INSTANCE, 503: _NOT_RUNNING},
+        tag="instances",
+        operation_id="undrainInstance",
+    ),
+)
 async def undrain(api: AdminAPI, request: web.BaseRequest, p: Params) -> web.Response:
     inst = api.migration().undrain(api.instance(p["name"]).name)
     return json_response(instance_summary(api.rt, inst))
 
 
+@route(
+    "POST",
+    "/admin/instances/{name}/maintenance",
+    Operation(
+        "No new sessions; existing ones stay",
+        {200: ("The instance.", m.Instance), 404: _UNKNOWN_INSTANCE, 503: _NOT_RUNNING},
+        tag="instances",
+        operation_id="maintenanceInstance",
+    ),
+)
 async def maintenance(api: AdminAPI, request: web.BaseRequest, p: Params) -> web.Response:
     inst = api.migration().maintenance(api.instance(p["name"]).name)
     return json_response(instance_summary(api.rt, inst))
@@ -393,6 +477,31 @@ class _Listings:
         return listing
 
 
+@route(
+    "GET",
+    "/admin/sessions",
+    Operation(
+        "The session map, paged and searchable",
+        {
+            200: ("One page.", m.SessionPage),
+            400: _BAD_PARAMETER,
+            410: "The cursor expired (2 minutes unused): start again.",
+        },
+        tag="sessions",
+        operation_id="listSessions",
+        description=(
+            "Pages follow the map's own order (not sorted). A page stops after `limit` "
+            f"matches or {SCAN_BUDGET:,} scanned entries; follow `next_cursor` until null."
+        ),
+        query=(
+            Param("q", str, "Case-insensitive substring of the session id."),
+            Param("prefix", str, "Case-sensitive prefix of the session id."),
+            Param("instance", str, "Only sessions mapped to this instance."),
+            Param("limit", bounded(int, 1, MAX_PAGE, 100), "Sessions per page."),
+            Param("cursor", str, "next_cursor of the previous page."),
+        ),
+    ),
+)
 async def list_sessions(api: AdminAPI, request: web.BaseRequest, p: Params) -> web.Response:
     rt = api.rt
     smap = rt.smap
@@ -420,7 +529,7 @@ async def list_sessions(api: AdminAPI, request: web.BaseRequest, p: Params) -> w
 
     pins = rt.pins
     peek = smap.peek
-    found: list[dict[str, Any]] = []
+    found: list[m.SessionRow] = []
     scanned = 0
     more = False
     # No await in this loop: the live view cannot change under it.
@@ -436,23 +545,26 @@ async def list_sessions(api: AdminAPI, request: web.BaseRequest, p: Params) -> w
         owner = peek(session)
         if owner is None or (owner_filter is not None and owner != owner_filter):
             continue
-        found.append({"session": session, "instance": owner, "pinned": session in pins})
+        found.append(m.SessionRow(session, owner, session in pins))
     next_cursor: str | None = None
     if more:
         if listing_id is None:
             # Same order as the scan above (nothing ran in between).
             listing_id = api.listings.add(list(smap.ids()))
         next_cursor = f"{listing_id}.{offset + scanned}"
-    return json_response(
-        {
-            "sessions": found,
-            "next_cursor": next_cursor,
-            "scanned": scanned,
-            "total": len(smap),
-        }
-    )
+    return json_response(m.SessionPage(found, next_cursor, scanned, len(smap)))
 
 
+@route(
+    "GET",
+    "/admin/sessions/{session}",
+    Operation(
+        "Where a session is mapped, and its state there",
+        {200: ("The session.", m.Session), 400: _BAD_SESSION, 404: _NOT_MAPPED},
+        tag="sessions",
+        operation_id="getSession",
+    ),
+)
 async def get_session(api: AdminAPI, request: web.BaseRequest, p: Params) -> web.Response:
     rt = api.rt
     session = _session_param(p)
@@ -465,7 +577,7 @@ async def get_session(api: AdminAPI, request: web.BaseRequest, p: Params) -> web
     if owner is None:
         raise AdminError(404, "unknown_session", f"session {session!r} is not mapped")
     inst = rt.fleet.get(owner)
-    status: str | None = None
+    status: m.ProbeStatus | None = None
     if inst is not None:
         try:
             async with asyncio.timeout(rt.resolver.probe_timeout):
@@ -476,38 +588,64 @@ async def get_session(api: AdminAPI, request: web.BaseRequest, p: Params) -> web
     discovery, migration = rt.discovery, rt.migration
     failover = getattr(rt, "failover", None)
     return json_response(
-        {
-            "session": session,
-            "instance": owner,
-            "known_instance": inst is not None,
-            "instance_healthy": inst.healthy if inst is not None else None,
-            "instance_admin": inst.admin.value if inst is not None else None,
-            "status": status,
-            "orphan": discovery is not None and session in discovery.orphans,
-            "duplicate_on": list(discovery.duplicates.get(session, ()))
+        m.Session(
+            session=session,
+            instance=owner,
+            known_instance=inst is not None,
+            instance_healthy=inst.healthy if inst is not None else None,
+            instance_admin=inst.admin if inst is not None else None,
+            status=status,
+            orphan=discovery is not None and session in discovery.orphans,
+            duplicate_on=list(discovery.duplicates.get(session, ()))
             if discovery is not None
             else [],
-            "moving": migration is not None and migration.active(session),
-            "recovering": bool(failover is not None and failover.recovering(session)),
-            "pinned": session in rt.pins,
-        }
+            moving=migration is not None and migration.active(session),
+            recovering=bool(failover is not None and failover.recovering(session)),
+            pinned=session in rt.pins,
+        )
     )
 
 
+@route(
+    "POST",
+    "/admin/sessions/{session}/move",
+    Operation(
+        "Move a session to a named instance (stop there, start here)",
+        {
+            200: ("Moved (or already there).", m.MoveResult),
+            400: "Bad body or session id.",
+            404: "Unknown session or instance.",
+            409: "Target not healthy / active / full, or the session is busy.",
+            413: _TOO_LARGE,
+            502: ("The move ran and failed.", m.MoveResult),
+            503: _NOT_RUNNING,
+        },
+        tag="sessions",
+        operation_id="moveSession",
+        body=m.MoveRequest,
+    ),
+)
 async def move_session(api: AdminAPI, request: web.BaseRequest, p: Params) -> web.Response:
     session = _session_param(p)
-    body = await _read_json(request)
-    to = body.get("to")
-    if not isinstance(to, str) or not to:
-        raise AdminError(400, "bad_request", 'the body must be {"to": "<instance name>"}')
-    result = await api.migration().move(session, to)
+    body = await _read(request, m.MoveRequest, '{"to": "<instance name>"}')
+    result = await api.migration().move(session, body.to)
     if result.ok:
         status = 200
     else:
         status = 409 if result.error in ("busy", "moved_meanwhile", "no_capacity") else 502
-    return json_response(result.as_dict(), status=status)
+    return json_response(msgspec.convert(result.as_dict(), m.MoveResult), status=status)
 
 
+@route(
+    "DELETE",
+    "/admin/sessions/{session}",
+    Operation(
+        "Forget the map entry (the instances are not touched)",
+        {200: ("Forgotten.", m.Forgotten), 400: _BAD_SESSION, 404: _NOT_MAPPED},
+        tag="sessions",
+        operation_id="forgetSession",
+    ),
+)
 async def forget_session(api: AdminAPI, request: web.BaseRequest, p: Params) -> web.Response:
     rt = api.rt
     session = _session_param(p)
@@ -517,20 +655,42 @@ async def forget_session(api: AdminAPI, request: web.BaseRequest, p: Params) -> 
     await rt.smap.forget(session)
     rt.pins.discard(session)
     rt.events.add("forget", session=session, instance=owner, cause="admin")
-    return json_response({"session": session, "forgotten": True, "instance": owner})
+    return json_response(m.Forgotten(session, True, owner))
 
 
+@route(
+    "POST",
+    "/admin/sessions/{session}/pin",
+    Operation(
+        "Map a session to the instance it runs on and keep rebalancing off it",
+        {
+            200: ("Pinned.", m.Pin),
+            400: "Bad body or session id.",
+            404: "Unknown instance, or no instance named and the session is not mapped.",
+            409: "It does not run there (not_running), or it is being moved (busy).",
+            413: _TOO_LARGE,
+            502: "The instance did not answer.",
+            503: "The session's lock is out of reach (store_unavailable).",
+        },
+        tag="sessions",
+        operation_id="pinSession",
+        description=(
+            "The instance is probed first. Without a body, the mapped owner is pinned. "
+            "Drains, moves and failovers still move a pinned session."
+        ),
+        body=m.PinRequest,
+        body_required=False,
+    ),
+)
 async def pin_session(api: AdminAPI, request: web.BaseRequest, p: Params) -> web.Response:
     rt = api.rt
     session = _session_param(p)
-    body = await _read_json(request)
-    name = body.get("instance", peek_owner(rt.smap, session))
+    body = await _read(request, m.PinRequest, '{"instance": "<instance name>"}')
+    name = peek_owner(rt.smap, session) if body.instance is msgspec.UNSET else body.instance
     if name is None:
         raise AdminError(
             404, "unknown_session", f"session {session!r} is not mapped: name an instance"
         )
-    if not isinstance(name, str) or not name:
-        raise AdminError(400, "bad_request", 'the body must be {"instance": "<instance name>"}')
     inst = api.instance(name)
     migration = rt.migration
     if (migration is not None and migration.active(session)) or rt.failover.recovering(session):
@@ -554,17 +714,19 @@ async def pin_session(api: AdminAPI, request: web.BaseRequest, p: Params) -> web
         raise AdminError(503, "store_unavailable", "cannot take the session's lock") from None
     rt.pins.add(session)
     rt.events.add("pin", session=session, instance=inst.name, previous=previous)
-    return json_response(
-        {
-            "session": session,
-            "instance": inst.name,
-            "previous": previous,
-            "status": info.status.value,
-            "pinned": True,
-        }
-    )
+    return json_response(m.Pin(session, inst.name, previous, info.status, True))
 
 
+@route(
+    "DELETE",
+    "/admin/sessions/{session}/pin",
+    Operation(
+        "Unpin a session",
+        {200: ("Unpinned.", m.Unpin), 400: _BAD_SESSION},
+        tag="sessions",
+        operation_id="unpinSession",
+    ),
+)
 async def unpin_session(api: AdminAPI, request: web.BaseRequest, p: Params) -> web.Response:
     rt = api.rt
     session = _session_param(p)
@@ -572,7 +734,7 @@ async def unpin_session(api: AdminAPI, request: web.BaseRequest, p: Params) -> w
     rt.pins.discard(session)
     if was:
         rt.events.add("unpin", session=session)
-    return json_response({"session": session, "pinned": False, "was_pinned": was})
+    return json_response(m.Unpin(session, False, was))
 
 
 async def _probe(rt: Runtime, inst: Instance, session: str) -> SessionInfo | None:
@@ -588,17 +750,69 @@ async def _probe(rt: Runtime, inst: Instance, session: str) -> SessionInfo | Non
 # -- fleet-wide ---------------------------------------------------------------------
 
 
+@route(
+    "GET",
+    "/admin/events",
+    Operation(
+        "Recent failovers, health changes, moves and reloads, oldest first",
+        {200: ("The events.", m.Events), 400: _BAD_PARAMETER},
+        tag="fleet",
+        operation_id="listEvents",
+        query=(
+            Param("limit", bounded(int, 0, 10_000, 100), "At most this many (the latest)."),
+            Param(
+                "kind",
+                str,
+                "Only kinds starting with this (failover, down, healthy, ejected, move, "
+                "drain, config_reload, ...).",
+            ),
+        ),
+    ),
+)
 async def events(api: AdminAPI, request: web.BaseRequest, p: Params) -> web.Response:
     limit = int(_number(request, "limit", 100, 10_000))
     kind = request.query.get("kind") or None
-    return json_response({"events": api.rt.events.recent(limit, kind)})
+    return json_response(m.Events(api.rt.events.recent(limit, kind)))
 
 
+@route(
+    "POST",
+    "/admin/reconcile",
+    Operation(
+        "One reconcile round now (list every instance, fix the map)",
+        {200: ("The round's report.", m.ReconcileRound), 503: _NOT_RUNNING},
+        tag="fleet",
+        operation_id="reconcile",
+    ),
+)
 async def reconcile(api: AdminAPI, request: web.BaseRequest, p: Params) -> web.Response:
     result = await api.discovery().reconcile_now()
-    return json_response(result.as_dict())
+    return json_response(msgspec.convert(result.as_dict(), m.ReconcileRound))
 
 
+_NO_RELOAD = "Reload is not available."
+
+
+@route(
+    "POST",
+    "/admin/reload",
+    Operation(
+        "Reload the config file",
+        {
+            200: ("Applied.", m.Reload),
+            409: "The config did not come from a file.",
+            422: ("Rejected; the config in force stays.", m.ReloadRejected),
+            503: _NO_RELOAD,
+        },
+        tag="config",
+        operation_id="reload",
+        description=(
+            "Parsed and validated first; a bad file changes nothing (422 with file:line: "
+            "reason). listen, store and webhooks changes wait for a restart "
+            "(restart_required)."
+        ),
+    ),
+)
 async def reload_config(api: AdminAPI, request: web.BaseRequest, p: Params) -> web.Response:
     reloader = api.rt.reloader
     if reloader is None:
@@ -608,39 +822,37 @@ async def reload_config(api: AdminAPI, request: web.BaseRequest, p: Params) -> w
     except ReloadUnavailable as exc:
         raise AdminError(409, "no_config_file", str(exc)) from None
     if not result.ok:
-        return json_response(
-            {**result.as_dict(), "error": "config_rejected", "message": result.error},
-            status=422,
-        )
-    return json_response(result.as_dict())
+        rejected = {**result.as_dict(), "error": "config_rejected", "message": result.error}
+        return json_response(msgspec.convert(rejected, m.ReloadRejected), status=422)
+    return json_response(msgspec.convert(result.as_dict(), m.Reload))
 
 
+@route(
+    "GET",
+    "/admin/reload",
+    Operation(
+        "The config file, the last reload and the file watch",
+        {200: ("Reload status.", m.ReloadStatus), 503: _NO_RELOAD},
+        tag="config",
+        operation_id="reloadStatus",
+    ),
+)
 async def reload_status(api: AdminAPI, request: web.BaseRequest, p: Params) -> web.Response:
     reloader = api.rt.reloader
     if reloader is None:
         raise AdminError(503, "unavailable", "reload is not available")
-    return json_response(reloader.status())
+    return json_response(msgspec.convert(reloader.status(), m.ReloadStatus))
 
 
+@route(
+    "GET",
+    "/admin/openapi.json",
+    Operation(
+        "This document",
+        {200: ("An OpenAPI 3.1 document.", dict[str, Any])},
+        tag="meta",
+        operation_id="openapi",
+    ),
+)
 async def openapi(api: AdminAPI, request: web.BaseRequest, p: Params) -> web.Response:
-    return json_response(document(api.routes, webhooks=api.rt.config.webhooks is not None))
-
-
-ROUTES: list[tuple[str, str, Handler]] = [
-    ("GET", "/admin/instances", list_instances),
-    ("POST", "/admin/instances/{name}/drain", start_drain),
-    ("GET", "/admin/instances/{name}/drain", get_drain),
-    ("POST", "/admin/instances/{name}/undrain", undrain),
-    ("POST", "/admin/instances/{name}/maintenance", maintenance),
-    ("GET", "/admin/sessions", list_sessions),
-    ("GET", "/admin/sessions/{session}", get_session),
-    ("DELETE", "/admin/sessions/{session}", forget_session),
-    ("POST", "/admin/sessions/{session}/move", move_session),
-    ("POST", "/admin/sessions/{session}/pin", pin_session),
-    ("DELETE", "/admin/sessions/{session}/pin", unpin_session),
-    ("GET", "/admin/events", events),
-    ("POST", "/admin/reconcile", reconcile),
-    ("POST", "/admin/reload", reload_config),
-    ("GET", "/admin/reload", reload_status),
-    ("GET", "/admin/openapi.json", openapi),
-]
+    return json_response(api.document())

@@ -1,554 +1,215 @@
-"""The admin API as an OpenAPI 3.1 document (``GET /admin/openapi.json``).
+"""The admin API as an OpenAPI 3.1 document (``GET /admin/openapi.json``), generated.
 
-``OPERATIONS`` describes every route of ``router.admin.ROUTES``, keyed by
-method and path template; ``tests/test_admin.py`` checks that the two agree
-both ways. Routes added later with ``AdminAPI.add_route`` carry their own
-operation (or get a summary from their handler's docstring), and the
-webhook relay's ``/admin/webhooks/...`` endpoints are listed when the relay
-is configured. ``/healthz`` and ``/readyz`` (no key) are listed too.
+Each route of ``router.admin`` is declared with an ``Operation``: a summary,
+its query parameters, and the model of its request body and of each answer
+(``router.admin_models``). ``document`` turns them into OpenAPI: schemas come
+from the models through ``msgspec.json.schema_components`` (JSON Schema
+2020-12, the dialect of OpenAPI 3.1), path parameters from the path
+template. The webhook relay's ``/admin/webhooks/...`` endpoints (served by
+``router.webhooks.admin``) are described here and listed when the relay is
+configured; ``/healthz`` and ``/readyz`` (no key) are always listed.
 """
 
 from __future__ import annotations
 
-import copy
 import inspect
 import re
-from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+import msgspec
+from msgspec import Meta
 
 from router import __version__
+from router import admin_models as m
 from router.config import SESSION_ID_PATTERN
 
-if TYPE_CHECKING:
-    from router.admin import Route
-
 JSON = "application/json"
+_REF = "#/components/schemas/{name}"
+_PATH_PARAM = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
-# -- building blocks -------------------------------------------------------------------
-
-
-def _ref(name: str) -> dict[str, Any]:
-    return {"$ref": f"#/components/schemas/{name}"}
-
-
-def _ok(description: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:
-    return {"description": description, "content": {JSON: {"schema": schema or {"type": "object"}}}}
+# An answer: its description (the body is an ``Error``), or (description, body model).
+Answer = str | tuple[str, Any]
 
 
-def _err(description: str) -> dict[str, Any]:
-    return {"$ref": "#/components/responses/Error", "description": description}
+@dataclass(frozen=True, slots=True)
+class Param:
+    """A query or path parameter; ``type`` is what msgspec describes (Annotated for bounds)."""
+
+    name: str
+    type: Any
+    description: str = ""
 
 
-def _query(name: str, description: str, schema: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "name": name,
-        "in": "query",
-        "required": False,
-        "description": description,
-        "schema": schema,
-    }
+@dataclass(frozen=True, slots=True)
+class Operation:
+    """One endpoint as OpenAPI shows it; ``body`` is the request body's model."""
+
+    summary: str
+    responses: Mapping[int, Answer]
+    tag: str = ""
+    operation_id: str = ""
+    description: str = ""
+    query: tuple[Param, ...] = ()
+    body: Any = None
+    body_required: bool = True
+    # No admin key (the probes): no 401, ``security: []``.
+    public: bool = False
 
 
-def _body(schema: dict[str, Any], required: bool = True) -> dict[str, Any]:
-    return {"required": required, "content": {JSON: {"schema": schema}}}
+def bounded(kind: type[float] | type[int], low: float, high: float, default: float) -> Any:
+    """A number type between ``low`` and ``high`` (a query parameter's schema)."""
+    return Annotated[kind, Meta(ge=low, le=high, extra_json_schema={"default": default})]
 
 
-_NAME = {"$ref": "#/components/parameters/InstanceName"}
-_SESSION = {"$ref": "#/components/parameters/SessionId"}
-_WAIT = _query(
-    "wait",
-    "Seconds to wait for the drain to finish before answering (0..300).",
-    {"type": "number", "minimum": 0, "maximum": 300, "default": 0},
-)
-_UNAUTHORIZED = _err("Missing or invalid admin key.")
-_STR_LIST = {"type": "array", "items": {"type": "string"}}
-
-SCHEMAS: dict[str, Any] = {
-    "Error": {
-        "type": "object",
-        "required": ["error", "message"],
-        "properties": {
-            "error": {
-                "type": "string",
-                "description": "A stable code (unknown_instance, busy, ...).",
-            },
-            "message": {"type": "string"},
-        },
-    },
-    "Instance": {
-        "type": "object",
-        "properties": {
-            "name": {"type": "string"},
-            "url": {"type": "string", "description": "Without user info or query."},
-            "healthy": {"type": "boolean"},
-            "admin": {"type": "string", "enum": ["active", "draining", "maintenance"]},
-            "placeable": {
-                "type": "boolean",
-                "description": "Healthy and active: takes new sessions.",
-            },
-            "sessions": {"type": "integer"},
-            "capacity": {"type": "integer", "description": "max_sessions"},
-            "weight": {"type": "number"},
-            "load": {"type": "number", "description": "sessions / (capacity * weight)"},
-            "removed": {
-                "type": "boolean",
-                "description": "Gone from the config; leaves the fleet once its sessions moved.",
-            },
-        },
-    },
-    "Fleet": {
-        "type": "object",
-        "properties": {
-            "instances": {"type": "array", "items": _ref("Instance")},
-            "sessions": {"type": "integer"},
-            "orphans": {"type": "integer"},
-            "duplicates": {"type": "integer"},
-        },
-    },
-    "MoveResult": {
-        "type": "object",
-        "properties": {
-            "session": {"type": "string"},
-            "source": {"type": ["string", "null"]},
-            "target": {"type": ["string", "null"]},
-            "ok": {"type": "boolean"},
-            "outcome": {
-                "type": "string",
-                "enum": ["moved", "already_there", "found_elsewhere", "failed"],
-            },
-            "error": {"type": ["string", "null"]},
-            "detail": {"type": "string"},
-            "seconds": {"type": "number"},
-        },
-    },
-    "DrainJob": {
-        "type": "object",
-        "properties": {
-            "instance": {"type": "string"},
-            "state": {"type": "string", "enum": ["running", "done", "cancelled"]},
-            "done": {"type": "boolean"},
-            "total": {"type": "integer"},
-            "moved": {"type": "integer"},
-            "skipped": {"type": "integer"},
-            "failed": {"type": "integer"},
-            "remaining": {"type": "integer"},
-            "failures": {"type": "array", "items": _ref("MoveResult")},
-            "started": {"type": "number"},
-            "finished": {"type": ["number", "null"]},
-            "seconds": {"type": "number"},
-        },
-    },
-    "Session": {
-        "type": "object",
-        "properties": {
-            "session": {"type": "string"},
-            "instance": {"type": "string"},
-            "known_instance": {"type": "boolean"},
-            "instance_healthy": {"type": ["boolean", "null"]},
-            "instance_admin": {"type": ["string", "null"]},
-            "status": {
-                "type": ["string", "null"],
-                "description": "Its state on the instance, 'absent' or 'unreachable'.",
-            },
-            "orphan": {"type": "boolean"},
-            "duplicate_on": _STR_LIST,
-            "moving": {"type": "boolean"},
-            "recovering": {"type": "boolean"},
-            "pinned": {"type": "boolean"},
-        },
-    },
-    "SessionPage": {
-        "type": "object",
-        "properties": {
-            "sessions": {
-                "type": "array",
-                "items": {
-                    "type": "object",
-                    "properties": {
-                        "session": {"type": "string"},
-                        "instance": {"type": "string"},
-                        "pinned": {"type": "boolean"},
-                    },
-                },
-            },
-            "next_cursor": {
-                "type": ["string", "null"],
-                "description": "Pass as cursor for the next page; null at the end.",
-            },
-            "scanned": {"type": "integer", "description": "Map entries this page looked at."},
-            "total": {"type": "integer", "description": "Sessions in the map."},
-        },
-    },
-    "Pin": {
-        "type": "object",
-        "properties": {
-            "session": {"type": "string"},
-            "instance": {"type": "string"},
-            "previous": {"type": ["string", "null"]},
-            "status": {"type": "string"},
-            "pinned": {"type": "boolean"},
-            "was_pinned": {"type": "boolean"},
-        },
-    },
-    "Forgotten": {
-        "type": "object",
-        "properties": {
-            "session": {"type": "string"},
-            "forgotten": {"type": "boolean"},
-            "instance": {"type": "string"},
-        },
-    },
-    "Events": {
-        "type": "object",
-        "properties": {
-            "events": {
-                "type": "array",
-                "items": {
-                    "type": "object",
-                    "required": ["ts", "kind"],
-                    "properties": {"ts": {"type": "number"}, "kind": {"type": "string"}},
-                    "additionalProperties": True,
-                },
-            }
-        },
-    },
-    "ReconcileRound": {
-        "type": "object",
-        "properties": {
-            "round": {"type": "integer"},
-            "initial": {"type": "boolean"},
-            "seconds": {"type": "number"},
-            "listed": {"type": "object", "additionalProperties": {"type": "integer"}},
-            "failed": {"type": "object", "additionalProperties": {"type": "string"}},
-            "assigned": {"type": "integer"},
-            "changed": {"type": "integer"},
-            "orphan_count": {"type": "integer"},
-            "forgotten_count": {"type": "integer"},
-            "skipped": {"type": "integer"},
-        },
-        "additionalProperties": True,
-    },
-    "Reload": {
-        "type": "object",
-        "properties": {
-            "ok": {"type": "boolean"},
-            "cause": {"type": "string", "enum": ["api", "sighup", "file", "manual"]},
-            "source": {"type": ["string", "null"]},
-            "started": {"type": "number"},
-            "seconds": {"type": "number"},
-            "error": {"type": ["string", "null"], "description": "file:line: reason"},
-            "file": {"type": ["string", "null"]},
-            "line": {"type": ["integer", "null"]},
-            "reason": {"type": ["string", "null"]},
-            "changed": {"type": "boolean"},
-            "added": _STR_LIST,
-            "removed": {**_STR_LIST, "description": "Draining; leave the fleet once empty."},
-            "dropped": {**_STR_LIST, "description": "Removed; owned no session."},
-            "readdressed": _STR_LIST,
-            "updated": {"type": "object", "additionalProperties": _STR_LIST},
-            "repooled": _STR_LIST,
-            "readded": _STR_LIST,
-            "adapter_changed": {"type": "boolean"},
-            "settings": _STR_LIST,
-            "restart_required": {
-                **_STR_LIST,
-                "description": "Sections changed in the file that apply only after a restart.",
-            },
-        },
-    },
-    "ReloadStatus": {
-        "type": "object",
-        "properties": {
-            "source": {"type": ["string", "null"]},
-            "loaded_at": {"type": "number"},
-            "attempts": {"type": "integer"},
-            "applied": {"type": "integer"},
-            "watching": {"type": "boolean"},
-            "watch_interval": {"type": ["number", "null"]},
-            "retiring": _STR_LIST,
-            "last": {"oneOf": [_ref("Reload"), {"type": "null"}]},
-        },
-    },
+PATH_PARAMS = {
+    "name": Param("name", str, "An instance name from the config."),
+    "session": Param(
+        "session", Annotated[str, Meta(pattern=f"^{SESSION_ID_PATTERN}$")], "A session id."
+    ),
+    "id": Param("id", str, "A dead letter's id."),
 }
 
-# -- the admin routes (router.admin.ROUTES) ---------------------------------------------
 
-OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
-    ("GET", "/admin/instances"): {
-        "operationId": "listInstances",
-        "tags": ["instances"],
-        "summary": "Every instance with health, admin state and load",
-        "responses": {"200": _ok("The fleet.", _ref("Fleet"))},
-    },
-    ("POST", "/admin/instances/{name}/drain"): {
-        "operationId": "drainInstance",
-        "tags": ["instances"],
-        "summary": "Move every session off an instance and keep it empty",
-        "description": "Runs in the background; `wait` waits for it up to that many seconds.",
-        "parameters": [_NAME, _WAIT],
-        "responses": {
-            "200": _ok("The drain finished.", _ref("DrainJob")),
-            "202": _ok("The drain is running.", _ref("DrainJob")),
-            "404": _err("No such instance."),
-        },
-    },
-    ("GET", "/admin/instances/{name}/drain"): {
-        "operationId": "getDrain",
-        "tags": ["instances"],
-        "summary": "The instance's last drain",
-        "parameters": [_NAME, _WAIT],
-        "responses": {
-            "200": _ok("The drain job.", _ref("DrainJob")),
-            "404": _err("No such instance, or it was never drained."),
-        },
-    },
-    ("POST", "/admin/instances/{name}/undrain"): {
-        "operationId": "undrainInstance",
-        "tags": ["instances"],
-        "summary": "Back to active (a running drain starts no further moves)",
-        "parameters": [_NAME],
-        "responses": {
-            "200": _ok("The instance.", _ref("Instance")),
-            "404": _err("No such instance."),
-        },
-    },
-    ("POST", "/admin/instances/{name}/maintenance"): {
-        "operationId": "maintenanceInstance",
-        "tags": ["instances"],
-        "summary": "No new sessions; existing ones stay",
-        "parameters": [_NAME],
-        "responses": {
-            "200": _ok("The instance.", _ref("Instance")),
-            "404": _err("No such instance."),
-        },
-    },
-    ("GET", "/admin/sessions"): {
-        "operationId": "listSessions",
-        "tags": ["sessions"],
-        "summary": "The session map, paged and searchable",
-        "description": (
-            "Pages follow the map's own order (not sorted). A page stops after `limit` "
-            "matches or 200,000 scanned entries; follow `next_cursor` until null."
-        ),
-        "parameters": [
-            _query("q", "Case-insensitive substring of the session id.", {"type": "string"}),
-            _query("prefix", "Case-sensitive prefix of the session id.", {"type": "string"}),
-            _query("instance", "Only sessions mapped to this instance.", {"type": "string"}),
-            _query(
-                "limit",
-                "Sessions per page.",
-                {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100},
-            ),
-            _query("cursor", "next_cursor of the previous page.", {"type": "string"}),
-        ],
-        "responses": {
-            "200": _ok("One page.", _ref("SessionPage")),
-            "400": _err("Bad parameter."),
-            "410": _err("The cursor expired (2 minutes unused): start again."),
-        },
-    },
-    ("GET", "/admin/sessions/{session}"): {
-        "operationId": "getSession",
-        "tags": ["sessions"],
-        "summary": "Where a session is mapped, and its state there",
-        "parameters": [_SESSION],
-        "responses": {
-            "200": _ok("The session.", _ref("Session")),
-            "400": _err("Invalid session id."),
-            "404": _err("Not mapped."),
-        },
-    },
-    ("DELETE", "/admin/sessions/{session}"): {
-        "operationId": "forgetSession",
-        "tags": ["sessions"],
-        "summary": "Forget the map entry (the instances are not touched)",
-        "parameters": [_SESSION],
-        "responses": {"200": _ok("Forgotten.", _ref("Forgotten")), "404": _err("Not mapped.")},
-    },
-    ("POST", "/admin/sessions/{session}/move"): {
-        "operationId": "moveSession",
-        "tags": ["sessions"],
-        "summary": "Move a session to a named instance (stop there, start here)",
-        "parameters": [_SESSION],
-        "requestBody": _body(
-            {"type": "object", "required": ["to"], "properties": {"to": {"type": "string"}}}
-        ),
-        "responses": {
-            "200": _ok("Moved (or already there).", _ref("MoveResult")),
-            "400": _err("Bad body."),
-            "404": _err("Unknown session or instance."),
-            "409": _err("Target not healthy / active / full, or the session is busy."),
-            "502": _ok("The move ran and failed.", _ref("MoveResult")),
-        },
-    },
-    ("POST", "/admin/sessions/{session}/pin"): {
-        "operationId": "pinSession",
-        "tags": ["sessions"],
-        "summary": "Map a session to the instance it runs on and keep rebalancing off it",
-        "description": (
-            "The instance is probed first. Without a body, the mapped owner is pinned. "
-            "Drains, moves and failovers still move a pinned session."
-        ),
-        "parameters": [_SESSION],
-        "requestBody": _body(
-            {"type": "object", "properties": {"instance": {"type": "string"}}}, required=False
-        ),
-        "responses": {
-            "200": _ok("Pinned.", _ref("Pin")),
-            "404": _err("Unknown instance, or no instance named and the session is not mapped."),
-            "409": _err("It does not run there (not_running), or it is being moved (busy)."),
-            "502": _err("The instance did not answer."),
-        },
-    },
-    ("DELETE", "/admin/sessions/{session}/pin"): {
-        "operationId": "unpinSession",
-        "tags": ["sessions"],
-        "summary": "Unpin a session",
-        "parameters": [_SESSION],
-        "responses": {"200": _ok("Unpinned.", _ref("Pin"))},
-    },
-    ("GET", "/admin/events"): {
-        "operationId": "listEvents",
-        "tags": ["fleet"],
-        "summary": "Recent failovers, health changes, moves and reloads, oldest first",
-        "parameters": [
-            _query(
-                "limit",
-                "At most this many (the latest).",
-                {"type": "integer", "minimum": 0, "maximum": 10000, "default": 100},
-            ),
-            _query(
-                "kind",
-                "Only kinds starting with this (failover, down, healthy, ejected, move, "
-                "drain, config_reload, ...).",
-                {"type": "string"},
-            ),
-        ],
-        "responses": {"200": _ok("The events.", _ref("Events")), "400": _err("Bad parameter.")},
-    },
-    ("POST", "/admin/reconcile"): {
-        "operationId": "reconcile",
-        "tags": ["fleet"],
-        "summary": "One reconcile round now (list every instance, fix the map)",
-        "responses": {"200": _ok("The round's report.", _ref("ReconcileRound"))},
-    },
-    ("POST", "/admin/reload"): {
-        "operationId": "reload",
-        "tags": ["config"],
-        "summary": "Reload the config file",
-        "description": (
-            "Parsed and validated first; a bad file changes nothing (422 with file:line: "
-            "reason). listen, store and webhooks changes wait for a restart "
-            "(restart_required)."
-        ),
-        "responses": {
-            "200": _ok("Applied.", _ref("Reload")),
-            "409": _err("The config did not come from a file."),
-            "422": _ok(
-                "Rejected; the config in force stays.",
-                {"allOf": [_ref("Error"), _ref("Reload")]},
-            ),
-        },
-    },
-    ("GET", "/admin/reload"): {
-        "operationId": "reloadStatus",
-        "tags": ["config"],
-        "summary": "The config file, the last reload and the file watch",
-        "responses": {"200": _ok("Reload status.", _ref("ReloadStatus"))},
-    },
-    ("GET", "/admin/openapi.json"): {
-        "operationId": "openapi",
-        "tags": ["meta"],
-        "summary": "This document",
-        "responses": {"200": _ok("An OpenAPI 3.1 document.")},
-    },
-}
+def describe(handler: Callable[..., Any], path: str) -> Operation:
+    """An operation for a route added without one: its handler's docstring, any JSON."""
+    doc = inspect.getdoc(handler) or ""
+    summary = doc.splitlines()[0] if doc else path
+    return Operation(summary, {200: ("OK.", dict[str, Any])})
+
 
 # -- the webhook relay's admin endpoints (router.webhooks.admin) ------------------------
 
-_DEAD_ID = {
-    "name": "id",
-    "in": "path",
-    "required": True,
-    "description": "A dead letter's id.",
-    "schema": {"type": "string"},
-}
-_TARGET = _query("target", "Only this target's dead letters.", {"type": "string"})
+_TARGET = Param("target", str, "Only this target's dead letters.")
+_QUEUE_DOWN = "The queue's store is unreachable."
+_NO_DEAD = "No such dead letter."
 
-WEBHOOK_OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
-    ("GET", "/admin/webhooks/stats"): {
-        "summary": "Backlog, oldest pending age, lanes, dead letters",
-        "responses": {"200": _ok("Queue statistics.")},
-    },
-    ("GET", "/admin/webhooks/dead-letters"): {
-        "summary": "Dead letters, oldest first (no bodies)",
-        "parameters": [
-            _query("limit", "1..1000", {"type": "integer", "minimum": 1, "maximum": 1000}),
-            _query("after", "next of the previous page", {"type": "string"}),
+
+def _hook(
+    method: str,
+    path: str,
+    summary: str,
+    responses: Mapping[int, Answer],
+    query: tuple[Param, ...] = (),
+) -> tuple[str, str, Operation]:
+    answers = {**responses, 503: _QUEUE_DOWN}
+    return method, path, Operation(summary, answers, tag="webhooks", query=query)
+
+
+WEBHOOK_OPERATIONS = (
+    _hook(
+        "GET",
+        "/admin/webhooks/stats",
+        "Backlog, oldest pending age, lanes, dead letters",
+        {200: ("Queue statistics.", m.WebhookStats)},
+    ),
+    _hook(
+        "GET",
+        "/admin/webhooks/dead-letters",
+        "Dead letters, oldest first (no bodies)",
+        {200: ("A page of dead letters.", m.DeadLetterPage), 400: "Bad limit."},
+        (
+            Param("limit", bounded(int, 1, 1000, 100), "Dead letters per page."),
+            Param("after", str, "next of the previous page."),
             _TARGET,
-        ],
-        "responses": {"200": _ok("A page of dead letters.")},
-    },
-    ("DELETE", "/admin/webhooks/dead-letters"): {
-        "summary": "Purge dead letters (of a target, dead before a time)",
-        "parameters": [_TARGET, _query("before", "Unix time.", {"type": "number"})],
-        "responses": {"200": _ok("How many were purged.")},
-    },
-    ("POST", "/admin/webhooks/dead-letters/replay"): {
-        "summary": "Queue every dead letter (of a target) again",
-        "parameters": [_TARGET],
-        "responses": {"200": _ok("How many were queued.")},
-    },
-    ("GET", "/admin/webhooks/dead-letters/{id}"): {
-        "summary": "One dead letter, with its body",
-        "parameters": [_DEAD_ID],
-        "responses": {"200": _ok("The dead letter."), "404": _err("No such dead letter.")},
-    },
-    ("DELETE", "/admin/webhooks/dead-letters/{id}"): {
-        "summary": "Purge one dead letter",
-        "parameters": [_DEAD_ID],
-        "responses": {"200": _ok("Purged."), "404": _err("No such dead letter.")},
-    },
-    ("POST", "/admin/webhooks/dead-letters/{id}/replay"): {
-        "summary": "Queue one dead letter again",
-        "parameters": [_DEAD_ID],
-        "responses": {"200": _ok("Queued."), "404": _err("No such dead letter.")},
-    },
-}
+        ),
+    ),
+    _hook(
+        "DELETE",
+        "/admin/webhooks/dead-letters",
+        "Purge dead letters (of a target, dead before a time)",
+        {200: ("How many were purged.", m.Purged), 400: "before is not a unix time."},
+        (_TARGET, Param("before", float, "Unix time.")),
+    ),
+    _hook(
+        "POST",
+        "/admin/webhooks/dead-letters/replay",
+        "Queue every dead letter (of a target) again",
+        {200: ("How many were queued.", m.Replayed)},
+        (_TARGET,),
+    ),
+    _hook(
+        "GET",
+        "/admin/webhooks/dead-letters/{id}",
+        "One dead letter, with its body",
+        {200: ("The dead letter.", m.DeadLetter), 404: _NO_DEAD},
+    ),
+    _hook(
+        "DELETE",
+        "/admin/webhooks/dead-letters/{id}",
+        "Purge one dead letter",
+        {200: ("Purged.", m.Purged), 404: _NO_DEAD},
+    ),
+    _hook(
+        "POST",
+        "/admin/webhooks/dead-letters/{id}/replay",
+        "Queue one dead letter again",
+        {200: ("Queued.", m.Replayed), 404: _NO_DEAD},
+    ),
+)
 
-# -- no key -----------------------------------------------------------------------------
+# -- no key ---------------------------------------------------------------------------
 
-PROBES: dict[tuple[str, str], dict[str, Any]] = {
-    ("GET", "/healthz"): {
-        "operationId": "healthz",
-        "tags": ["probes"],
-        "summary": "The process is alive",
-        "security": [],
-        "responses": {"200": _ok("Alive.")},
-    },
-    ("GET", "/readyz"): {
-        "operationId": "readyz",
-        "tags": ["probes"],
-        "summary": "Config loaded, store reachable, at least one healthy instance",
-        "security": [],
-        "responses": {"200": _ok("Ready."), "503": _ok("Not ready (the body says why).")},
-    },
-}
+PROBES: tuple[tuple[str, str, Operation], ...] = (
+    (
+        "GET",
+        "/healthz",
+        Operation(
+            "The process is alive",
+            {200: ("Alive.", m.Healthz)},
+            tag="probes",
+            operation_id="healthz",
+            public=True,
+        ),
+    ),
+    (
+        "GET",
+        "/readyz",
+        Operation(
+            "Config loaded, store reachable, at least one healthy instance",
+            {200: ("Ready.", m.Readyz), 503: ("Not ready (the body says why).", m.Readyz)},
+            tag="probes",
+            operation_id="readyz",
+            public=True,
+        ),
+    ),
+)
 
-_PATH_PARAM = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+# -- the document -----------------------------------------------------------------------
 
 
-def _fallback(route: Route) -> dict[str, Any]:
-    doc = inspect.getdoc(route.handler) or ""
-    summary = doc.splitlines()[0] if doc else route.path
-    params = [
-        {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
-        for name in _PATH_PARAM.findall(route.path)
-    ]
-    op: dict[str, Any] = {"summary": summary, "responses": {"200": _ok("OK.")}}
-    if params:
-        op["parameters"] = params
-    return op
+class _Schemas:
+    """JSON schemas of types, filled in by one ``msgspec`` call at the end (``finish``);
+    named models go to ``components`` and are referenced."""
+
+    def __init__(self) -> None:
+        self._wanted: list[tuple[Any, dict[str, Any]]] = []
+
+    def __call__(self, kind: Any) -> dict[str, Any]:
+        schema: dict[str, Any] = {}
+        self._wanted.append((kind, schema))
+        return schema
+
+    def content(self, kind: Any) -> dict[str, Any]:
+        return {JSON: {"schema": self(kind)}}
+
+    def finish(self) -> dict[str, Any]:
+        """Fill every schema handed out; the components they refer to."""
+        kinds = [kind for kind, _ in self._wanted]
+        found, components = msgspec.json.schema_components(kinds, ref_template=_REF)
+        for (_, schema), generated in zip(self._wanted, found, strict=True):
+            schema.update(generated)
+        for model in _subclasses(m.Model):
+            if model.open_schema is not None and model.__name__ in components:
+                components[model.__name__]["additionalProperties"] = model.open_schema
+        return dict(sorted(components.items()))
+
+
+def _subclasses(cls: type[m.Model]) -> Iterable[type[m.Model]]:
+    for sub in cls.__subclasses__():
+        yield sub
+        yield from _subclasses(sub)
 
 
 def _operation_id(method: str, path: str) -> str:
@@ -556,27 +217,52 @@ def _operation_id(method: str, path: str) -> str:
     return method.lower() + "".join(w[:1].upper() + w[1:] for w in words)
 
 
-def document(routes: Iterable[Route], *, webhooks: bool = False) -> dict[str, Any]:
-    """The OpenAPI document for ``routes`` (the admin API's route table)."""
+def _parameter(where: str, param: Param, schemas: _Schemas) -> dict[str, Any]:
+    out = {"name": param.name, "in": where, "required": where == "path"}
+    if param.description:
+        out["description"] = param.description
+    return {**out, "schema": schemas(param.type)}
+
+
+def _operation(method: str, path: str, op: Operation, schemas: _Schemas) -> dict[str, Any]:
+    out: dict[str, Any] = {"operationId": op.operation_id or _operation_id(method, path)}
+    if op.tag:
+        out["tags"] = [op.tag]
+    out["summary"] = op.summary
+    if op.description:
+        out["description"] = op.description
+    params = [
+        _parameter("path", PATH_PARAMS.get(name, Param(name, str)), schemas)
+        for name in _PATH_PARAM.findall(path)
+    ]
+    params += [_parameter("query", q, schemas) for q in op.query]
+    if params:
+        out["parameters"] = params
+    if op.body is not None:
+        out["requestBody"] = {"required": op.body_required, "content": schemas.content(op.body)}
+    answers = dict(op.responses)
+    if op.public:
+        out["security"] = []
+    else:
+        answers.setdefault(401, "Missing or invalid admin key.")
+    responses: dict[str, Any] = {}
+    for status, answer in sorted(answers.items()):
+        description, model = (answer, m.Error) if isinstance(answer, str) else answer
+        responses[str(status)] = {"description": description, "content": schemas.content(model)}
+    out["responses"] = responses
+    return out
+
+
+def document(
+    routes: Iterable[tuple[str, str, Operation]], *, webhooks: bool = False
+) -> dict[str, Any]:
+    """The OpenAPI document of ``routes`` (method, path template, operation)."""
+    schemas = _Schemas()
     paths: dict[str, dict[str, Any]] = {}
-
-    def add(method: str, path: str, op: dict[str, Any]) -> None:
-        op = copy.deepcopy(op)
-        op.setdefault("operationId", _operation_id(method, path))
-        responses = op.setdefault("responses", {})
-        if op.get("security") != []:
-            responses.setdefault("401", _UNAUTHORIZED)
-        paths.setdefault(path, {})[method.lower()] = op
-
-    for route in routes:
-        op = route.spec or OPERATIONS.get((route.method, route.path)) or _fallback(route)
-        add(route.method, route.path, op)
-    if webhooks:
-        for (method, path), op in WEBHOOK_OPERATIONS.items():
-            add(method, path, {**op, "tags": ["webhooks"]})
-    for (method, path), op in PROBES.items():
-        add(method, path, op)
-
+    every = [*routes, *(WEBHOOK_OPERATIONS if webhooks else ()), *PROBES]
+    for method, path, op in every:
+        paths.setdefault(path, {})[method.lower()] = _operation(method, path, op, schemas)
+    error = schemas.content(m.Error)
     return {
         "openapi": "3.1.0",
         "info": {
@@ -586,7 +272,9 @@ def document(routes: Iterable[Route], *, webhooks: bool = False) -> dict[str, An
                 "Operate a session-router: the fleet, the session map, drains and moves, "
                 "events and config reloads. Every /admin endpoint needs the router's "
                 "admin_key (X-Admin-Key or Authorization: Bearer); client api_keys never "
-                "open it. Errors are {error, message}."
+                "open it, and without an admin_key every /admin path answers 404. "
+                "Errors are {error, message}: an unknown path answers 404 (NotFound), a "
+                "method a path does not take 405 with Allow (MethodNotAllowed)."
             ),
         },
         "security": [{"adminKey": []}, {"bearer": []}],
@@ -596,28 +284,19 @@ def document(routes: Iterable[Route], *, webhooks: bool = False) -> dict[str, An
                 "adminKey": {"type": "apiKey", "in": "header", "name": "X-Admin-Key"},
                 "bearer": {"type": "http", "scheme": "bearer"},
             },
-            "parameters": {
-                "InstanceName": {
-                    "name": "name",
-                    "in": "path",
-                    "required": True,
-                    "description": "An instance name from the config.",
-                    "schema": {"type": "string"},
-                },
-                "SessionId": {
-                    "name": "session",
-                    "in": "path",
-                    "required": True,
-                    "description": "A session id.",
-                    "schema": {"type": "string", "pattern": f"^{SESSION_ID_PATTERN}$"},
-                },
-            },
             "responses": {
-                "Error": {
-                    "description": "An error.",
-                    "content": {JSON: {"schema": _ref("Error")}},
-                }
+                "NotFound": {"description": "No such endpoint.", "content": error},
+                "MethodNotAllowed": {
+                    "description": "The path does not take this method.",
+                    "headers": {
+                        "Allow": {
+                            "description": "The methods it takes.",
+                            "schema": {"type": "string"},
+                        }
+                    },
+                    "content": error,
+                },
             },
-            "schemas": copy.deepcopy(SCHEMAS),
+            "schemas": schemas.finish(),
         },
     }

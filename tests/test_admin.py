@@ -1,25 +1,113 @@
-"""The admin API over HTTP, and the CLI commands against a running router."""
+"""The admin API over HTTP, and the CLI commands against a running router.
+
+Every answer the ``admin`` helper receives is checked against the generated
+OpenAPI document (``check_answer``): the schema of its route and status,
+with every object closed (a field the document does not name fails).
+``test_every_route_answers_as_the_document_says`` calls every route of the
+document on a real router, success and errors.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
+import re
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
+import jsonschema
+import msgspec
 import pytest
 from aiohttp import web
+from aiohttp.test_utils import make_mocked_request
 
-from router.admin import ROUTES, AdminAPI, json_response, path_regex
+from router import admin_models as m
+from router.admin import ROUTES, AdminAPI, json_response
 from router.config import RouterConfig
-from router.openapi import OPERATIONS, document
+from router.discovery import Round
+from router.migration import DrainJob, MoveResult
+from router.openapi import Operation, document
+from router.reload import ReloadResult
 from tests.support.router import INSTANCE_KEY, ROUTER_KEY, RouterHandle, StartRouter
 from tests.support.simulator import REPO_ROOT, SimFleet, SimFleetFactory, SimProcess
+from tests.support.webhook_target import (
+    APP_KEY,
+    Backend,
+    TargetServer,
+    make_config,
+    target,
+    waha_body,
+    waha_headers,
+)
 
 ADMIN_KEY = "admin-secret-key"
+
+
+# -- the document, and answers checked against it --------------------------------------
+
+
+def _closed(node: Any) -> Any:
+    """``node`` with every object schema that lists properties and says nothing of others
+    closed (``additionalProperties: false``): an undocumented field fails validation."""
+    if isinstance(node, dict):
+        out = {k: _closed(v) for k, v in node.items()}
+        if isinstance(out.get("properties"), dict) and "additionalProperties" not in out:
+            out["additionalProperties"] = False
+        return out
+    if isinstance(node, list):
+        return [_closed(v) for v in node]
+    return node
+
+
+DOC = document([(r.method, r.path, r.operation) for r in ROUTES], webhooks=True)
+STRICT = _closed(DOC)
+_TEMPLATES = [(re.compile(re.sub(r"\{[A-Za-z_]+\}", "[^/]+", path)), path) for path in DOC["paths"]]
+# (method, path template or None for no route, status) of every answer checked.
+SEEN: set[tuple[str, str | None, int]] = set()
+
+
+def _validate(schema: dict[str, Any], body: Any, where: str) -> None:
+    # The components beside the schema: its "#/components/..." references resolve there.
+    validator = jsonschema.Draft202012Validator({**schema, "components": STRICT["components"]})
+    errors = [f"{list(e.absolute_path)}: {e.message}" for e in validator.iter_errors(body)]
+    assert not errors, f"{where}: the answer does not match the document: {errors}\n{body}"
+
+
+def _schema(response: dict[str, Any]) -> dict[str, Any]:
+    schema: dict[str, Any] = response["content"]["application/json"]["schema"]
+    return schema
+
+
+def check_answer(method: str, url: str, status: int, body: Any, headers: Mapping[str, str]) -> None:
+    """The answer is what the document says of ``method url`` and ``status``."""
+    path = urlsplit(url).path.rstrip("/")  # a trailing slash is ignored
+    template = next((t for rx, t in _TEMPLATES if rx.fullmatch(path)), None)
+    where = f"{method} {path} -> {status}"
+    SEEN.add((method, template, status))
+    components = STRICT["components"]["responses"]
+    if template is None:
+        assert status in (401, 404), where
+        _validate(_schema(components["NotFound"]), body, where)
+        return
+    operations = STRICT["paths"][template]
+    op = operations.get(method.lower())
+    if op is None:
+        if status == 405 and not path.startswith("/admin/webhooks"):
+            assert headers["Allow"] == ", ".join(sorted(k.upper() for k in operations)), where
+        assert status in (401, 404, 405), where
+        _validate(_schema(components["MethodNotAllowed"]), body, where)
+        return
+    response = op["responses"].get(str(status))
+    if response is None and status == 404 and body.get("error") == "not_found":
+        response = components["NotFound"]  # the admin API is disabled (no admin_key)
+    assert response is not None, f"{where}: status not in the document"
+    _validate(_schema(response), body, where)
 
 
 async def bulk(proc: SimProcess, **body: Any) -> None:
@@ -37,17 +125,21 @@ async def admin(
     *,
     key: str | None = ADMIN_KEY,
     body: Any = None,
+    data: bytes | None = None,
     headers: dict[str, str] | None = None,
 ) -> tuple[int, Any, aiohttp.ClientResponse]:
+    """One request; its answer is checked against the OpenAPI document."""
     hdrs = {"X-Admin-Key": key} if key else {}
     hdrs.update(headers or {})
     async with (
         aiohttp.ClientSession() as http,
-        http.request(method, router.url + path, json=body, headers=hdrs) as resp,
+        http.request(method, router.url + path, json=body, data=data, headers=hdrs) as resp,
     ):
         text = await resp.text()
         assert resp.content_type == "application/json", text
-        return resp.status, await resp.json(), resp
+        answer = await resp.json()
+        check_answer(method, path, resp.status, answer, resp.headers)
+        return resp.status, answer, resp
 
 
 async def reconcile(router: RouterHandle) -> None:
@@ -417,32 +509,40 @@ async def test_reload_endpoint_and_the_openapi_document(
 
     status, doc, _ = await admin(router, "GET", "/admin/openapi.json")
     assert status == 200 and doc["openapi"] == "3.1.0"
+    # What the router serves is generated from its route table (no relay here).
+    assert doc == document([(r.method, r.path, r.operation) for r in ROUTES])
     documented = {
         (method.upper(), path)
         for path, ops in doc["paths"].items()
         for method in ops
         if path.startswith("/admin/")
     }
-    table = {(method, path) for method, path, _ in ROUTES}
-    assert documented == table
-    assert set(OPERATIONS) == table  # no description of a route that is gone
+    assert documented == {(r.method, r.path) for r in ROUTES}
     assert {"/healthz", "/readyz"} <= doc["paths"].keys()
-    ids = [op["operationId"] for ops in doc["paths"].values() for op in ops.values()]
+    ids = [op["operationId"] for ops in DOC["paths"].values() for op in ops.values()]
     assert len(ids) == len(set(ids))
-    for _, path in table:
-        assert path_regex(path).fullmatch(path.replace("{", "").replace("}", ""))
-    # Routes added later are described too, and the relay's when it runs.
+    # Routes added later are routed and described too, and the relay's when it runs.
     api = AdminAPI(lambda: router.runtime)
 
-    async def extra(api: AdminAPI, request: web.BaseRequest, p: dict[str, str]) -> web.Response:
+    async def extra(api: AdminAPI, request: web.BaseRequest, p: Mapping[str, str]) -> web.Response:
         """Something new."""
-        return json_response({})
+        return json_response({"thing": p["thing"]})
 
     api.add_route("GET", "/admin/extra/{thing}", extra)
-    more = document(api.routes, webhooks=True)
+    api.add_route(
+        "POST",
+        "/admin/extra/{thing}",
+        extra,
+        Operation("Make a thing", {201: ("Made.", m.Purged)}, operation_id="makeThing"),
+    )
+    more = document([(r.method, r.path, r.operation) for r in api.routes], webhooks=True)
     op = more["paths"]["/admin/extra/{thing}"]["get"]
     assert op["summary"] == "Something new." and op["parameters"][0]["name"] == "thing"
+    made = more["paths"]["/admin/extra/{thing}"]["post"]["responses"]["201"]
+    assert _schema(made) == {"$ref": "#/components/schemas/Purged"}
     assert "/admin/webhooks/dead-letters/{id}/replay" in more["paths"]
+    served = await api(make_mocked_request("GET", "/admin/extra/x%20y", {"X-Admin-Key": ADMIN_KEY}))
+    assert served.status == 200 and served.body == b'{"thing":"x y"}'
     validator = pytest.importorskip("openapi_spec_validator")
     validator.validate(doc)
     validator.validate(more)
@@ -494,3 +594,195 @@ async def test_cli_status_sessions_pin_and_reload(
     code, out, err = await cli("status", *conn)
     assert code == 0 and "LAST RELOAD REJECTED" in out.splitlines()[1]
     assert router.runtime.fleet.names() == ["wa-1", "wa-2"]
+
+
+# -- every route against the document ------------------------------------------------------
+
+
+async def _dead_letter_ids(router: RouterHandle, n: int = 1, within: float = 10.0) -> list[str]:
+    """Once the relay holds at least ``n`` dead letters: their ids."""
+    relay = router.server.webhooks
+    assert relay is not None
+    for _ in range(int(within / 0.02)):
+        if (await relay.queue.stats()).dead_letters >= n:
+            break
+        await asyncio.sleep(0.02)
+    else:
+        raise AssertionError(f"fewer than {n} dead letters after {within}s")
+    return [d.id for d in await relay.queue.list_dead(limit=100)]
+
+
+async def test_every_route_answers_as_the_document_says(
+    sim_fleet: SimFleetFactory, start_router: StartRouter, tmp_path: Path
+) -> None:
+    """Every operation of the document, called on a real router (a config file, the
+    webhook relay, three simulators): its answers, errors included, match the schema
+    of that route and status, with no field the document does not name."""
+    SEEN.clear()
+    fleet = sim_fleet(3, api_key=INSTANCE_KEY, start_delay=0.05)
+    app = TargetServer(hmac_key=APP_KEY, verify="auto")
+    app.status_for = lambda delivery: 422  # refused for good: every event is dead-lettered
+    await app.start()
+    try:
+        path = tmp_path / "router.yaml"
+        text = (
+            "listen: {host: 127.0.0.1, port: 0}\n"
+            f"admin_key: {ADMIN_KEY}\n"
+            "discovery: {interval: 0}\n"
+            "instances:\n"
+            + "".join(
+                f"  - {{name: {p.name}, url: {p.url}, api_key: {INSTANCE_KEY}}}\n" for p in fleet
+            )
+        )
+        path.write_text(text)
+        backend = Backend("sqlite", "memory", "wa-router:", str(tmp_path / "webhooks.db"))
+        hooks = make_config([target(app.url)], backend=backend).webhooks
+        cfg = dataclasses.replace(RouterConfig.load(str(path)), webhooks=hooks)
+        router = await start_router(config=cfg)
+        await _sweep(router, fleet, path, text)
+    finally:
+        await app.stop()
+
+    # No relay, no file: the relay's paths are unknown, a reload has nothing to read.
+    _fleet, bare = await setup(sim_fleet, start_router, n=1)
+    assert (await admin(bare, "POST", "/admin/reload"))[0] == 409
+    assert (await admin(bare, "GET", "/admin/webhooks/stats"))[0] == 404
+
+    operations = {(method.upper(), p) for p, ops in DOC["paths"].items() for method in ops}
+    called = {(method, p) for method, p, _ in SEEN if p is not None}
+    assert operations <= called, operations - called
+    statuses = {status for *_, status in SEEN}
+    assert {200, 202, 400, 401, 404, 405, 409, 410, 413, 422, 502} <= statuses
+
+
+async def _sweep(router: RouterHandle, fleet: SimFleet, path: Path, text: str) -> None:
+    async def ok(method: str, url: str, expect: int = 200, **kw: Any) -> Any:
+        status, body, _ = await admin(router, method, url, **kw)
+        assert status == expect, (method, url, body)
+        return body
+
+    await bulk(fleet[0], names=["a", "b"], auth=True)
+    await bulk(fleet[1], names=["c", "d"], auth=True)
+
+    # Fleet-wide, the probes, the document; unknown paths and methods.
+    assert (await ok("POST", "/admin/reconcile"))["assigned"] == 4
+    await ok("GET", "/admin/instances")
+    await ok("GET", "/admin/instances/", key=None, expect=401)
+    await ok("GET", "/admin/instances/")  # a trailing slash is ignored
+    await ok("GET", "/admin/events?limit=5")
+    await ok("GET", "/admin/events?limit=x", expect=400)
+    await ok("GET", "/healthz", key=None)
+    await ok("GET", "/readyz", key=None)
+    served = await ok("GET", "/admin/openapi.json")
+    assert served == DOC  # the relay runs: its endpoints are listed
+    await ok("GET", "/admin/nothing-here", expect=404)
+    await ok("GET", "/admin/nothing-here", key=None, expect=401)
+    await ok("PUT", "/admin/sessions/a", expect=405)  # Allow: DELETE, GET
+    await ok("DELETE", "/admin/instances/wa-1/drain", expect=405)  # Allow: GET, POST
+    await ok("PATCH", "/admin/reload", expect=405)
+
+    # Sessions: listing, one, pins, forget.
+    page = await ok("GET", "/admin/sessions?limit=1")
+    await ok("GET", f"/admin/sessions?limit=1&cursor={page['next_cursor']}")
+    await ok("GET", "/admin/sessions?limit=0", expect=400)
+    await ok("GET", "/admin/sessions?cursor=gone.1", expect=410)
+    assert (await ok("GET", "/admin/sessions/a"))["status"] == "ready"
+    await ok("GET", "/admin/sessions/zz", expect=404)
+    await ok("GET", "/admin/sessions/bad%20id", expect=400)
+    await ok("POST", "/admin/sessions/a/pin")
+    await ok("POST", "/admin/sessions/a/pin", body={"instance": "wa-2"}, expect=409)
+    await ok("POST", "/admin/sessions/a/pin", body={"instance": "wa-9"}, expect=404)
+    await ok("POST", "/admin/sessions/a/pin", body={"instance": 5}, expect=400)
+    await ok("POST", "/admin/sessions/zz/pin", expect=404)
+    assert (await ok("DELETE", "/admin/sessions/a/pin"))["was_pinned"] is True
+    await ok("DELETE", "/admin/sessions/bad%20id/pin", expect=400)
+    await ok("DELETE", "/admin/sessions/b")
+    await ok("DELETE", "/admin/sessions/b", expect=404)
+
+    # Moves: done, refused, failed.
+    moved = await ok("POST", "/admin/sessions/c/move", body={"to": "wa-3"})
+    assert moved["outcome"] == "moved"
+    await ok("POST", "/admin/sessions/c/move", body={"to": ""}, expect=400)
+    await ok("POST", "/admin/sessions/c/move", data=b"[1", expect=400)
+    await ok("POST", "/admin/sessions/c/move", data=b" " * 70_000, expect=413)
+    await ok("POST", "/admin/sessions/c/move", body={"to": "wa-9"}, expect=404)
+    await ok("POST", "/admin/sessions/zz/move", body={"to": "wa-1"}, expect=404)
+    await ok("POST", "/admin/instances/wa-1/maintenance")
+    await ok("POST", "/admin/sessions/c/move", body={"to": "wa-1"}, expect=409)
+    await ok("POST", "/admin/instances/wa-1/undrain")
+    await ok("POST", "/admin/instances/wa-9/maintenance", expect=404)
+    await ok("POST", "/admin/instances/wa-9/undrain", expect=404)
+    await fleet[1].fault("error", status=500, paths="/api/sessions")
+    failed = await ok("POST", "/admin/sessions/d/move", body={"to": "wa-1"}, expect=502)
+    assert failed["ok"] is False and failed["outcome"] == "failed"
+    await fleet[1].fault("none")
+
+    # Drains: running, done, unknown.
+    await ok("POST", "/admin/instances/wa-1/drain?wait=x", expect=400)
+    await ok("POST", "/admin/instances/wa-9/drain", expect=404)
+    await ok("GET", "/admin/instances/wa-1/drain", expect=404)
+    running = await ok("POST", "/admin/instances/wa-1/drain", expect=202)
+    assert running["done"] is False
+    await ok("GET", "/admin/instances/wa-1/drain?wait=x", expect=400)
+    done = await ok("GET", "/admin/instances/wa-1/drain?wait=20")
+    assert done["state"] == "done" and done["failed"] == 0
+    await ok("POST", "/admin/instances/wa-1/undrain")
+
+    # Reload: applied (the relay needs a restart), rejected, the status.
+    applied = await ok("POST", "/admin/reload")
+    assert applied["restart_required"] == ["webhooks"]
+    await asyncio.to_thread(path.write_text, text.replace("interval: 0", "interval: zero"))
+    rejected = await ok("POST", "/admin/reload", expect=422)
+    assert rejected["error"] == "config_rejected" and rejected["message"].startswith(str(path))
+    status = await ok("GET", "/admin/reload")
+    assert status["last"]["ok"] is False
+
+    # The webhook relay's endpoints.
+    body = waha_body("message", "a")
+    async with aiohttp.ClientSession() as http:
+        async with http.post(
+            router.url + "/webhooks/waha/wa-1", data=body, headers=waha_headers(body)
+        ) as resp:
+            assert resp.status == 200, await resp.text()
+    (dead,) = await _dead_letter_ids(router)
+    await ok("GET", "/admin/webhooks/stats")
+    await ok("GET", "/admin/webhooks/dead-letters?limit=1")
+    await ok("GET", "/admin/webhooks/dead-letters?limit=0", expect=400)
+    assert (await ok("GET", f"/admin/webhooks/dead-letters/{dead}"))["body"] == body.decode()
+    await ok("GET", "/admin/webhooks/dead-letters/nope", expect=404)
+    await ok("POST", "/admin/webhooks/dead-letters/nope/replay", expect=404)
+    assert (await ok("POST", f"/admin/webhooks/dead-letters/{dead}/replay"))["replayed"] == 1
+    await _dead_letter_ids(router)  # refused again
+    await ok("POST", "/admin/webhooks/dead-letters/replay?target=app")
+    (dead,) = await _dead_letter_ids(router)
+    await ok("DELETE", "/admin/webhooks/dead-letters/nope", expect=404)
+    assert (await ok("DELETE", f"/admin/webhooks/dead-letters/{dead}"))["purged"] == 1
+    await ok("DELETE", "/admin/webhooks/dead-letters?before=x", expect=400)
+    await ok("DELETE", "/admin/webhooks/dead-letters?target=app")
+    await ok("PUT", "/admin/webhooks/dead-letters", expect=405)
+
+
+def test_reported_dicts_have_exactly_the_fields_of_their_models() -> None:
+    """Other modules report drains, moves, rounds and reloads as dicts, which the admin
+    API converts into its models: a key added there must be added to the model too
+    (``msgspec.convert`` would drop it silently)."""
+    move = MoveResult("s", "wa-1", "wa-2", "moved")
+    job = DrainJob("wa-1", failures=[MoveResult("s", "wa-1", None, "failed", "busy")])
+    reload = ReloadResult(ok=True, cause="api", source=None)
+    for reported, model in (
+        (move.as_dict(), m.MoveResult),
+        (job.as_dict(), m.DrainJob),
+        (Round(1, initial=False).as_dict(), m.ReconcileRound),
+        (reload.as_dict(), m.Reload),
+    ):
+        assert tuple(reported) == model.__struct_fields__, model
+        msgspec.convert(reported, model)
+
+
+async def test_reload_status_has_exactly_the_fields_of_its_model(
+    sim_fleet: SimFleetFactory, start_router: StartRouter
+) -> None:
+    _fleet, router = await setup(sim_fleet, start_router, n=1)
+    reloader = router.runtime.reloader
+    assert reloader is not None
+    assert tuple(reloader.status()) == m.ReloadStatus.__struct_fields__
