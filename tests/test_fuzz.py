@@ -31,9 +31,11 @@ found (issue 11): each fails until its router bug is fixed.
 from __future__ import annotations
 
 import os
+import socket
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 
@@ -98,7 +100,15 @@ class DrawChooser:
 class Stand:
     """Three simulated instances of one dialect behind a real router process."""
 
-    def __init__(self, dialect: str, fleet: SimFleet, tmp: Path, keys: Keys) -> None:
+    def __init__(
+        self,
+        dialect: str,
+        fleet: SimFleet,
+        tmp: Path,
+        keys: Keys,
+        *,
+        body_timeout: float = BODY_TIMEOUT,
+    ) -> None:
         self.dialect = dialect
         self.fleet = fleet
         self.keys = keys
@@ -117,7 +127,7 @@ class Stand:
             keys=keys,
             sink_url=self.sink.url,
             header_timeout=HEADER_TIMEOUT,
-            body_timeout=BODY_TIMEOUT,
+            body_timeout=body_timeout,
         )
         self.router = RouterProcess(cfg, port, tmp / "router.log", env)
         self.sessions = Sessions.for_dialect(dialect)
@@ -184,17 +194,17 @@ class Stand:
         return answer.status == (200 if self.dialect == "blazz" else 201)
 
 
-StandFactory = Callable[[str], Stand]
+StandFactory = Callable[..., Stand]
 
 
 @pytest.fixture
 def make_stand(sim_fleet: SimFleetFactory, tmp_path: Path) -> Iterator[StandFactory]:
     made: list[Stand] = []
 
-    def make(dialect: str) -> Stand:
+    def make(dialect: str, **kwargs: float) -> Stand:
         keys = Keys.fresh()
         fleet = sim_fleet(3, dialect=dialect, api_key=keys.instance)
-        s = Stand(dialect, fleet, tmp_path / f"stand-{len(made)}", keys)
+        s = Stand(dialect, fleet, tmp_path / f"stand-{len(made)}", keys, **kwargs)
         made.append(s)
         s.router.start()
         return s
@@ -352,3 +362,100 @@ def test_a_blazz_create_without_session_id_is_refused(make_stand: StandFactory) 
         answer = stand.call("POST", "/api/sessions", {"workspace_id": 7})
         assert answer.status is not None and 400 <= answer.status < 500, answer.raw[:400]
     assert only_copy(stand, "undefined") == []
+
+
+def test_a_form_body_names_the_session_the_instance_reads(make_stand: StandFactory) -> None:
+    """WAHA (NestJS) parses urlencoded bodies; the WAHA adapter does not
+    (``reads_forms`` is False), so ``session=victim`` as a form is routed as
+    "default" while the instance reads "victim": a 404 from "default"'s owner,
+    then "default" restored on a second instance while it runs on the first."""
+    stand = make_stand("waha")
+    for name in ("victim", "default"):
+        stand.create(name)
+    stand.wait_running(["victim", "default"])
+    before = running_sessions((p.name, p.url) for p in stand.fleet)
+    data = request_bytes(
+        "POST",
+        "/api/sendText",
+        host=f"127.0.0.1:{stand.router.port}",
+        headers={
+            "X-Api-Key": stand.keys.router,
+            "Content-Type": "application/x-www-form-urlencoded",
+        },
+        body=b"session=victim&chatId=1%40c.us&text=form",
+    )
+    answer = exchange("127.0.0.1", stand.router.port, data, deadline=30)
+    assert answer.status is not None and answer.status < 500, answer.raw[:400]
+    time.sleep(1.0)
+    assert running_sessions((p.name, p.url) for p in stand.fleet) == before
+    if answer.status == 201:  # routed by the form: sent once, by victim's owner
+        assert [r["instance"] for r in stand.fleet.sent("victim")] == before["victim"]
+
+
+def test_a_stalled_webhook_body_is_cut_off(make_stand: StandFactory) -> None:
+    """Webhook ingest reads its body without ``limits.body_timeout`` (and the
+    connection sweep skips busy connections): half a body holds the
+    connection, and the memory it was sent with, for as long as the client likes."""
+    stand = make_stand("waha")
+    head = (
+        f"POST /webhooks/waha/{stand.fleet[0].name} HTTP/1.1\r\nHost: x\r\n"
+        "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+    ).encode()
+    with socket.create_connection(("127.0.0.1", stand.router.port)) as s:
+        answer = exchange(
+            "127.0.0.1",
+            stand.router.port,
+            head + b'{"event": "' + b"a" * 480,
+            deadline=BODY_TIMEOUT + HEADER_TIMEOUT + 4,
+            sock=s,
+        )
+    assert not answer.timed_out, "the router still holds the connection"
+
+
+def test_a_stalled_client_body_does_not_eject_the_instance(make_stand: StandFactory) -> None:
+    """A chunked body that stops is streamed upstream; the upstream read
+    timeout (``timeouts.read``, 10 s here) ends it before ``limits.body_timeout``
+    (30 s, its default) would, as a 504 ``upstream_timeout`` counted against
+    the instance: five eject it (outlier detection)."""
+    stand = make_stand("waha", body_timeout=30.0)
+    stand.create("victim")
+    stand.wait_running(["victim"])
+    stall = (
+        f"GET /api/victim/chats HTTP/1.1\r\nHost: x\r\nX-Api-Key: {stand.keys.router}\r\n"
+        "Transfer-Encoding: chunked\r\n\r\n10\r\nabc"
+    ).encode()
+    with ThreadPoolExecutor(5) as pool:
+        answers = list(
+            pool.map(
+                lambda _: exchange("127.0.0.1", stand.router.port, stall, deadline=40), range(5)
+            )
+        )
+    assert all(a.status is None or a.status < 500 for a in answers), [a.status for a in answers]
+    listing = exchange(
+        "127.0.0.1",
+        stand.router.port,
+        request_bytes(
+            "GET", "/admin/instances", host="x", headers={"X-Admin-Key": stand.keys.admin}
+        ),
+    ).json()
+    assert all(i["healthy"] for i in listing["instances"]), listing
+
+
+def test_an_upgrade_header_on_a_plain_route_is_not_a_502(make_stand: StandFactory) -> None:
+    """``Upgrade: websocket`` on a route that is no WebSocket makes the router
+    try to bridge one; the instance answers 200, the client gets 502
+    ``upstream_ws_refused``: its own malformed request reported as an upstream failure."""
+    stand = make_stand("waha")
+    stand.create("victim")
+    stand.wait_running(["victim"])
+    answer = exchange(
+        "127.0.0.1",
+        stand.router.port,
+        request_bytes(
+            "GET",
+            "/api/sessions/victim",
+            host="x",
+            headers={"X-Api-Key": stand.keys.router, "Upgrade": "websocket"},
+        ),
+    )
+    assert answer.status is not None and answer.status < 500, answer.raw[:400]
