@@ -1,21 +1,112 @@
 """A lean HTTP/1.1 keep-alive client for one plain-``http://`` upstream.
 
-Built for the proxy's hot path: one ``asyncio.Protocol`` per connection,
-responses parsed by ``httptools`` (llhttp, as uvicorn uses), the request
-head built as one string and written with one ``transport.write``, one
-future per request (resolved when the headers are in), and a LIFO pool per
-instance. A small answer that arrives in one segment costs one wake-up: its
-body is already complete when the caller reads it, and the connection went
-back to the pool from the protocol callback.
+Why it stays (issue 12): against aiohttp's client behind the same router it
+gives ~2x the throughput at half the CPU per request
+(``bench/transport_ab.py``, ``bench/RESULTS.md``), and its errors say
+exactly whether a byte of the request left this host, which the replay rules
+("never duplicate a send") are built on. The price is that this module owns
+HTTP/1.1 framing itself; its scope is written down here and held by
+``tests/test_transport_framing.py`` (property tests on real sockets: any
+valid answer split at any byte, malformed, truncated, oversized and
+unsolicited answers, request-head injection) and ``tests/test_transport.py``.
 
-Framing: request bodies are sent with ``Content-Length`` (bytes) or
-``Transfer-Encoding: chunked`` (an async iterable, written as it comes,
-with back-pressure). Responses may be ``Content-Length``, chunked or
-read-until-close; HEAD answers and 1xx/204/304 have no body; interim 1xx
-answers (``100 Continue``) are skipped. Bytes pass through untouched (no
-decompression). An upstream ``Connection: close`` (or HTTP/1.0 without
-keep-alive, or a read-until-close body) closes the connection after the
-answer.
+Built for the proxy's hot path: one ``asyncio.Protocol`` per connection,
+responses parsed by ``httptools`` (llhttp, as uvicorn uses, strict mode: no
+leniency flag set), the request head built as one string and written with
+one ``transport.write``, one future per request (resolved when the headers
+are in), and a LIFO pool per instance. A small answer that arrives in one
+segment costs one wake-up: its body is already complete when the caller
+reads it, and the connection went back to the pool from the protocol
+callback.
+
+What it implements of HTTP/1.1
+------------------------------
+
+Request (``FastTransport._head``): ``METHOD prefix+path_qs HTTP/1.1``, then
+``Host`` (from the base URL), the caller's headers as given (order and
+duplicates kept; text encoded UTF-8, ``surrogateescape`` turning
+U+DC80-U+DCFF back into raw bytes), then the framing: ``Content-Length`` for
+a bytes body (sent with the head, one write up to 16 KiB), ``Content-Length:
+0`` for no body on a method other than GET/HEAD/OPTIONS/TRACE (as aiohttp
+does), ``Transfer-Encoding: chunked`` for an async iterable (written as it
+comes, with back-pressure; empty pieces skipped; no trailers). The head is
+refused with ``ValueError`` (nothing sent, no connection taken) when the
+method is neither a known one nor a token, the target holds a space, a tab
+or a control character, any text holds CR, LF or another control character
+but HTAB, or cannot be encoded; so the only CR and LF on the wire are the
+CR LF pairs that end its lines. Not checked: header names against the token
+grammar, and the framing and ``Host`` headers the caller must not pass
+(``router.upstream`` drops them with the other hop-by-hop ones). A request
+body answered before it was all sent stops there and its connection closes.
+
+Response: status line ``HTTP/x.y NNN reason`` (any three digits; the reason
+is whatever llhttp accepts, any byte but CR and LF, decoded UTF-8 with
+``surrogateescape``); headers as a list of (name, value) in order, duplicates
+kept (names latin-1, values UTF-8 with ``surrogateescape``, leading
+whitespace stripped by llhttp, trailing kept). Body framing, as RFC 9112 6.3
+and llhttp decide it: ``Content-Length``; chunked as the final transfer
+coding (chunk extensions ignored, trailers parsed and dropped); any other
+transfer coding, or neither header, reads until the close. HEAD answers and
+204/304 have no body whatever they declare (``content_length`` reports the
+declared length; None when chunked or read-until-close). Interim 1xx answers
+(``100 Continue``, ``103 Early Hints``), any number, are skipped; a request
+never waits for ``100 Continue`` before its body. Bytes pass through
+untouched (no decompression).
+
+Connection reuse: the connection goes back to the pool only when llhttp says
+keep-alive (HTTP/1.1 without ``Connection: close``, HTTP/1.0 only with
+``Connection: keep-alive``), the body was framed (not read-until-close; a
+HEAD answer declaring neither length nor chunked also closes) and read to
+its end, and the whole request was written. No pipelining: one request per
+connection at a time, so any byte after the answer before the next request
+is an answer nobody asked for and closes the connection, never handed to the
+next request: in the answer's own segment (a new message starting), later on
+the idle connection, or found by the pre-reuse ``poll()``. One exception:
+after a HEAD answer that declares chunked, bytes in the same segment that
+llhttp takes as the start of a chunk size are dropped.
+
+Deliberately not done (``router.transport.make_transport`` gives such
+instances the aiohttp transport): TLS (``https://``), credentials in the URL,
+HTTP/2, proxies, redirects (a 3xx is returned as is), decompression, cookies,
+upgrades (a ``101`` is ``BadResponse``; WebSockets go through
+``router.websocket`` on aiohttp).
+
+Limits
+------
+
+- Response head: ``_MAX_HEAD`` (64 KiB), counted over everything received
+  before the final head's blank line (interim answers included), however it
+  is split: beyond it, ``BadResponse`` (llhttp and httptools buffer a head
+  without limit; aiohttp's client stops at 8190 bytes per line).
+- Bodies: no size limit (``read()`` buffers the whole body; ``iter_chunks()``
+  pauses the socket above 1 MiB buffered, resumes below 256 KiB); a
+  ``Content-Length`` or chunk size beyond 64 bits is ``BadResponse``.
+- Request head: no limit here (Node answers 431 above 16 KiB).
+- Time: ``Timeouts.connect`` for a connection (or a free pool slot),
+  ``Timeouts.read`` of silence between bytes of the answer; nothing waits
+  unbounded.
+
+Errors (classes in ``router.transport.base``)
+----------------------------------------------
+
+- ``ConnectFailed``: no connection, or no pool slot in time;
+  ``request_sent`` False.
+- ``StaleConnection``: a reused connection's first write was refused at once
+  (the peer's RST was already in): ``request_sent`` False; retried here.
+- ``UpstreamDisconnected``: FIN or RST. ``request_sent``: the write had
+  succeeded; ``reused``: the connection had served a request before;
+  ``response_started``: a byte of an answer (interim included) had arrived.
+  Raised by ``request()`` before the head is in, by ``read()`` /
+  ``iter_chunks()`` after it (then ``response_started`` is True): a
+  ``Content-Length`` or chunked body cut short is never returned as complete.
+- ``UpstreamTimeout``: ``Timeouts.read`` of silence, before or after the head.
+- ``BadResponse`` (``request_sent`` True): not a valid HTTP/1.x answer, an
+  oversized head, a 101; from ``request()`` when the head is bad, from the
+  body readers when the body's framing is (an invalid chunk size).
+- ``InstanceDown``: ``abort_in_flight`` released a request nothing came back for.
+
+After any of them, a body released before its end, or an answer that does
+not allow reuse, the connection is closed, never pooled.
 
 Pool: at most ``Limits.max_connections_per_instance`` connections (0: no
 limit); a request waits up to ``Timeouts.connect`` for one. Idle
@@ -82,6 +173,10 @@ _LOW_WATER: Final = 256 * 1024
 # A body up to this size is appended to the head (one write); larger ones
 # go as a second buffer of the same writelines call.
 _COALESCE: Final = 16 * 1024
+# Response head (status line and header lines up to the blank line, interim
+# 1xx answers included) above which the answer is refused: llhttp and
+# httptools buffer a head without limit.
+_MAX_HEAD: Final = 64 * 1024
 
 # Control characters other than HTAB and CR/LF (those are counted separately).
 _CTL_BYTES: Final = bytes([*(c for c in range(32) if c not in (9, 10, 13)), 127])
@@ -243,6 +338,7 @@ class _Conn(asyncio.Protocol):
         "eof_body",
         "head_fut",
         "head_only",
+        "head_rx",
         "headers",
         "headers_done",
         "idle_since",
@@ -297,6 +393,7 @@ class _Conn(asyncio.Protocol):
         self.sent = False
         self.req_done = False
         self.rx = False
+        self.head_rx = 0  # bytes received before the final head was complete
 
     # -- asyncio.Protocol -----------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -316,18 +413,47 @@ class _Conn(asyncio.Protocol):
         self.rx = True
         self.last_rx = self.loop.time()
         try:
-            self.parser.feed_data(data)
+            if self.headers_done:
+                self.parser.feed_data(data)
+            else:
+                self._feed_head(data)
         except httptools.HttpParserUpgrade:
             self._broken(BadResponse("upstream switched protocols unasked"))
             return
         except httptools.HttpParserError as exc:
-            self._broken(BadResponse(f"invalid HTTP response from upstream: {exc}"))
+            if not (self.head_only and self.headers_done):
+                cause = exc.__context__  # raised by one of our callbacks
+                if not isinstance(cause, BadResponse):
+                    cause = BadResponse(f"invalid HTTP response from upstream: {exc}")
+                self._broken(cause)
+                return
+            # Bytes after a HEAD answer's head that llhttp refused (or an
+            # unsolicited answer, on_message_begin): the answer stands, the
+            # connection goes.
+            self.keep_alive = False
+        except BadResponse as exc:  # _feed_head: head too large
+            self._broken(exc)
             return
         if self.head_only and self.headers_done and self.resp is not None:
             # A HEAD answer has no body whatever it declares: fresh parser
             # for the next answer on this connection.
             self.parser = httptools.HttpResponseParser(self)
             self._complete()
+
+    def _feed_head(self, data: bytes) -> None:
+        """Feed the parser while the final head is not complete: at most
+        ``_MAX_HEAD`` bytes of head, then BadResponse (checked before the
+        parser buffers more: one read may carry far more than the limit)."""
+        room = _MAX_HEAD - self.head_rx
+        self.head_rx += len(data)
+        if len(data) <= room:
+            self.parser.feed_data(data)
+        else:
+            view = memoryview(data)
+            self.parser.feed_data(view[:room])
+            if not self.headers_done:
+                raise BadResponse(f"response head larger than {_MAX_HEAD} bytes")
+            self.parser.feed_data(view[room:])
 
     def eof_received(self) -> bool | None:
         return None  # close; connection_lost does the rest
@@ -354,10 +480,21 @@ class _Conn(asyncio.Protocol):
                 waiter.set_result(None)
 
     # -- httptools callbacks ----------------------------------------------------------
+    def on_message_begin(self) -> None:
+        if self.headers_done:
+            # A second answer after the final one, in the same segment (an
+            # answer arriving later on the idle connection is caught in
+            # data_received): nothing asked for it. Without this the
+            # connection went back to the pool with the parser holding its
+            # start, and the next request got it as its answer.
+            raise BadResponse("unsolicited response from upstream")
+
     def on_status(self, data: bytes) -> None:
         self.reason += data
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self.headers_done:
+            return  # a trailer (after a chunked body): dropped, never added to headers
         self.headers.append((name.decode("latin-1"), value.decode("utf-8", "surrogateescape")))
         n = len(name)
         if n == 14 and name.lower() == b"content-length":
@@ -366,14 +503,20 @@ class _Conn(asyncio.Protocol):
             except ValueError:
                 self.content_length = None
         elif n == 17 and name.lower() == b"transfer-encoding":
-            self.chunked = b"chunked" in value.lower()
+            # Chunked only as the final coding (RFC 9112 6.3, as llhttp frames
+            # it): "chunked, gzip" is read until the close, not "broken off".
+            self.chunked = value.rpartition(b",")[2].strip(b" \t").lower() == b"chunked"
 
     def on_headers_complete(self) -> None:
         if self.head_fut is None:
             # An answer nobody asked for (the parser stops on this error).
             raise BadResponse("unsolicited response from upstream")
         status = self.parser.get_status_code()
-        if status < 200 and status != 101:
+        if status == 101:
+            # Never asked for (WebSockets go through aiohttp): without this the
+            # caller got the 101 as an answer with an empty body.
+            raise BadResponse("upstream switched protocols unasked")
+        if status < 200:
             # Interim answer (100 Continue, 103 Early Hints): the real one follows.
             self.interim = True
             self.headers = []
@@ -403,8 +546,14 @@ class _Conn(asyncio.Protocol):
             fut.set_result(resp)
 
     def on_body(self, data: bytes) -> None:
+        if self.head_only:
+            # A HEAD answer has no body: these bytes came unasked after its
+            # head (llhttp reads them as the declared body). The connection
+            # must not be reused.
+            self.keep_alive = False
+            return
         resp = self.resp
-        if resp is not None and not self.head_only:
+        if resp is not None:
             resp._feed(data)
 
     def on_message_complete(self) -> None:
@@ -850,6 +999,7 @@ class FastTransport(Transport):
             or head.count(b"\r") != crlf
             or len(head.translate(None, _CTL_BYTES)) != len(head)
             or " " in path_qs
+            or "\t" in path_qs  # whitespace too for a lenient parser (RFC 9112 3)
             or (method not in _KNOWN_METHODS and _TOKEN_RE.fullmatch(method) is None)
         ):
             raise ValueError("control character in request method, target or headers")
