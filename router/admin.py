@@ -54,20 +54,18 @@ from aiohttp import web
 
 from router import admin_models as m
 from router.adapters.base import BadSessionId, SessionInfo, valid_session_id
-from router.discovery import RUNNING, peek_owner
 from router.instances import Instance
 from router.locks import LockBusy
 from router.migration import MoveError
 from router.openapi import Operation, Param, bounded, describe, document
 from router.placement import load_ratio
+from router.probe import RUNNING
 from router.reload import ReloadUnavailable
 from router.store.base import StoreUnavailable
 
 if TYPE_CHECKING:
     from aiohttp.web_urldispatcher import AbstractRoute, UrlMappingMatchInfo
 
-    from router.discovery import Discovery
-    from router.migration import Migration
     from router.runtime import Runtime
 
 _JSON = "application/json"
@@ -164,8 +162,8 @@ async def _called_by_admin_api(request: web.Request) -> web.StreamResponse:
 class AdminAPI:
     """The ``/admin`` handler: authenticate, route (aiohttp's UrlDispatcher), answer JSON."""
 
-    def __init__(self, get_runtime: Callable[[], Runtime]) -> None:
-        self._get_runtime = get_runtime
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
         self.routes: list[Route] = []
         self._dispatcher = web.UrlDispatcher()
         self._by_route: dict[AbstractRoute, Route] = {}
@@ -183,10 +181,6 @@ class AdminAPI:
     def _register(self, r: Route) -> None:
         self._by_route[self._dispatcher.add_route(r.method, r.path, _called_by_admin_api)] = r
         self.routes.append(r)
-
-    @property
-    def rt(self) -> Runtime:
-        return self._get_runtime()
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         try:
@@ -232,18 +226,6 @@ class AdminAPI:
         return document(routes, webhooks=self.rt.config.webhooks is not None)
 
     # -- helpers -----------------------------------------------------------------
-
-    def discovery(self) -> Discovery:
-        found = self.rt.discovery
-        if found is None:
-            raise AdminError(503, "unavailable", "discovery is not running")
-        return found
-
-    def migration(self) -> Migration:
-        found = self.rt.migration
-        if found is None:
-            raise AdminError(503, "unavailable", "migration is not running")
-        return found
 
     def instance(self, name: str) -> Instance:
         inst = self.rt.fleet.get(name)
@@ -319,7 +301,6 @@ _UNKNOWN_INSTANCE = "No such instance."
 _NOT_MAPPED = "Not mapped."
 _BAD_PARAMETER = "Bad parameter."
 _BAD_SESSION = "Invalid session id."
-_NOT_RUNNING = "Discovery / migration is not running."
 _TOO_LARGE = "The body is over 64 KiB."
 _WAIT = Param(
     "wait",
@@ -347,8 +328,8 @@ async def list_instances(api: AdminAPI, request: web.BaseRequest, p: Params) -> 
         m.Fleet(
             instances=[instance_summary(rt, inst) for inst in rt.fleet],
             sessions=len(rt.smap),
-            orphans=len(discovery.orphans) if discovery is not None else 0,
-            duplicates=len(discovery.duplicates) if discovery is not None else 0,
+            orphans=len(discovery.orphans),
+            duplicates=len(discovery.duplicates),
         )
     )
 
@@ -363,7 +344,6 @@ async def list_instances(api: AdminAPI, request: web.BaseRequest, p: Params) -> 
             202: ("The drain is running (Location: where to follow it).", m.DrainJob),
             400: _BAD_PARAMETER,
             404: _UNKNOWN_INSTANCE,
-            503: _NOT_RUNNING,
         },
         tag="instances",
         operation_id="drainInstance",
@@ -374,7 +354,7 @@ async def list_instances(api: AdminAPI, request: web.BaseRequest, p: Params) -> 
 async def start_drain(api: AdminAPI, request: web.BaseRequest, p: Params) -> web.Response:
     inst = api.instance(p["name"])
     wait = _number(request, "wait", 0.0, MAX_WAIT)
-    job = await api.migration().drain(inst.name)
+    job = await api.rt.migration.drain(inst.name)
     if wait > 0:
         await job.wait(wait)
     location = {"Location": f"/admin/instances/{inst.name}/drain"}
@@ -391,7 +371,6 @@ async def start_drain(api: AdminAPI, request: web.BaseRequest, p: Params) -> web
             200: ("The drain job.", m.DrainJob),
             400: _BAD_PARAMETER,
             404: "No such instance, or it was never drained.",
-            503: _NOT_RUNNING,
         },
         tag="instances",
         operation_id="getDrain",
@@ -400,7 +379,7 @@ async def start_drain(api: AdminAPI, request: web.BaseRequest, p: Params) -> web
 )
 async def get_drain(api: AdminAPI, request: web.BaseRequest, p: Params) -> web.Response:
     inst = api.instance(p["name"])
-    job = api.migration().jobs.get(inst.name)
+    job = api.rt.migration.jobs.get(inst.name)
     if job is None:
         raise AdminError(404, "no_drain", f"instance {inst.name!r} was not drained")
     wait = _number(request, "wait", 0.0, MAX_WAIT)
@@ -414,13 +393,13 @@ async def get_drain(api: AdminAPI, request: web.BaseRequest, p: Params) -> web.R
     "/admin/instances/{name}/undrain",
     Operation(
         "Back to active (a running drain starts no further moves)",
-        {200: ("The instance.", m.Instance), 404: _UNKNOWN_INSTANCE, 503: _NOT_RUNNING},
+        {200: ("The instance.", m.Instance), 404: _UNKNOWN_INSTANCE},
         tag="instances",
         operation_id="undrainInstance",
     ),
 )
 async def undrain(api: AdminAPI, request: web.BaseRequest, p: Params) -> web.Response:
-    inst = api.migration().undrain(api.instance(p["name"]).name)
+    inst = api.rt.migration.undrain(api.instance(p["name"]).name)
     return json_response(instance_summary(api.rt, inst))
 
 
@@ -429,13 +408,13 @@ async def undrain(api: AdminAPI, request: web.BaseRequest, p: Params) -> web.Res
     "/admin/instances/{name}/maintenance",
     Operation(
         "No new sessions; existing ones stay",
-        {200: ("The instance.", m.Instance), 404: _UNKNOWN_INSTANCE, 503: _NOT_RUNNING},
+        {200: ("The instance.", m.Instance), 404: _UNKNOWN_INSTANCE},
         tag="instances",
         operation_id="maintenanceInstance",
     ),
 )
 async def maintenance(api: AdminAPI, request: web.BaseRequest, p: Params) -> web.Response:
-    inst = api.migration().maintenance(api.instance(p["name"]).name)
+    inst = api.rt.migration.maintenance(api.instance(p["name"]).name)
     return json_response(instance_summary(api.rt, inst))
 
 
@@ -568,7 +547,7 @@ async def list_sessions(api: AdminAPI, request: web.BaseRequest, p: Params) -> w
 async def get_session(api: AdminAPI, request: web.BaseRequest, p: Params) -> web.Response:
     rt = api.rt
     session = _session_param(p)
-    owner = peek_owner(rt.smap, session)
+    owner = rt.smap.peek(session)
     if owner is None:
         try:
             owner = await rt.smap.fetch(session)
@@ -580,13 +559,12 @@ async def get_session(api: AdminAPI, request: web.BaseRequest, p: Params) -> web
     status: m.ProbeStatus | None = None
     if inst is not None:
         try:
-            async with asyncio.timeout(rt.resolver.probe_timeout):
+            async with asyncio.timeout(rt.resolver.probe.timeout):
                 info = await rt.adapter.probe(inst.http, inst.config, session)
             status = info.status.value if info is not None else "absent"
         except (aiohttp.ClientError, TimeoutError, OSError):
             status = "unreachable"
     discovery, migration = rt.discovery, rt.migration
-    failover = getattr(rt, "failover", None)
     return json_response(
         m.Session(
             session=session,
@@ -595,12 +573,10 @@ async def get_session(api: AdminAPI, request: web.BaseRequest, p: Params) -> web
             instance_healthy=inst.healthy if inst is not None else None,
             instance_admin=inst.admin if inst is not None else None,
             status=status,
-            orphan=discovery is not None and session in discovery.orphans,
-            duplicate_on=list(discovery.duplicates.get(session, ()))
-            if discovery is not None
-            else [],
-            moving=migration is not None and migration.active(session),
-            recovering=bool(failover is not None and failover.recovering(session)),
+            orphan=session in discovery.orphans,
+            duplicate_on=list(discovery.duplicates.get(session, ())),
+            moving=migration.active(session),
+            recovering=rt.failover.recovering(session),
             pinned=session in rt.pins,
         )
     )
@@ -618,7 +594,6 @@ async def get_session(api: AdminAPI, request: web.BaseRequest, p: Params) -> web
             409: "Target not healthy / active / full, or the session is busy.",
             413: _TOO_LARGE,
             502: ("The move ran and failed.", m.MoveResult),
-            503: _NOT_RUNNING,
         },
         tag="sessions",
         operation_id="moveSession",
@@ -628,7 +603,7 @@ async def get_session(api: AdminAPI, request: web.BaseRequest, p: Params) -> web
 async def move_session(api: AdminAPI, request: web.BaseRequest, p: Params) -> web.Response:
     session = _session_param(p)
     body = await _read(request, m.MoveRequest, '{"to": "<instance name>"}')
-    result = await api.migration().move(session, body.to)
+    result = await api.rt.migration.move(session, body.to)
     if result.ok:
         status = 200
     else:
@@ -649,7 +624,7 @@ async def move_session(api: AdminAPI, request: web.BaseRequest, p: Params) -> we
 async def forget_session(api: AdminAPI, request: web.BaseRequest, p: Params) -> web.Response:
     rt = api.rt
     session = _session_param(p)
-    owner = peek_owner(rt.smap, session)
+    owner = rt.smap.peek(session)
     if owner is None:
         raise AdminError(404, "unknown_session", f"session {session!r} is not mapped")
     await rt.smap.forget(session)
@@ -686,14 +661,13 @@ async def pin_session(api: AdminAPI, request: web.BaseRequest, p: Params) -> web
     rt = api.rt
     session = _session_param(p)
     body = await _read(request, m.PinRequest, '{"instance": "<instance name>"}')
-    name = peek_owner(rt.smap, session) if body.instance is msgspec.UNSET else body.instance
+    name = rt.smap.peek(session) if body.instance is msgspec.UNSET else body.instance
     if name is None:
         raise AdminError(
             404, "unknown_session", f"session {session!r} is not mapped: name an instance"
         )
     inst = api.instance(name)
-    migration = rt.migration
-    if (migration is not None and migration.active(session)) or rt.failover.recovering(session):
+    if rt.migration.active(session) or rt.failover.recovering(session):
         raise AdminError(409, "busy", f"session {session!r} is being moved or recovered")
     try:
         async with rt.locks.hold(session, rt.config.failover.lock_ttl):
@@ -703,7 +677,7 @@ async def pin_session(api: AdminAPI, request: web.BaseRequest, p: Params) -> web
                 raise AdminError(
                     409, "not_running", f"session {session!r} does not run on {name!r}{there}"
                 )
-            previous = peek_owner(rt.smap, session)
+            previous = rt.smap.peek(session)
             if previous != inst.name:
                 await rt.resolver.record(session, inst)
     except LockBusy:
@@ -739,7 +713,7 @@ async def unpin_session(api: AdminAPI, request: web.BaseRequest, p: Params) -> w
 
 async def _probe(rt: Runtime, inst: Instance, session: str) -> SessionInfo | None:
     try:
-        async with asyncio.timeout(rt.resolver.probe_timeout):
+        async with asyncio.timeout(rt.resolver.probe.timeout):
             return await rt.adapter.probe(inst.http, inst.config, session)
     except (aiohttp.ClientError, TimeoutError, OSError) as exc:
         raise AdminError(
@@ -780,13 +754,13 @@ async def events(api: AdminAPI, request: web.BaseRequest, p: Params) -> web.Resp
     "/admin/reconcile",
     Operation(
         "One reconcile round now (list every instance, fix the map)",
-        {200: ("The round's report.", m.ReconcileRound), 503: _NOT_RUNNING},
+        {200: ("The round's report.", m.ReconcileRound)},
         tag="fleet",
         operation_id="reconcile",
     ),
 )
 async def reconcile(api: AdminAPI, request: web.BaseRequest, p: Params) -> web.Response:
-    result = await api.discovery().reconcile_now()
+    result = await api.rt.discovery.reconcile_now()
     return json_response(msgspec.convert(result.as_dict(), m.ReconcileRound))
 
 

@@ -48,22 +48,22 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import aiohttp
 
 from router.adapters.base import ListFailed, SessionInfo, SessionStatus
+from router.events import EventLog
 from router.instances import Instance
-from router.locks import LockBusy
-from router.probe import PREFERENCE
-from router.probe import RUNNING as RUNNING  # re-exported: router.admin reads it here
+from router.locks import LockBusy, SessionLocks
+from router.probe import PREFERENCE, RUNNING
+from router.removals import Removals
+from router.resolver import Resolver
+from router.sessionmap import SessionMap
+from router.snapshot import Live
 from router.store.base import StoreUnavailable
-
-if TYPE_CHECKING:
-    from router.runtime import Runtime
-    from router.sessionmap import SessionMap
 
 log = logging.getLogger(__name__)
 
@@ -86,28 +86,6 @@ def pick_owner(copies: Iterable[Copy], mapped: str | None, order: Mapping[str, i
             order.get(c[0].name, len(order)),
         ),
     )
-
-
-def map_snapshot(rt: Runtime) -> dict[str, str]:
-    """session -> owner for every session this process has cached.
-
-    Built from ``counts()`` and ``sessions_on()`` (O(n) per owner, yielding
-    nothing: call it off the hot path, as a round does).
-    """
-    snap: dict[str, str] = {}
-    smap = rt.smap
-    for owner in list(smap.counts()):
-        for session in smap.sessions_on(owner):
-            snap[session] = owner
-    return snap
-
-
-def peek_owner(smap: SessionMap, session: str) -> str | None:
-    """``smap.cached`` without counting a hit or miss (those count requests)."""
-    hits, misses = smap.hits, smap.misses
-    owner = smap.cached(session)
-    smap.hits, smap.misses = hits, misses
-    return owner
 
 
 @dataclass(slots=True)
@@ -157,9 +135,29 @@ class Round:
 class Discovery:
     """List, map, reconcile. One per router process; see the module doc."""
 
-    def __init__(self, get_runtime: Callable[[], Runtime], *, list_timeout: float = 30.0) -> None:
-        # A callable, not the runtime: a reload swaps it, the next round follows.
-        self._get_runtime = get_runtime
+    def __init__(
+        self,
+        live: Live,
+        smap: SessionMap,
+        resolver: Resolver,
+        locks: SessionLocks,
+        removals: Removals,
+        events: EventLog,
+        *,
+        busy: Callable[[str], bool] = lambda session: False,
+        rebalance: Callable[[], Awaitable[object]] | None = None,
+        list_timeout: float = 30.0,
+    ) -> None:
+        self.live = live
+        self.smap = smap
+        self.resolver = resolver
+        self.locks = locks
+        self.removals = removals
+        self.events = events
+        # A session a move or a failover has in hand right now: left alone.
+        self._busy = busy
+        # Run after each periodic round when ``discovery.rebalance`` is on.
+        self._rebalance = rebalance
         self.list_timeout = list_timeout
         # Mapped sessions listed nowhere: session -> consecutive rounds.
         self._orphans: dict[str, int] = {}
@@ -172,10 +170,6 @@ class Discovery:
         self._task: asyncio.Task[None] | None = None
 
     @property
-    def rt(self) -> Runtime:
-        return self._get_runtime()
-
-    @property
     def orphans(self) -> frozenset[str]:
         """Mapped sessions the last rounds found running nowhere."""
         return frozenset(self._orphans)
@@ -184,8 +178,15 @@ class Discovery:
 
     def start(self) -> None:
         """Run ``reconcile_now`` every ``discovery.interval`` seconds (0: never)."""
-        if self._task is None and self.rt.config.discovery.interval > 0:
+        if self._task is None and self.live.snap.config.discovery.interval > 0:
             self._task = asyncio.create_task(self._loop(), name="discovery")
+
+    async def reschedule(self) -> None:
+        """Restart the periodic rounds on the interval in force (after a
+        reload), between two rounds: a round is never cut short."""
+        async with self._lock:
+            await self.stop()
+        self.start()
 
     async def stop(self) -> None:
         task, self._task = self._task, None
@@ -196,13 +197,12 @@ class Discovery:
 
     async def _loop(self) -> None:
         while True:
-            cfg = self.rt.config.discovery
+            cfg = self.live.snap.config.discovery
             await asyncio.sleep(cfg.interval)
             try:
                 await self.reconcile_now()
-                migration = self.rt.migration
-                if self.rt.config.discovery.rebalance and migration is not None:
-                    await migration.rebalance()
+                if self.live.snap.config.discovery.rebalance and self._rebalance is not None:
+                    await self._rebalance()
             except Exception:
                 log.exception("reconcile round failed")
 
@@ -219,7 +219,7 @@ class Discovery:
     async def discover(self) -> Round:
         """The start-up round: the same as ``reconcile_now``, logged as discovery."""
         result = await self._round(initial=True)
-        self.rt.events.add(
+        self.events.add(
             "discovery",
             sessions=result.sessions,
             assigned=result.assigned,
@@ -257,10 +257,10 @@ class Discovery:
             return result
 
     async def _reconcile(self, result: Round) -> None:
-        rt = self.rt
-        instances = list(rt.fleet)
+        snap = self.live.snap
+        instances = list(snap.fleet)
         order = {inst.name: i for i, inst in enumerate(instances)}
-        before = map_snapshot(rt)
+        before = dict(self.smap.entries())
         listings = await asyncio.gather(*(self._list(inst) for inst in instances))
 
         copies: dict[str, list[Copy]] = {}
@@ -285,7 +285,7 @@ class Discovery:
             running = [inst for inst, i in found if i.status in RUNNING]
             if (
                 not running
-                and rt.adapter.stopped_is_removed
+                and snap.adapter.stopped_is_removed
                 and mapped is not None
                 and any(
                     inst.name == mapped and i.status is SessionStatus.STOPPED for inst, i in found
@@ -329,7 +329,7 @@ class Discovery:
             self._orphans[session] = streak
             result.orphans.append(session)
             if streak == 1:
-                rt.events.add("orphan", session=session, instance=owner_name, action="seen")
+                self.events.add("orphan", session=session, instance=owner_name, action="seen")
                 log.warning(
                     "session %s is mapped to %s but no instance runs it", session, owner_name
                 )
@@ -342,17 +342,17 @@ class Discovery:
         await self._apply(changes, before, result)
         await self._forget(forget, result)
         for session, instance in stopped:
-            if rt.smap.cached(session) == instance:
-                await rt.removals.mark(session, by="discovery", instance=instance)
-        if extra_copies and rt.config.discovery.stop_duplicates:
+            if self.smap.cached(session) == instance:
+                await self.removals.mark(session, by="discovery", instance=instance)
+        if extra_copies and snap.config.discovery.stop_duplicates:
             await self._stop_extras(extra_copies)
 
     async def _list(self, inst: Instance) -> list[SessionInfo] | str:
         """The instance's sessions, or why they could not be listed."""
-        rt = self.rt
+        snap = self.live.snap
         try:
             async with asyncio.timeout(self.list_timeout):
-                return await rt.adapter.list_sessions(inst.http, inst.config, strict=True)
+                return await snap.adapter.list_sessions(inst.http, inst.config, strict=True)
         except ListFailed as exc:
             detail = exc.detail
         except TimeoutError:
@@ -361,15 +361,6 @@ class Discovery:
             detail = f"unreachable ({type(exc).__name__})"
         log.warning("cannot list the sessions of %s: %s", inst.name, detail)
         return detail
-
-    def _busy(self, session: str) -> bool:
-        rt = self.rt
-        migration = rt.migration
-        if migration is not None and migration.active(session):
-            return True
-        failover = getattr(rt, "failover", None)
-        recovering = getattr(failover, "recovering", None)
-        return bool(recovering(session)) if recovering is not None else False
 
     def _report_duplicate(
         self, session: str, running: list[Instance], owner: Instance, result: Round
@@ -380,7 +371,7 @@ class Discovery:
         if self.duplicates.get(session) == names:
             return  # reported already
         self.duplicates[session] = names
-        self.rt.events.add("duplicate", action="seen", **entry)
+        self.events.add("duplicate", action="seen", **entry)
         log.error(
             "session %s runs on %d instances (%s): two clients on one phone; owner %s",
             session,
@@ -392,10 +383,9 @@ class Discovery:
     async def _apply(
         self, changes: dict[str, str], before: Mapping[str, str], result: Round
     ) -> None:
-        rt = self.rt
-        smap = rt.smap
+        smap = self.smap
         # Only entries nobody changed while we listed (a move, a failover, a create).
-        todo = {s: owner for s, owner in changes.items() if peek_owner(smap, s) == before.get(s)}
+        todo = {s: owner for s, owner in changes.items() if smap.peek(s) == before.get(s)}
         if len(todo) < len(changes):
             result.skipped += len(changes) - len(todo)
         if not todo:
@@ -406,7 +396,7 @@ class Discovery:
             log.warning("session store unavailable: %d mappings kept in cache only", len(todo))
         for change in result.changed:
             if change["session"] in todo:
-                rt.events.add("owner_change", cause="reconcile", **change)
+                self.events.add("owner_change", cause="reconcile", **change)
                 log.warning(
                     "session %s now runs on %s (map said %s)",
                     change["session"],
@@ -415,30 +405,29 @@ class Discovery:
                 )
 
     async def _forget(self, forget: list[tuple[str, str]], result: Round) -> None:
-        rt = self.rt
         for session, owner in forget:
-            if peek_owner(rt.smap, session) != owner:
+            if self.smap.peek(session) != owner:
                 continue  # changed meanwhile
             try:
-                await rt.smap.forget(session)
+                await self.smap.forget(session)
             except StoreUnavailable:
                 log.warning("session store unavailable: %s forgotten in cache only", session)
             self._orphans.pop(session, None)
             result.forgotten.append(session)
-            rt.events.add("orphan", session=session, instance=owner, action="forgotten")
+            self.events.add("orphan", session=session, instance=owner, action="forgotten")
             log.warning("session %s ran nowhere for %d rounds: forgotten", session, FORGET_AFTER)
 
     async def _stop_extras(self, extra_copies: list[tuple[str, Instance, list[Instance]]]) -> None:
-        rt = self.rt
-        limit = asyncio.Semaphore(max(1, rt.config.discovery.migrate_concurrency))
+        snap = self.live.snap
+        limit = asyncio.Semaphore(max(1, snap.config.discovery.migrate_concurrency))
 
         async def stop_one(session: str, owner: Instance, extras: list[Instance]) -> None:
             async with limit:
                 try:
-                    async with rt.locks.hold(session, rt.config.failover.lock_ttl):
+                    async with self.locks.hold(session, snap.config.failover.lock_ttl):
                         for inst in extras:
                             ok = await self._stop(inst, session)
-                            rt.events.add(
+                            self.events.add(
                                 "duplicate",
                                 session=session,
                                 instance=inst.name,
@@ -452,7 +441,7 @@ class Discovery:
 
     async def _stop(self, inst: Instance, session: str) -> bool:
         try:
-            ok = await self.rt.adapter.stop(inst.http, inst.config, session)
+            ok = await self.live.snap.adapter.stop(inst.http, inst.config, session)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             log.warning("stopping the duplicate of %s on %s failed: %r", session, inst.name, exc)
             return False
@@ -471,17 +460,17 @@ class Discovery:
         that still runs the session too, nothing changes (a duplicate: the
         next round reports it). True when the map now points at the instance.
         """
-        rt = self.rt
-        inst = rt.fleet.get(instance_name)
+        snap = self.live.snap
+        inst = snap.fleet.get(instance_name)
         if inst is None or self._busy(session):
             return False
         info = await self._probe(inst, session)
         if info is None or info.status not in RUNNING:
             return False
-        current = peek_owner(rt.smap, session)
+        current = self.smap.peek(session)
         if current == inst.name:
             return True
-        old = rt.fleet.get(current) if current is not None else None
+        old = snap.fleet.get(current) if current is not None else None
         if old is not None:
             other = await self._probe(old, session)
             if other is not None and other.status in RUNNING:
@@ -492,13 +481,13 @@ class Discovery:
                     old.name,
                 )
                 return False
-        if peek_owner(rt.smap, session) != current or self._busy(session):
+        if self.smap.peek(session) != current or self._busy(session):
             return False  # moved while we asked
-        await rt.resolver.record(session, inst)
+        await self.resolver.record(session, inst)
         self._orphans.pop(session, None)
-        rt.events.add("owner_change", cause="hint", session=session, old=current, new=inst.name)
+        self.events.add("owner_change", cause="hint", session=session, old=current, new=inst.name)
         log.info("session %s mapped to %s (announced by the instance)", session, inst.name)
         return True
 
     async def _probe(self, inst: Instance, session: str) -> SessionInfo | None:
-        return await self.rt.resolver.probe.info(self.rt.adapter, inst, session)
+        return await self.resolver.probe.info(self.live.snap.adapter, inst, session)

@@ -16,22 +16,24 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING
 
 import aiohttp
 
 from router.adapters.base import SessionStatus
+from router.events import EventLog
 from router.instances import Instance
-from router.locks import LockBusy
+from router.locks import LockBusy, SessionLocks
 from router.metrics import FAILOVERS, RESTORE_DURATION
+from router.placement import Placer
 from router.probe import ProbeState
 from router.readiness import Readiness
+from router.removals import Removals
+from router.resolver import Resolver
 from router.restore import RUNS, start_and_wait, with_notes
+from router.sessionmap import SessionMap
 from router.singleflight import SingleFlight
+from router.snapshot import Live
 from router.store.base import StoreUnavailable
-
-if TYPE_CHECKING:
-    from router.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -40,17 +42,33 @@ REASONS = ("owner_down", "connect_failed", "session_missing")
 
 
 class Failover:
-    def __init__(self, rt: Runtime) -> None:
-        self.rt = rt
+    def __init__(
+        self,
+        live: Live,
+        smap: SessionMap,
+        resolver: Resolver,
+        locks: SessionLocks,
+        placer: Placer,
+        removals: Removals,
+        events: EventLog,
+    ) -> None:
+        self.live = live
+        self.smap = smap
+        self.resolver = resolver
+        self.locks = locks
+        self.placer = placer
+        self.removals = removals
+        self.events = events
         self._recoveries: SingleFlight[str, Instance | None] = SingleFlight("failover")
         self._evacuating: dict[str, asyncio.Task[int]] = {}
         # Sessions the router started, until their instance reports them READY.
+        cfg = live.snap.config.failover
         self.readiness = Readiness(
-            lambda: rt.adapter,
-            rt.events,
-            owner_of=rt.smap.peek,
-            limit=max(rt.config.failover.wait, rt.config.failover.ready_timeout) * 10,
-            probe_timeout=rt.resolver.probe_timeout,
+            live,
+            resolver.probe,
+            events,
+            owner_of=smap.peek,
+            limit=max(cfg.wait, cfg.ready_timeout) * 10,
         )
         # instance -> sessions brought back elsewhere while it could not answer:
         # if it was only hung, it still runs them (two browsers on one phone),
@@ -62,7 +80,7 @@ class Failover:
 
     def evacuate_soon(self, inst: Instance) -> None:
         """Recover every session of a down instance in the background."""
-        if not self.rt.config.failover.evacuate_down or inst.name in self._evacuating:
+        if not self.live.snap.config.failover.evacuate_down or inst.name in self._evacuating:
             return
         task = asyncio.create_task(self.evacuate(inst), name=f"evacuate:{inst.name}")
         self._evacuating[inst.name] = task
@@ -76,18 +94,18 @@ class Failover:
         through the same single-flight recovery, so a request arriving
         meanwhile waits for the same restore.
         """
-        cfg = self.rt.config.failover
-        sessions = self.rt.smap.sessions_on(inst.name)
+        cfg = self.live.snap.config.failover
+        sessions = self.smap.sessions_on(inst.name)
         if not sessions:
             return 0
         log.warning("instance %s is down: recovering its %d sessions", inst.name, len(sessions))
-        self.rt.events.add("evacuate", instance=inst.name, sessions=len(sessions))
+        self.events.add("evacuate", instance=inst.name, sessions=len(sessions))
         gate = asyncio.Semaphore(max(1, cfg.evacuate_concurrency))
 
         async def one(session: str) -> bool:
             async with gate:
                 # Stop if the instance came back or the session moved meanwhile.
-                if inst.healthy or self.rt.smap.cached(session) != inst.name:
+                if inst.healthy or self.smap.cached(session) != inst.name:
                     return False
                 # Wait for the restore itself, not for a client's bounded wait:
                 # the gate must bound restores actually running.
@@ -115,7 +133,7 @@ class Failover:
         task = self._task(session, failed, reason, exclude_failed)
         try:
             return await asyncio.wait_for(
-                asyncio.shield(task), timeout=self.rt.config.failover.wait
+                asyncio.shield(task), timeout=self.live.snap.config.failover.wait
             )
         except TimeoutError:
             return None
@@ -131,21 +149,21 @@ class Failover:
     async def _recover(
         self, session: str, failed: Instance | None, reason: str, exclude_failed: bool
     ) -> Instance | None:
-        rt = self.rt
+        snap = self.live.snap
         started = time.monotonic()
         exclude = frozenset({failed.name}) if failed is not None and exclude_failed else frozenset()
         failed_name = failed.name if failed is not None else None
-        if await rt.removals.is_removed(session):
+        if await self.removals.is_removed(session):
             # A client deleted, stopped or logged it out: gone on purpose.
             self._event(session, failed_name, None, reason, "removed", started)
             return None
         try:
             others = [
-                i for i in rt.fleet.healthy() if i.name not in exclude and i.name != failed_name
+                i for i in snap.fleet.healthy() if i.name not in exclude and i.name != failed_name
             ]
-            found = await rt.resolver.locate_among(session, others, rt.adapter)
+            found = await self.resolver.locate_among(session, others, snap.adapter)
             if found is not None:
-                await rt.resolver.record(session, found)
+                await self.resolver.record(session, found)
                 self._moved_off(failed, exclude_failed, session)
                 self._event(session, failed_name, found.name, reason, "found_elsewhere", started)
                 return found
@@ -192,15 +210,15 @@ class Failover:
         sessions = self.moved_off.get(inst.name)
         if not sessions:
             return True
-        rt = self.rt
-        adapter = rt.adapter
+        snap = self.live.snap
+        adapter = snap.adapter
         gate = asyncio.Semaphore(8)
 
         async def stop(session: str) -> bool:
-            if rt.smap.cached(session) == inst.name:
+            if self.smap.cached(session) == inst.name:
                 return True  # it was moved back here since: nothing to fence
             if not adapter.can_stop:
-                rt.events.add("fence_impossible", session=session, instance=inst.name)
+                self.events.add("fence_impossible", session=session, instance=inst.name)
                 log.error(
                     "%s may still run %s (moved away while it was down) and the %s API"
                     " cannot stop a session without logging it out",
@@ -211,13 +229,13 @@ class Failover:
                 return True
             async with gate:
                 try:
-                    async with asyncio.timeout(rt.resolver.probe_timeout * 2):
+                    async with asyncio.timeout(self.resolver.probe.timeout * 2):
                         stopped = await adapter.stop(inst.http, inst.config, session)
                 except (aiohttp.ClientError, OSError, TimeoutError):
                     stopped = False
             if stopped:
-                rt.events.add(
-                    "fenced", session=session, instance=inst.name, owner=rt.smap.cached(session)
+                self.events.add(
+                    "fenced", session=session, instance=inst.name, owner=self.smap.cached(session)
                 )
                 log.warning("fenced %s off %s (it runs elsewhere now)", session, inst.name)
             return stopped
@@ -233,39 +251,36 @@ class Failover:
         return True
 
     async def _owner_state(self, inst: Instance, session: str) -> ProbeState:
-        return await self.rt.resolver.probe.state(self.rt.adapter, inst, session)
+        return await self.resolver.probe.state(self.live.snap.adapter, inst, session)
 
     async def _restore(
         self, session: str, exclude: frozenset[str], failed_name: str | None, started: float
     ) -> Instance | None:
-        rt = self.rt
-        cfg = rt.config.failover
+        snap = self.live.snap
+        cfg = snap.config.failover
         try:
-            async with rt.locks.hold(session, cfg.lock_ttl):
+            async with self.locks.hold(session, cfg.lock_ttl):
                 moved = await self._moved_by_other(session, exclude, failed_name)
                 if moved is not None:
                     return moved
-                target = rt.place(exclude)
+                target = self.placer.place(exclude)
                 if target is None:
                     log.warning("no healthy instance with capacity to restore %s", session)
                     return None
-                rt.reservations.add(target.name)
-                try:
-                    known = await with_notes(rt.smap.store, session, None)
+                with self.placer.reserved(target):
+                    known = await with_notes(self.smap.store, session, None)
                     info = await start_and_wait(
-                        rt.adapter,
+                        snap.adapter,
                         target,
                         session,
                         known,
                         cfg.ready_timeout,
                         until=RUNS,
-                        events=rt.events,
+                        events=self.events,
                     )
-                finally:
-                    rt.reservations.release(target.name)
                 if info is None:
                     return await self._settle_failed_start(session, target, started)
-                await rt.resolver.record(session, target)
+                await self.resolver.record(session, target)
                 self.readiness.track(session, target, started=started, status=info.status)
                 return target
         except LockBusy:
@@ -281,16 +296,16 @@ class Failover:
     ) -> Instance | None:
         """A start that did not settle in time must not leave an unmapped copy:
         map it if it runs after all, else stop it."""
-        rt = self.rt
+        snap = self.live.snap
         state = await self._owner_state(target, session)
         if state is ProbeState.RUNNING:
-            await rt.resolver.record(session, target)
+            await self.resolver.record(session, target)
             self.readiness.track(session, target, started=started, status=SessionStatus.STARTING)
             return target
         if state is not ProbeState.UNREACHABLE:
             try:
-                async with asyncio.timeout(rt.resolver.probe_timeout):
-                    await rt.adapter.stop(target.http, target.config, session)
+                async with asyncio.timeout(self.resolver.probe.timeout):
+                    await snap.adapter.stop(target.http, target.config, session)
             except (aiohttp.ClientError, OSError, TimeoutError) as exc:
                 log.warning(
                     "could not stop the unsettled copy of %s on %s: %r", session, target.name, exc
@@ -304,18 +319,18 @@ class Failover:
         try:
             # The store, not the cache: under the lock, the cache may still name
             # the failed owner if another replica's change has not reached us yet.
-            owner = await self.rt.smap.store.get(session)
+            owner = await self.smap.store.get(session)
         except StoreUnavailable:
             return None
         if owner is None or owner in exclude or owner == failed_name:
             return None
-        inst = self.rt.fleet.get(owner)
+        inst = self.live.snap.fleet.get(owner)
         return inst if inst is not None and inst.healthy else None
 
     async def _await_other_replica(
         self, session: str, exclude: frozenset[str], failed_name: str | None
     ) -> Instance | None:
-        deadline = time.monotonic() + self.rt.config.failover.ready_timeout
+        deadline = time.monotonic() + self.live.snap.config.failover.ready_timeout
         while time.monotonic() < deadline:
             moved = await self._moved_by_other(session, exclude, failed_name)
             if moved is not None:
@@ -338,7 +353,7 @@ class Failover:
             # Ready as found; a restored copy is timed when it is ready
             # (router.readiness).
             RESTORE_DURATION.observe(took)
-        self.rt.events.add(
+        self.events.add(
             "failover",
             session=session,
             source=failed,

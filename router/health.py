@@ -22,10 +22,11 @@ from collections.abc import Awaitable, Callable
 import aiohttp
 
 from router.adapters.base import Adapter
-from router.config import HealthConfig, OutlierConfig
+from router.config import HealthConfig
 from router.events import EventLog
 from router.instances import Fleet, Instance
 from router.metrics import EJECTIONS, HEALTH_CHECKS
+from router.snapshot import Live
 
 log = logging.getLogger(__name__)
 
@@ -33,10 +34,8 @@ log = logging.getLogger(__name__)
 class Outliers:
     """Passive health, fed by the proxy: ``success(inst)`` / ``failure(inst)``."""
 
-    def __init__(
-        self, get_state: Callable[[], tuple[Fleet, OutlierConfig]], events: EventLog
-    ) -> None:
-        self._get_state = get_state
+    def __init__(self, live: Live, events: EventLog) -> None:
+        self.live = live
         self._events = events
 
     @staticmethod
@@ -45,7 +44,8 @@ class Outliers:
 
     def failure(self, inst: Instance, kind: str) -> None:
         inst.failures += 1
-        fleet, cfg = self._get_state()
+        snap = self.live.snap
+        fleet, cfg = snap.fleet, snap.config.outlier
         if not inst.healthy or inst.failures < cfg.consecutive_failures:
             return
         ejected = sum(1 for i in fleet if not i.healthy)
@@ -71,12 +71,11 @@ class Outliers:
 class HealthChecker:
     def __init__(
         self,
-        get_state: Callable[[], tuple[Fleet, Adapter, HealthConfig]],
+        live: Live,
         events: EventLog | None = None,
     ) -> None:
-        # A callable, not the objects: a reload swaps fleet/adapter/config and
-        # the next round picks them up.
-        self._get_state = get_state
+        # Each round checks the fleet in force with the adapter in force.
+        self.live = live
         self._streak: dict[str, int] = {}  # >0 good checks in a row, <0 bad ones
         self._task: asyncio.Task[None] | None = None
         self.rounds = 0
@@ -108,9 +107,9 @@ class HealthChecker:
 
     async def _loop(self) -> None:
         while True:
-            fleet, adapter, cfg = self._get_state()
-            await self.check_all(fleet, adapter, cfg)
-            await asyncio.sleep(cfg.interval)
+            snap = self.live.snap
+            await self.check_all(snap.fleet, snap.adapter, snap.config.health)
+            await asyncio.sleep(snap.config.health.interval)
 
     async def check_all(self, fleet: Fleet, adapter: Adapter, cfg: HealthConfig) -> None:
         await asyncio.gather(*(self._check(inst, adapter, cfg) for inst in fleet))

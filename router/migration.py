@@ -3,7 +3,7 @@
 One move (``Migration.migrate``) never lets a session run on two instances
 at once, and never logs it out:
 
-1. hold the session's lock (``runtime.locks``, the one failover takes, so a
+1. hold the session's lock (``SessionLocks``, the one failover takes, so a
    move and a recovery of the same session exclude each other, across
    replicas with the redis locks);
 2. probe the session on its instance (its state there feeds ``start``:
@@ -41,23 +41,24 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import aiohttp
 
 from router.adapters.base import SessionInfo
-from router.discovery import peek_owner, pick_owner
+from router.discovery import pick_owner
+from router.events import EventLog
+from router.failover import Failover
 from router.instances import AdminState, Instance
-from router.locks import LockBusy
-from router.placement import load_ratio
+from router.locks import LockBusy, SessionLocks
+from router.placement import Placer, load_ratio
 from router.probe import RUNNING
+from router.resolver import Resolver
 from router.restore import RUNS, start_and_wait, with_notes
+from router.sessionmap import SessionMap
+from router.snapshot import Live
 from router.store.base import StoreUnavailable
-
-if TYPE_CHECKING:
-    from router.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -168,16 +169,33 @@ class DrainJob:
 class Migration:
     """Drain, move and rebalance for one router process; see the module doc."""
 
-    def __init__(self, get_runtime: Callable[[], Runtime]) -> None:
-        self._get_runtime = get_runtime
+    def __init__(
+        self,
+        live: Live,
+        smap: SessionMap,
+        resolver: Resolver,
+        locks: SessionLocks,
+        placer: Placer,
+        failover: Failover,
+        events: EventLog,
+        *,
+        pins: set[str],
+    ) -> None:
+        self.live = live
+        self.smap = smap
+        self.resolver = resolver
+        self.locks = locks
+        self.placer = placer
+        # Moves and recoveries exclude each other; a moved copy is watched
+        # until ready by the failover's readiness, like a restored one.
+        self.failover = failover
+        self.events = events
+        # Sessions an operator pinned (POST /admin/sessions/{s}/pin): never rebalanced.
+        self.pins = pins
         self._active: set[str] = set()
         self._tasks: set[asyncio.Task[MoveResult]] = set()
         # The last drain of each instance (running or finished).
         self.jobs: dict[str, DrainJob] = {}
-
-    @property
-    def rt(self) -> Runtime:
-        return self._get_runtime()
 
     def active(self, session: str) -> bool:
         """True while a move of ``session`` is in flight (discovery leaves it alone)."""
@@ -186,7 +204,7 @@ class Migration:
     # -- admin state ------------------------------------------------------------
 
     def _instance(self, name: str) -> Instance:
-        inst = self.rt.fleet.get(name)
+        inst = self.live.snap.fleet.get(name)
         if inst is None:
             raise MoveError(404, "unknown_instance", f"no instance named {name!r}")
         return inst
@@ -201,7 +219,7 @@ class Migration:
         if inst.admin is not state:
             old = inst.admin
             inst.admin = state
-            self.rt.events.add("admin_state", instance=name, old=old.value, new=state.value)
+            self.events.add("admin_state", instance=name, old=old.value, new=state.value)
             log.warning("instance %s: %s -> %s", name, old.value, state.value)
         return inst
 
@@ -227,7 +245,7 @@ class Migration:
         self.set_state(name, AdminState.DRAINING)
         job = DrainJob(name)
         self.jobs[name] = job
-        self.rt.events.add("drain", instance=name, action="started")
+        self.events.add("drain", instance=name, action="started")
         job.task = asyncio.create_task(self._drain(job, inst), name=f"drain:{name}")
         return job
 
@@ -240,7 +258,7 @@ class Migration:
             job.state = "cancelled" if job.cancel_requested else "done"
             job.finished = time.time()
             job._done.set()
-            self.rt.events.add(
+            self.events.add(
                 "drain",
                 instance=inst.name,
                 action=job.state,
@@ -262,12 +280,12 @@ class Migration:
         attempted: set[str] = set()
         while not job.cancel_requested:
             # Re-read: sessions mapped here meanwhile (found by reconcile) go too.
-            pending = deque(s for s in self.rt.smap.sessions_on(inst.name) if s not in attempted)
+            pending = deque(s for s in self.smap.sessions_on(inst.name) if s not in attempted)
             if not pending:
                 return
             attempted.update(pending)
             job.total += len(pending)
-            workers = max(1, min(self.rt.config.discovery.migrate_concurrency, len(pending)))
+            workers = max(1, min(self.live.snap.config.discovery.migrate_concurrency, len(pending)))
 
             async def worker(queue: deque[str] = pending) -> None:
                 while queue and not job.cancel_requested:
@@ -277,7 +295,7 @@ class Migration:
 
     async def _drain_one(self, job: DrainJob, inst: Instance, session: str) -> None:
         for attempt in range(_BUSY_RETRIES + 1):
-            if peek_owner(self.rt.smap, session) != inst.name:
+            if self.smap.peek(session) != inst.name:
                 job.skipped += 1
                 return
             result = await self.migrate(session, inst, reason="drain")
@@ -302,9 +320,9 @@ class Migration:
         instance, target not healthy / not active / full); a ``MoveResult``
         (possibly failed) otherwise.
         """
-        rt = self.rt
+        snap = self.live.snap
         target = self._instance(to)
-        source = await rt.resolver.owner(session, rt.fleet, rt.adapter)
+        source = await self.resolver.owner(session, snap.fleet, snap.adapter)
         if source is None:
             raise MoveError(404, "unknown_session", f"session {session!r} runs on no instance")
         if source is target:
@@ -315,7 +333,7 @@ class Migration:
             raise MoveError(
                 409, "target_not_active", f"instance {to!r} is {target.admin.value}, not active"
             )
-        counts = rt.reservations.with_counts(rt.smap.counts())
+        counts = self.placer.counts()
         if counts.get(target.name, 0) >= target.config.max_sessions:
             raise MoveError(409, "target_full", f"instance {to!r} is at its max_sessions")
         return await self.migrate(session, source, target, reason="move")
@@ -366,7 +384,7 @@ class Migration:
 
     def _done(self, result: MoveResult, started: float, reason: str) -> MoveResult:
         result.seconds = time.monotonic() - started
-        self.rt.events.add("move", reason=reason, **result.as_dict())
+        self.events.add("move", reason=reason, **result.as_dict())
         if result.ok:
             log.info(
                 "%s of %s: %s -> %s (%s) in %.2fs",
@@ -391,15 +409,15 @@ class Migration:
     async def _locked_move(
         self, session: str, source: Instance, target: Instance | None
     ) -> MoveResult:
-        rt = self.rt
-        async with rt.locks.hold(session, rt.config.failover.lock_ttl):
-            owner = peek_owner(rt.smap, session)
+        snap = self.live.snap
+        async with self.locks.hold(session, snap.config.failover.lock_ttl):
+            owner = self.smap.peek(session)
             if owner is not None and owner != source.name:
                 return MoveResult(
                     session, source.name, owner, "failed", "moved_meanwhile", f"now on {owner}"
                 )
             if target is None:
-                target = rt.place(frozenset({source.name}))
+                target = self.placer.place(frozenset({source.name}))
                 if target is None:
                     return MoveResult(
                         session,
@@ -409,15 +427,12 @@ class Migration:
                         "no_capacity",
                         "no healthy active instance has room",
                     )
-            rt.reservations.add(target.name)
-            try:
+            with self.placer.reserved(target):
                 return await self._stop_start(session, source, target)
-            finally:
-                rt.reservations.release(target.name)
 
     async def _stop_start(self, session: str, source: Instance, target: Instance) -> MoveResult:
-        rt = self.rt
-        adapter = rt.adapter
+        snap = self.live.snap
+        adapter = snap.adapter
         started = time.monotonic()
 
         def fail(error: str, detail: str = "") -> MoveResult:
@@ -440,7 +455,7 @@ class Migration:
         if not await self._confirm_stopped(source, session):
             return fail("stop_failed", f"{source.name} still runs it after the stop")
 
-        known = await with_notes(rt.smap.store, session, info) or info
+        known = await with_notes(self.smap.store, session, info) or info
         # Moved once the target runs it; requests then wait for it to be READY
         # (router.readiness). A copy that only waits for a QR scan (Blazz
         # offline) moves too: waiting for READY would roll every such move back.
@@ -449,22 +464,22 @@ class Migration:
             target,
             session,
             known,
-            rt.config.failover.ready_timeout,
+            snap.config.failover.ready_timeout,
             until=RUNS,
-            events=rt.events,
+            events=self.events,
         )
         if state is not None:
-            await rt.resolver.record(session, target)
+            await self.resolver.record(session, target)
             # Requests wait for the new copy to be ready (router.readiness).
-            rt.failover.readiness.track(session, target, started=started, status=state.status)
+            self.failover.readiness.track(session, target, started=started, status=state.status)
             return MoveResult(session, source.name, target.name, "moved")
         return await self._roll_back(session, source, target, known, started)
 
     async def _not_on_source(self, session: str, source: Instance, target: Instance) -> MoveResult:
         """The source does not run the session: the map was stale, or the source
         cannot answer. Map it where it does run, if anywhere; start nothing."""
-        rt = self.rt
-        others = [i for i in rt.fleet.healthy() if i is not source]
+        snap = self.live.snap
+        others = [i for i in snap.fleet.healthy() if i is not source]
         answers = await asyncio.gather(*(self._probe(i, session) for i in others))
         running = [
             (inst, info)
@@ -472,9 +487,9 @@ class Migration:
             if info is not None and info.status in RUNNING
         ]
         if running:
-            order = {inst.name: i for i, inst in enumerate(rt.fleet)}
+            order = {inst.name: i for i, inst in enumerate(snap.fleet)}
             found, _ = pick_owner(running, None, order)
-            await rt.resolver.record(session, found)
+            await self.resolver.record(session, found)
             return MoveResult(session, source.name, found.name, "found_elsewhere")
         return MoveResult(
             session,
@@ -486,14 +501,14 @@ class Migration:
         )
 
     async def _probe(self, inst: Instance, session: str) -> SessionInfo | None:
-        return await self.rt.resolver.probe.info(self.rt.adapter, inst, session)
+        return await self.resolver.probe.info(self.live.snap.adapter, inst, session)
 
     async def _confirm_stopped(self, inst: Instance, session: str) -> bool:
         deadline = time.monotonic() + _STOP_CONFIRM
         delay = 0.02
         while True:
             try:
-                info = await self.rt.adapter.probe(inst.http, inst.config, session)
+                info = await self.live.snap.adapter.probe(inst.http, inst.config, session)
             except (aiohttp.ClientError, TimeoutError, OSError):
                 return False
             if info is None or info.status not in RUNNING:
@@ -506,8 +521,8 @@ class Migration:
     async def _roll_back(
         self, session: str, source: Instance, target: Instance, info: SessionInfo, started: float
     ) -> MoveResult:
-        rt = self.rt
-        adapter = rt.adapter
+        snap = self.live.snap
+        adapter = snap.adapter
         # The target may hold a half-started copy: it must go before the old
         # instance starts the session again.
         try:
@@ -521,21 +536,21 @@ class Migration:
                 there = None  # unreachable: a crashed target holds no copy
             if there is not None and there.status in RUNNING:
                 # It did start, late: keep it there rather than make two.
-                await rt.resolver.record(session, target)
-                rt.failover.readiness.track(session, target, started=started, status=there.status)
+                await self.resolver.record(session, target)
+                self.failover.readiness.track(session, target, started=started, status=there.status)
                 return MoveResult(session, source.name, target.name, "moved", detail="late start")
         back = await start_and_wait(
             adapter,
             source,
             session,
             info,
-            rt.config.failover.ready_timeout,
+            snap.config.failover.ready_timeout,
             until=RUNS,
-            events=rt.events,
+            events=self.events,
         )
         if back is not None:
-            await rt.resolver.record(session, source)
-            rt.failover.readiness.track(session, source, started=started, status=back.status)
+            await self.resolver.record(session, source)
+            self.failover.readiness.track(session, source, started=started, status=back.status)
             return MoveResult(
                 session,
                 source.name,
@@ -563,13 +578,13 @@ class Migration:
         ``migrate_concurrency`` at a time. Returns the moves made. Sessions an
         operator pinned (``runtime.pins``) are never picked.
         """
-        rt = self.rt
-        cfg = rt.config.discovery
+        snap = self.live.snap
+        cfg = snap.config.discovery
         limit = max_moves if max_moves is not None else max(1, cfg.migrate_concurrency)
-        insts = [i for i in rt.fleet if i.placeable]
+        insts = [i for i in snap.fleet if i.placeable]
         if len(insts) < 2 or limit <= 0:
             return []
-        counts = dict(rt.reservations.with_counts(rt.smap.counts()))
+        counts = dict(self.placer.counts())
         plan: list[tuple[Instance, Instance]] = []
         for _ in range(limit):
             ratios = {i.name: load_ratio(i, counts.get(i.name, 0)) for i in insts}
@@ -593,15 +608,15 @@ class Migration:
             if hi.name not in by_source:
                 by_source[hi.name] = deque(
                     s
-                    for s in reversed(rt.smap.sessions_on(hi.name))
-                    if not self.active(s) and not _recovering(rt, s) and s not in rt.pins
+                    for s in reversed(self.smap.sessions_on(hi.name))
+                    if not self.active(s) and not self.failover.recovering(s) and s not in self.pins
                 )
         moves: list[tuple[str, Instance, Instance]] = []
         for hi, lo in plan:
             queue = by_source[hi.name]
             if queue:
                 moves.append((queue.popleft(), hi, lo))
-        rt.events.add("rebalance", action="started", moves=len(moves))
+        self.events.add("rebalance", action="started", moves=len(moves))
         log.info("rebalance: moving %d sessions", len(moves))
         gate = asyncio.Semaphore(max(1, cfg.migrate_concurrency))
 
@@ -629,9 +644,3 @@ class Migration:
         for task in late:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-
-
-def _recovering(rt: Runtime, session: str) -> bool:
-    failover = getattr(rt, "failover", None)
-    recovering = getattr(failover, "recovering", None)
-    return bool(recovering(session)) if recovering is not None else False

@@ -7,10 +7,14 @@ choice is deterministic and testable.
 
 from __future__ import annotations
 
+import itertools
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 
 from router.instances import Instance
+from router.sessionmap import SessionMap
+from router.snapshot import Live
 
 
 def load_ratio(inst: Instance, sessions: int) -> float:
@@ -80,3 +84,44 @@ class Reservations:
         for name, n in self._pending.items():
             merged[name] = merged.get(name, 0) + n
         return merged
+
+
+class Placer:
+    """Where the proxy, failover and moves put sessions, for the fleet in force."""
+
+    def __init__(self, live: Live, smap: SessionMap) -> None:
+        self.live = live
+        self.smap = smap
+        self.reservations = Reservations()
+        self._rr = itertools.count()
+
+    def counts(self) -> Mapping[str, int]:
+        """Sessions per instance, placements in flight included."""
+        return self.reservations.with_counts(self.smap.counts())
+
+    def place(self, exclude: frozenset[str] = frozenset()) -> Instance | None:
+        """Where a new (or restored) session should start: least loaded, with
+        pending placements and slow start of recovered instances counted."""
+        snap = self.live.snap
+        return choose(
+            snap.fleet,
+            self.counts(),
+            exclude=exclude,
+            slow_start=snap.config.outlier.slow_start,
+        )
+
+    def any_instance(self, exclude: Instance | None = None) -> Instance | None:
+        """A healthy instance for a request that names no session (round robin)."""
+        healthy = [i for i in self.live.snap.fleet.healthy() if i is not exclude]
+        if not healthy:
+            return None
+        return healthy[next(self._rr) % len(healthy)]
+
+    @contextmanager
+    def reserved(self, inst: Instance) -> Iterator[Instance]:
+        """Count ``inst`` as one session fuller while a start on it is in flight."""
+        self.reservations.add(inst.name)
+        try:
+            yield inst
+        finally:
+            self.reservations.release(inst.name)

@@ -59,7 +59,7 @@ from router.probe import ProbeState
 from router.readiness import Ready
 from router.resolver import Unanswered
 from router.retry import Replays, backoff, may_replay
-from router.runtime import Snapshot
+from router.snapshot import Snapshot
 from router.store.base import StoreUnavailable
 from router.transport import (
     Body,
@@ -132,6 +132,7 @@ class ProxyHandler:
 
     def __init__(self, runtime: Runtime) -> None:
         self.rt = runtime
+        self.live = runtime.live
         # Request bodies held in memory, all requests together (limits).
         self.budget = body_io.BodyBudget(runtime.config.limits.max_buffered_bytes)
         # One create per session name at a time in this process (the session
@@ -163,7 +164,7 @@ class ProxyHandler:
             body_io.release(request, self.budget)
 
     async def _handle(self, request: web.BaseRequest, request_id: str) -> web.StreamResponse:
-        snap = self.rt.snap
+        snap = self.live.snap
         adapter = snap.adapter
         path = request.path
         if path in adapter.health_paths and request.method in ("GET", "HEAD"):
@@ -377,11 +378,11 @@ class ProxyHandler:
                     session=session,
                 )
         elif not call.ext.create:
-            inst = rt.any_instance()
+            inst = rt.placer.any_instance()
             if inst is None:
                 raise RouterError(503, "no_healthy_instance", "no healthy instance is available")
             return Route(inst)
-        inst = rt.place()
+        inst = rt.placer.place()
         if inst is None:
             raise RouterError(
                 503,
@@ -499,15 +500,13 @@ class ProxyHandler:
             return await proxy_websocket(rt, call.request, call.ureq, inst, call.request_id)
         if not route.placed:
             return await self._attempts(call, route)
-        rt.reservations.add(inst.name)
-        try:
-            return await self._attempts(call, route)
-        except RouterError as exc:
-            if exc.request_sent and call.session is not None:
-                await self._settle_create(call, inst, exc)
-            raise
-        finally:
-            rt.reservations.release(inst.name)
+        with rt.placer.reserved(inst):
+            try:
+                return await self._attempts(call, route)
+            except RouterError as exc:
+                if exc.request_sent and call.session is not None:
+                    await self._settle_create(call, inst, exc)
+                raise
 
     async def _attempts(self, call: Call, route: Route) -> web.StreamResponse:
         """Send, and on a failure that allows it, recover the session and send again.
@@ -727,8 +726,11 @@ class ProxyHandler:
                 raise _transport_error(exc, failed, session) from exc
             return await self._recover(call, failed, "connect_failed", exclude_failed=True)
         # A placement or a session-less request: any other instance will do.
+        placer = rt.placer
         other = (
-            rt.place(frozenset({failed.name})) if route.placed else rt.any_instance(exclude=failed)
+            placer.place(frozenset({failed.name}))
+            if route.placed
+            else placer.any_instance(exclude=failed)
         )
         if other is None:
             raise _transport_error(exc, failed, session) from exc

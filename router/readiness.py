@@ -27,12 +27,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import aiohttp
-
-from router.adapters.base import Adapter, SessionInfo, SessionStatus
+from router.adapters.base import SessionInfo, SessionStatus
 from router.events import EventLog
 from router.instances import Instance
 from router.metrics import RESTORE_DURATION
+from router.probe import Probe
+from router.snapshot import Live
 
 log = logging.getLogger(__name__)
 
@@ -61,14 +61,15 @@ class _Watch:
 class Readiness:
     def __init__(
         self,
-        get_adapter: Callable[[], Adapter],
+        live: Live,
+        probe: Probe,
         events: EventLog,
         *,
         owner_of: Callable[[str], str | None],
         limit: float = 300.0,
-        probe_timeout: float = 2.0,
     ) -> None:
-        self._get_adapter = get_adapter
+        self.live = live
+        self.probe = probe
         self.events = events
         # Where the map says the session runs (a copy that is no longer the
         # session's owner is not watched any more).
@@ -76,7 +77,6 @@ class Readiness:
         # How long a starting copy is waited for before requests go through
         # anyway (the upstream then answers for itself).
         self.limit = limit
-        self.probe_timeout = probe_timeout
         self._watches: dict[str, _Watch] = {}
         # QR requests seen before the session was tracked (a webhook can beat
         # the create's answer): session -> (instance, when).
@@ -164,11 +164,7 @@ class Readiness:
             self._done(session, watch, outcome)
 
     async def _probe(self, inst: Instance, session: str) -> SessionInfo | None:
-        try:
-            async with asyncio.timeout(self.probe_timeout):
-                return await self._get_adapter().probe(inst.http, inst.config, session)
-        except (aiohttp.ClientError, OSError, TimeoutError):
-            return None
+        return await self.probe.info(self.live.snap.adapter, inst, session)
 
     def _needs_auth(self, session: str, watch: _Watch) -> None:
         if watch.needs_auth:

@@ -66,10 +66,9 @@ from typing import TYPE_CHECKING, Any
 
 from router.adapters import build_adapter
 from router.config import ConfigError, RouterConfig
-from router.discovery import peek_owner
 from router.instances import AdminState, Instance, Pools
 from router.metrics import CONFIG_LAST_RELOAD_SUCCESS, CONFIG_LAST_RELOAD_TIME, CONFIG_RELOADS
-from router.runtime import Snapshot
+from router.snapshot import Snapshot
 
 if TYPE_CHECKING:
     from router.runtime import Runtime
@@ -191,14 +190,14 @@ class Reloader:
 
     def __init__(
         self,
-        get_runtime: Callable[[], Runtime],
+        rt: Runtime,
         *,
         path: str | None,
         on_apply: Callable[[RouterConfig], None] | None = None,
         watch_interval: float | None = 1.0,
         debounce: float = 0.25,
     ) -> None:
-        self._get_runtime = get_runtime
+        self.rt = rt
         self.path = path
         self._on_apply = on_apply
         self.watch_interval = watch_interval
@@ -222,10 +221,6 @@ class Reloader:
         # Content of the file last loaded or tried (the watch skips a touch).
         self._tried: bytes | None = _digest(path) if path else None
         self._closed = False
-
-    @property
-    def rt(self) -> Runtime:
-        return self._get_runtime()
 
     @property
     def retiring(self) -> frozenset[str]:
@@ -372,30 +367,27 @@ class Reloader:
 
         counts = rt.smap.counts()
         migration = rt.migration
-        change = rt.fleet.plan(
-            cfg, keep=lambda inst: migration is not None and counts.get(inst.name, 0) > 0
-        )
+        change = rt.fleet.plan(cfg, keep=lambda inst: counts.get(inst.name, 0) > 0)
         readded = [name for name in self._retiring if cfg.instance(name) is not None]
 
         # -- the switch: no await from here to the end of the block -------------
         change.commit()
-        rt.snap = Snapshot.of(cfg, adapter, change.fleet)
+        rt.live.snap = Snapshot.of(cfg, adapter, change.fleet)
         rt.resolver.probe.timeout = cfg.timeouts.connect + cfg.health.timeout
         rt.budget.ratio = cfg.failover.retry_budget
-        if rt.discovery is not None:
-            rt.discovery.list_timeout = cfg.timeouts.connect + cfg.timeouts.read
+        rt.discovery.list_timeout = cfg.timeouts.connect + cfg.timeouts.read
         if self._on_apply is not None:
             self._on_apply(cfg)
         for name in change.removed:
             if name not in self._retiring:
                 inst = change.fleet.get(name)
-                assert inst is not None and migration is not None
+                assert inst is not None
                 migration.set_state(name, AdminState.DRAINING)
                 task = asyncio.create_task(self._retire(name), name=f"retire:{name}")
                 self._retiring[name] = task
         for name in readded:
             self._retiring.pop(name).cancel()
-            if migration is not None and change.fleet.get(name) is not None:
+            if change.fleet.get(name) is not None:
                 migration.undrain(name)
         # -----------------------------------------------------------------------
 
@@ -417,14 +409,8 @@ class Reloader:
         return result
 
     async def _adjust_discovery(self, old: RouterConfig, new: RouterConfig) -> None:
-        discovery = self.rt.discovery
-        if discovery is None or old.discovery.interval == new.discovery.interval:
-            return
-        # Restart the reconcile loop on the new interval (0: none), between
-        # two rounds: a round is never cut short.
-        async with discovery._lock:
-            await discovery.stop()
-        discovery.start()
+        if old.discovery.interval != new.discovery.interval:
+            await self.rt.discovery.reschedule()
 
     async def _record(self, result: ReloadResult) -> None:
         rt = self.rt
@@ -504,9 +490,8 @@ class Reloader:
 
     async def _empty(self, inst: Instance) -> None:
         rt = self.rt
-        migration = rt.migration
-        if inst.healthy and migration is not None:
-            job = await migration.drain(inst.name)
+        if inst.healthy:
+            job = await rt.migration.drain(inst.name)
             await job.wait()
             # Sessions nobody runs (the map was stale): bring them back elsewhere.
             stale = {f.session for f in job.failures if f.error == "not_running"}
@@ -522,7 +507,7 @@ class Reloader:
 
         async def one(session: str) -> None:
             async with gate:
-                if peek_owner(rt.smap, session) == inst.name:
+                if rt.smap.peek(session) == inst.name:
                     await rt.failover.recover(session, inst, reason, exclude_failed=True)
 
         await asyncio.gather(*(one(s) for s in sorted(sessions)))
@@ -532,7 +517,7 @@ class Reloader:
         inst = rt.fleet.get(name)
         if inst is None:
             return
-        rt.snap = dataclasses.replace(rt.snap, fleet=rt.snap.fleet.without(name))
+        rt.live.snap = dataclasses.replace(rt.live.snap, fleet=rt.live.snap.fleet.without(name))
         rt.events.add("instance_removed", instance=name)
         log.warning("removed instance %s owns no session any more: left the fleet", name)
         self._retire_pools([inst.pools])
@@ -553,7 +538,7 @@ class Reloader:
         try:
             grace = self.retire_grace
             if grace is None:
-                grace = max(2.0, self.rt.resolver.probe_timeout + 1.0)
+                grace = max(2.0, self.rt.resolver.probe.timeout + 1.0)
             # Requests that picked the old objects just before the switch
             # reach them within this (there is no event for "no one holds it").
             await asyncio.sleep(grace)

@@ -23,16 +23,12 @@ log = logging.getLogger(__name__)
 
 
 class Resolver:
-    def __init__(self, smap: SessionMap, probe: Probe) -> None:
+    def __init__(self, smap: SessionMap, probe: Probe, removals: Removals | None = None) -> None:
         self.smap = smap
         self.probe = probe
         # Sessions removed on purpose are not looked for (router.removals).
-        self.removals: Removals | None = None
+        self.removals = removals
         self._lookups: SingleFlight[str, Instance | None] = SingleFlight("locate")
-
-    @property
-    def probe_timeout(self) -> float:
-        return self.probe.timeout
 
     async def owner(self, session: str, fleet: Fleet, adapter: Adapter) -> Instance | None:
         """The instance running ``session``, or None when it runs nowhere."""

@@ -1,118 +1,128 @@
-"""Everything a request needs, behind one reference that a reload swaps.
+"""The services of one router process, built in one place (``Runtime.build``).
 
-The proxy reads ``runtime.config``, ``runtime.adapter`` and ``runtime.fleet``
-once per request; a reload builds new ones and assigns them, so a request
-in flight keeps a consistent set.
+``build`` is the composition root: it creates each service with the few
+things it uses (the live snapshot, the session map, the resolver, the
+locks, the event log ...) and nothing else; no service reaches back into
+the Runtime. The Runtime itself is what the edges hold: the proxy, the
+admin API, the dashboard and the reloader, which act on all of it.
 """
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from router.adapters.base import Adapter
 from router.config import RouterConfig
+from router.discovery import Discovery
 from router.events import EventLog
 from router.failover import Failover
 from router.health import Outliers
-from router.idempotency import IdempotencyStore, MemoryIdempotency
-from router.instances import Fleet, Instance
-from router.locks import LocalLocks, SessionLocks
-from router.placement import Reservations, choose
+from router.idempotency import IdempotencyStore
+from router.instances import Fleet
+from router.locks import SessionLocks
+from router.migration import Migration
+from router.placement import Placer
+from router.probe import Probe
 from router.removals import Removals
 from router.resolver import Resolver
 from router.retry import RetryBudget
 from router.sessionmap import SessionMap
+from router.snapshot import Live, Snapshot
 
 if TYPE_CHECKING:
-    from router.discovery import Discovery
-    from router.migration import Migration
     from router.reload import Reloader
 
 
-@dataclass(frozen=True, slots=True)
-class Snapshot:
-    """What a request reads of the config in force, as one immutable value:
-    a reload builds a new one and swaps the reference in one statement, so a
-    request that took one at its start never mixes two configs, adapters or
-    key sets, whatever it awaits meanwhile."""
-
-    config: RouterConfig
-    adapter: Adapter
-    fleet: Fleet
-    api_keys: frozenset[str]
-
-    @classmethod
-    def of(cls, config: RouterConfig, adapter: Adapter, fleet: Fleet) -> Snapshot:
-        return cls(config, adapter, fleet, frozenset(config.api_keys))
-
-
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class Runtime:
-    snap: Snapshot
+    live: Live
     smap: SessionMap
     resolver: Resolver
     # Per-session restore locks: in-process, or Redis-backed with several replicas.
-    locks: SessionLocks = field(default_factory=LocalLocks)
+    locks: SessionLocks
     # Recent failovers, health changes and moves, for the admin API and dashboard.
-    events: EventLog = field(default_factory=EventLog)
-    reservations: Reservations = field(default_factory=Reservations)
-    idempotency: IdempotencyStore = field(default_factory=MemoryIdempotency)
-    budget: RetryBudget = field(default_factory=RetryBudget)
-    # Built from the runtime itself, right after it (see ``Runtime.create``).
-    failover: Failover = field(init=False)
-    outliers: Outliers = field(init=False)
-    removals: Removals = field(init=False)
-    # Rediscovery / reconcile and drain / move, set by the server at start
-    # (they outlive a reload: each reads the current runtime through a getter).
-    discovery: Discovery | None = None
-    migration: Migration | None = None
-    # Live config reload (SIGHUP, POST /admin/reload, file watch); set by the server.
-    reloader: Reloader | None = None
+    events: EventLog
+    placer: Placer
+    removals: Removals
+    failover: Failover
+    outliers: Outliers
+    migration: Migration
+    discovery: Discovery
+    idempotency: IdempotencyStore
+    budget: RetryBudget
     # Sessions an operator pinned to their instance (POST /admin/sessions/{s}/pin):
     # rebalancing leaves them where they are. In process, like admin state.
-    pins: set[str] = field(default_factory=set)
-    _rr: itertools.count[int] = field(default_factory=itertools.count)
+    pins: set[str]
+    # Live config reload (SIGHUP, POST /admin/reload, file watch); set by the
+    # server, since it needs the runtime it reloads.
+    reloader: Reloader | None = field(default=None)
 
-    # The current snapshot's parts, for services that act on the config in
-    # force (a request reads its own ``snap`` once instead).
+    @classmethod
+    def build(
+        cls,
+        config: RouterConfig,
+        adapter: Adapter,
+        fleet: Fleet,
+        *,
+        smap: SessionMap,
+        locks: SessionLocks,
+        idempotency: IdempotencyStore,
+    ) -> Runtime:
+        live = Live(Snapshot.of(config, adapter, fleet))
+        events = EventLog()
+        removals = Removals(smap, events)
+        resolver = Resolver(smap, Probe(config.timeouts.connect + config.health.timeout), removals)
+        placer = Placer(live, smap)
+        failover = Failover(live, smap, resolver, locks, placer, removals, events)
+        pins: set[str] = set()
+        migration = Migration(live, smap, resolver, locks, placer, failover, events, pins=pins)
+        discovery = Discovery(
+            live,
+            smap,
+            resolver,
+            locks,
+            removals,
+            events,
+            busy=lambda session: migration.active(session) or failover.recovering(session),
+            rebalance=migration.rebalance,
+            list_timeout=config.timeouts.connect + config.timeouts.read,
+        )
+        return cls(
+            live=live,
+            smap=smap,
+            resolver=resolver,
+            locks=locks,
+            events=events,
+            placer=placer,
+            removals=removals,
+            failover=failover,
+            outliers=Outliers(live, events),
+            migration=migration,
+            discovery=discovery,
+            idempotency=idempotency,
+            budget=RetryBudget(config.failover.retry_budget),
+            pins=pins,
+        )
+
+    # The snapshot in force and its parts, for the edges that act on the
+    # current config (a request reads its own ``snap`` once instead).
+    @property
+    def snap(self) -> Snapshot:
+        return self.live.snap
+
     @property
     def config(self) -> RouterConfig:
-        return self.snap.config
+        return self.live.snap.config
 
     @property
     def adapter(self) -> Adapter:
-        return self.snap.adapter
+        return self.live.snap.adapter
 
     @property
     def fleet(self) -> Fleet:
-        return self.snap.fleet
+        return self.live.snap.fleet
 
     @property
     def api_keys(self) -> frozenset[str]:
-        return self.snap.api_keys
-
-    def any_instance(self, exclude: Instance | None = None) -> Instance | None:
-        """A healthy instance for a request that names no session (round robin)."""
-        healthy = [i for i in self.fleet.healthy() if i is not exclude]
-        if not healthy:
-            return None
-        return healthy[next(self._rr) % len(healthy)]
-
-    def place(self, exclude: frozenset[str] = frozenset()) -> Instance | None:
-        """Where a new (or restored) session should start: least loaded, with
-        pending placements and slow start of recovered instances counted."""
-        return choose(
-            self.fleet,
-            self.reservations.with_counts(self.smap.counts()),
-            exclude=exclude,
-            slow_start=self.config.outlier.slow_start,
-        )
-
-    def __post_init__(self) -> None:
-        self.removals = Removals(self.smap, self.events)
-        self.resolver.removals = self.removals
-        self.failover = Failover(self)
-        self.outliers = Outliers(lambda: (self.fleet, self.config.outlier), self.events)
-        self.budget.ratio = self.config.failover.retry_budget
+        return self.live.snap.api_keys

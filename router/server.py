@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from router.adapters import build_adapter
-from router.adapters.base import Adapter, BadSessionId, valid_session_id
+from router.adapters.base import BadSessionId, valid_session_id
 from router.admin import AdminAPI
-from router.config import HealthConfig, RouterConfig
+from router.config import RouterConfig
 from router.connections import GuardedHandler, GuardedServer, raise_nofile_limit
 from router.dashboard import Dashboard
 from router.discovery import Discovery
@@ -33,11 +33,9 @@ from router.instances import Fleet
 from router.locks import LocalLocks, LockBusy, SessionLocks
 from router.metrics import CONFIG_LAST_RELOAD_TIME, metrics_exposition, register_runtime
 from router.migration import Migration
-from router.probe import Probe
 from router.proxy import ProxyHandler
 from router.reload import Reloader
-from router.resolver import Resolver
-from router.runtime import Runtime, Snapshot
+from router.runtime import Runtime
 from router.sessionmap import SessionMap
 from router.store import build_store
 from router.store.base import SessionStore, StoreUnavailable
@@ -104,29 +102,27 @@ class Server:
                 await smap.load()
             except StoreUnavailable:
                 log.warning("session store unreachable at start; the map fills from the instances")
-        self.runtime = Runtime(
-            snap=Snapshot.of(cfg, build_adapter(cfg.adapter), Fleet.build(cfg)),
+        runtime = self.runtime = Runtime.build(
+            cfg,
+            build_adapter(cfg.adapter),
+            Fleet.build(cfg),
             smap=smap,
-            resolver=Resolver(smap, Probe(cfg.timeouts.connect + cfg.health.timeout)),
             locks=locks,
             idempotency=_idempotency_store(store, cfg),
         )
-        register_runtime(self.runtime)
-        self.health = HealthChecker(self._health_state, self.runtime.events)
-        runtime = self.runtime
+        register_runtime(runtime)
+        self.health = HealthChecker(runtime.live, runtime.events)
         # A down instance's idle sessions are recovered too, not only busy ones;
         # when it comes back, what was moved off it is stopped there first.
-        self.health.on_down = lambda inst: runtime.failover.evacuate_soon(inst)
+        self.health.on_down = runtime.failover.evacuate_soon
         self.health.on_up = runtime.failover.fence
         self.health.start()
 
         # Map every session the instances run before the first request.
-        self.discovery = self.runtime.discovery = Discovery(
-            self._current_runtime, list_timeout=cfg.timeouts.connect + cfg.timeouts.read
-        )
-        self.migration = self.runtime.migration = Migration(self._current_runtime)
-        self.reloader = self.runtime.reloader = Reloader(
-            self._current_runtime,
+        self.discovery = runtime.discovery
+        self.migration = runtime.migration
+        self.reloader = runtime.reloader = Reloader(
+            runtime,
             path=cfg.source,
             on_apply=self._config_applied,
             watch_interval=self.watch_interval,
@@ -256,7 +252,8 @@ class Server:
         Those the map gives it, and those no instance runs, mapped to it now,
         under each session's lock, so that two instances starting at once never
         both restore one. Unknown to the store (unreachable): not claimed."""
-        rt = self._current_runtime()
+        rt = self.runtime
+        assert rt is not None
         inst = rt.fleet.get(instance)
         if inst is None:
             return set()
@@ -276,11 +273,6 @@ class Server:
                 continue  # not an id, someone is placing it, or nobody can say
         return keep
 
-    def _current_runtime(self) -> Runtime:
-        rt = self.runtime
-        assert rt is not None
-        return rt
-
     def _config_applied(self, cfg: RouterConfig) -> None:
         """A reload put ``cfg`` in force (synchronously, with the runtime's switch)."""
         self.config = cfg
@@ -290,16 +282,13 @@ class Server:
         if self.webhooks is not None:
             self.webhooks.apply_config(cfg)  # new instances may send webhooks at once
 
-    def _health_state(self) -> tuple[Fleet, Adapter, HealthConfig]:
-        rt = self.runtime
-        assert rt is not None
-        return rt.fleet, rt.adapter, rt.config.health
-
     def _dispatcher(
         self, proxy: ProxyHandler
     ) -> Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]:
-        admin = AdminAPI(self._current_runtime)
-        dashboard = self.dashboard = Dashboard(self._current_runtime, admin)
+        runtime = self.runtime
+        assert runtime is not None
+        admin = AdminAPI(runtime)
+        dashboard = self.dashboard = Dashboard(runtime, admin)
 
         async def dispatch(request: web.BaseRequest) -> web.StreamResponse:
             conn = request.protocol

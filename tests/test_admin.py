@@ -522,7 +522,7 @@ async def test_reload_endpoint_and_the_openapi_document(
     ids = [op["operationId"] for ops in DOC["paths"].values() for op in ops.values()]
     assert len(ids) == len(set(ids))
     # Routes added later are routed and described too, and the relay's when it runs.
-    api = AdminAPI(lambda: router.runtime)
+    api = AdminAPI(router.runtime)
 
     async def extra(api: AdminAPI, request: web.BaseRequest, p: Mapping[str, str]) -> web.Response:
         """Something new."""

@@ -61,7 +61,6 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import Callable
 from functools import cache
 from importlib import resources
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -303,13 +302,13 @@ class Dashboard:
 
     def __init__(
         self,
-        get_runtime: Callable[[], Runtime],
+        rt: Runtime,
         admin: AdminAPI,
         *,
         sampler: StatsSampler | None = None,
         tick: float = 1.0,
     ) -> None:
-        self._get_runtime = get_runtime
+        self.rt = rt
         self.admin = admin
         self.sampler = sampler or StatsSampler()
         self.tick = tick
@@ -317,10 +316,6 @@ class Dashboard:
         self._closing = False
         # Logged-out cookies (this process only: see the module docstring).
         self.revocations = Revocations()
-
-    @property
-    def rt(self) -> Runtime:
-        return self._get_runtime()
 
     @property
     def streams(self) -> int:
