@@ -208,6 +208,18 @@ class WebhookIngest:
     # Seconds a signed timestamp may differ from our clock.
     max_age_skew: float = 300.0
     max_body_bytes: int = 8 * 1024 * 1024
+    # Body bytes the ingest holds in memory at once, every request together
+    # (counted as they arrive); beyond it a request gets 429 + Retry-After.
+    max_buffered_bytes: int = 64 * 1024 * 1024
+    # With a WAHA key: X-Webhook-Timestamp is required (401 without), so an
+    # old signed event cannot be replayed forever. False accepts events without it.
+    waha_require_timestamp: bool = True
+    # Bytes of event bodies queued per target; an event that would exceed it
+    # for a target is refused with 429 + Retry-After (the instance retries).
+    max_queued_bytes: int = 256 * 1024 * 1024
+    # Seconds an accepted event id is remembered per target: the same id again
+    # (a replay, an instance's retry) is answered 200 and not queued twice.
+    dedup_window: float = 600.0
 
 
 @dataclass(frozen=True, slots=True)

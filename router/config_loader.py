@@ -1136,6 +1136,10 @@ class _Parser:
             "instance_keys",
             "max_age_skew",
             "max_body_bytes",
+            "max_buffered_bytes",
+            "waha_require_timestamp",
+            "max_queued_bytes",
+            "dedup_window",
         )
         m = self._mapping(node, "webhooks.ingest", keys)
         d = WebhookIngest()
@@ -1161,12 +1165,46 @@ class _Parser:
         body = d.max_body_bytes
         if "max_body_bytes" in m:
             body = self._size(m["max_body_bytes"][1], "webhooks.ingest.max_body_bytes")
+        # Both bounds must leave room for one largest event, or it could never be accepted.
+        bounds: dict[str, int] = {}
+        for key in ("max_buffered_bytes", "max_queued_bytes"):
+            bounds[key] = max(getattr(d, key), body)
+            if key in m:
+                b_node = m[key][1]
+                bounds[key] = self._size(b_node, f"webhooks.ingest.{key}")
+                if bounds[key] < body:
+                    self.fail(
+                        b_node,
+                        f"webhooks.ingest.{key} ({bounds[key]}) must be >= max_body_bytes"
+                        f" ({body}), or the largest event could never be accepted",
+                    )
+        require_ts = d.waha_require_timestamp
+        if "waha_require_timestamp" in m:
+            require_ts = self._bool(
+                m["waha_require_timestamp"][1], "webhooks.ingest.waha_require_timestamp"
+            )
+        # Default: long enough that a captured signed event cannot be replayed
+        # (it goes stale after max_age_skew) once its id is forgotten.
+        window = max(d.dedup_window, 2 * skew)
+        if "dedup_window" in m:
+            w_node = m["dedup_window"][1]
+            window = self._number(w_node, "webhooks.ingest.dedup_window", 0)
+            if 0 < window < skew:
+                self.fail(
+                    w_node,
+                    f"webhooks.ingest.dedup_window ({window:g}) must be 0 (off) or >="
+                    f" max_age_skew ({skew:g}): a replay still fresh after the window"
+                    " would be queued twice",
+                )
         return WebhookIngest(
             blazz_hmac_key=blazz,
             waha_hmac_key=waha,
             instance_keys=instance_keys,
             max_age_skew=skew,
             max_body_bytes=body,
+            waha_require_timestamp=require_ts,
+            dedup_window=window,
+            **bounds,
         )
 
     def _webhook_delivery(self, node: yaml.Node) -> WebhookDelivery:

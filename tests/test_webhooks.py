@@ -110,7 +110,10 @@ def test_blazz_and_waha_signatures_verify_and_refuse() -> None:
 
     wgood = {"X-Webhook-Hmac": waha_signature("k", body), "X-Webhook-Timestamp": ts + "000"}
     verify_waha("k", wgood, body, now=now, skew=300)
-    verify_waha("k", {"X-Webhook-Hmac": waha_signature("k", body)}, body, now=now, skew=300)
+    untimed = {"X-Webhook-Hmac": waha_signature("k", body)}
+    verify_waha("k", untimed, body, now=now, skew=300, require_timestamp=False)
+    with pytest.raises(SignatureError, match="missing X-Webhook-Timestamp"):
+        verify_waha("k", untimed, body, now=now, skew=300)
     with pytest.raises(SignatureError, match="bad X-Webhook-Hmac"):
         verify_waha("k", wgood, body + b" ", now=now, skew=300)
     with pytest.raises(SignatureError, match="old"):

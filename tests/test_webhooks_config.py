@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from router.config import ConfigError, RouterConfig, WebhookDelivery
+from router.config import ConfigError, RouterConfig, WebhookDelivery, WebhookIngest
 from router.config_loader import parse_text, summarize
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "config" / "router.example.yaml"
@@ -56,7 +56,15 @@ def test_minimal_section_and_defaults() -> None:
         "auto",
     )
     assert wh.delivery == WebhookDelivery()
+    assert wh.ingest == WebhookIngest()
     assert wh.ingest.max_age_skew == 300 and wh.ingest.blazz_hmac_key is None
+    # Issue 11: bounds on what hostile senders can make the router hold.
+    assert (
+        wh.ingest.max_buffered_bytes,
+        wh.ingest.max_queued_bytes,
+        wh.ingest.waha_require_timestamp,
+        wh.ingest.dedup_window,
+    ) == (64 * 1024 * 1024, 256 * 1024 * 1024, True, 600)
     assert (wh.sqlite_path, wh.sqlite_synchronous, wh.consumer_name) == (
         "./var/webhooks.db",
         "full",
@@ -81,8 +89,11 @@ def test_the_documented_example_is_valid() -> None:
     assert wh.ingest.max_body_bytes == 8 * 1024 * 1024
     assert wh.delivery == WebhookDelivery()  # the example shows the defaults
     assert wh.consumer_name == "router-1"
+    assert wh.ingest == WebhookIngest(
+        blazz_hmac_key="blazz-secret", max_body_bytes=8 * 1024 * 1024
+    )  # and the ingest's defaults, keys aside
     # Every WebhookDelivery / WebhookIngest setting is documented there.
-    for key in (*WebhookDelivery.__dataclass_fields__, "instance_keys", "max_age_skew"):
+    for key in (*WebhookDelivery.__dataclass_fields__, *WebhookIngest.__dataclass_fields__):
         assert f"#    {key}:" in text, key
 
 
@@ -201,6 +212,33 @@ def test_full_section_and_secrets_stay_hidden() -> None:
             "backoff_max (5) must be >= backoff_base (10)",
         ),
         (
+            "webhooks:\n  targets: [{url: 'http://x'}]\n  ingest:\n"
+            "    max_body_bytes: 1MiB\n    max_buffered_bytes: 512KiB\n",
+            10,
+            "webhooks.ingest.max_buffered_bytes (524288) must be >= max_body_bytes (1048576)",
+        ),
+        (
+            "webhooks:\n  targets: [{url: 'http://x'}]\n  ingest:\n    max_queued_bytes: 1MB\n",
+            9,
+            "webhooks.ingest.max_queued_bytes (1000000) must be >= max_body_bytes (8388608)",
+        ),
+        (
+            "webhooks:\n  targets: [{url: 'http://x'}]\n  ingest:\n    dedup_window: 60\n",
+            9,
+            "webhooks.ingest.dedup_window (60) must be 0 (off) or >= max_age_skew (300)",
+        ),
+        (
+            "webhooks:\n  targets: [{url: 'http://x'}]\n  ingest:\n    dedup_window: -1\n",
+            9,
+            "webhooks.ingest.dedup_window: must be a number >= 0",
+        ),
+        (
+            "webhooks:\n  targets: [{url: 'http://x'}]\n  ingest:\n"
+            "    waha_require_timestamp: sometimes\n",
+            9,
+            "webhooks.ingest.waha_require_timestamp: must be true or false",
+        ),
+        (
             "webhooks:\n  targets: [{url: 'http://x'}]\n  sqlite_synchronous: fast\n",
             8,
             "webhooks.sqlite_synchronous: must be 'full'",
@@ -216,6 +254,37 @@ def test_errors_name_file_line_and_reason(snippet: str, line: int, reason: str) 
     got_line, got_reason = error(snippet)
     assert got_line == line, got_reason
     assert reason in got_reason, got_reason
+
+
+def test_ingest_bounds_parse_and_follow_their_neighbours() -> None:
+    cfg = parse(
+        """
+        webhooks:
+          targets: [{url: "http://x"}]
+          ingest:
+            max_buffered_bytes: 128MiB
+            max_queued_bytes: 1GiB
+            waha_require_timestamp: false
+            dedup_window: 0
+        """
+    )
+    assert cfg.webhooks is not None
+    ing = cfg.webhooks.ingest
+    assert (ing.max_buffered_bytes, ing.max_queued_bytes) == (128 * 1024**2, 1024**3)
+    assert (ing.waha_require_timestamp, ing.dedup_window) == (False, 0)
+    # Unset, the window covers twice the freshness window, and the byte
+    # bounds make room for at least one largest body.
+    cfg = parse(
+        """
+        webhooks:
+          targets: [{url: "http://x"}]
+          ingest: {max_age_skew: 900, max_body_bytes: 100MiB}
+        """
+    )
+    assert cfg.webhooks is not None
+    ing = cfg.webhooks.ingest
+    assert ing.dedup_window == 1800
+    assert (ing.max_buffered_bytes, ing.max_queued_bytes) == (100 * 1024**2, 256 * 1024**2)
 
 
 def test_a_key_from_the_environment_is_never_echoed() -> None:

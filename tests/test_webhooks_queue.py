@@ -350,3 +350,141 @@ async def test_redis_concurrent_sorters_keep_each_lane_in_stream_order(
     finally:
         for q in qs:
             await q.close()
+
+
+# -- ingest bounds: de-duplication and bytes per target (issue 11) -------------------
+
+
+def sized(n: int, size: int, target: str = "app", session: str = "s1", eid: str = "") -> Event:
+    """An event whose body is exactly ``size`` bytes."""
+    body = f'{{"event":"message","n":{n},"pad":"'.encode()
+    body += b"x" * (size - len(body) - 2) + b'"}'
+    assert len(body) == size
+    return Event(
+        id=eid or f"evt_{session}_{n}",
+        target=target,
+        lane=f"{target}|{session}",
+        instance="wa-1",
+        dialect="blazz",
+        type="message",
+        session=session,
+        received=time.time(),
+        body=body,
+    )
+
+
+async def wait_bytes(q: EventQueue, want: dict[str, int], within: float = 5.0) -> None:
+    deadline = time.monotonic() + within
+    while (got := (await q.stats()).bytes_by_target) != want:
+        assert time.monotonic() < deadline, f"bytes by target {got}, wanted {want}"
+        await asyncio.sleep(0.01)
+
+
+async def test_append_skips_an_id_its_target_stored_within_the_window(
+    make_queue: QueueFactory,
+) -> None:
+    """A replay or a retry of an event already queued (or delivered) is stored
+    once per target; the window counts from the first acceptance."""
+    q = await make_queue()
+    first = await q.append([ev(1, target="app"), ev(1, target="other")], dedup_window=0.5)
+    assert (first.stored, first.duplicate, first.full) == (("app", "other"), (), ())
+    again = await q.append([ev(1, target="app"), ev(1, target="other")], dedup_window=0.5)
+    assert (again.stored, again.duplicate) == ((), ("app", "other"))
+    # Per target: a new target (or one that did not have it) takes its copy.
+    assert (await q.append([ev(1, target="third")], dedup_window=0.5)).stored == ("third",)
+    # Delivered since: still a duplicate within the window.
+    claims = await claim_events(q, 3)
+    for c in claims:
+        await q.release(c, ack=c.events)
+    assert (await q.stats()).pending == 0
+    assert (await q.append([ev(1)], dedup_window=0.5)).duplicate == ("app",)
+    # Without a window nothing is checked; after it the id is forgotten.
+    assert (await q.append([ev(2)])).stored == ("app",)
+    assert (await q.append([ev(2)])).stored == ("app",)
+    await asyncio.sleep(0.6)
+    assert (await q.append([ev(1)], dedup_window=0.5)).stored == ("app",)
+    assert (await q.stats()).pending == 3
+
+
+async def test_concurrent_appends_of_one_event_store_it_once(make_queue: QueueFactory) -> None:
+    q = await make_queue()
+    results = await asyncio.gather(*(q.append([ev(7)], dedup_window=60) for _ in range(20)))
+    assert sum(len(r.stored) for r in results) == 1
+    assert sum(len(r.duplicate) for r in results) == 19
+    assert (await q.stats()).pending == 1
+
+
+async def test_bytes_per_target_are_bounded_and_counted_exactly(make_queue: QueueFactory) -> None:
+    q = await make_queue()
+    r = await q.append([sized(1, 1000), sized(1, 1000, target="other")], max_bytes=2500)
+    assert r.stored == ("app", "other")
+    assert (await q.append([sized(2, 1000)], max_bytes=2500)).stored == ("app",)
+    # 3000 > 2500: refused for "app" only, and nothing of it is stored.
+    r = await q.append([sized(3, 1000), sized(3, 1000, target="other")], max_bytes=2500)
+    assert (r.stored, r.full) == (("other",), ("app",))
+    # Concurrent appends never overshoot the bound together.
+    rs = await asyncio.gather(
+        *(q.append([sized(10 + i, 100, session="s2")], max_bytes=2500) for i in range(9))
+    )
+    assert sum(len(x.stored) for x in rs) == 5
+    await wait_bytes(q, {"app": 2500, "other": 2000})
+    assert (await q.stats()).pending == 9
+
+    # Every way out of the queue gives the bytes back: ack, release, dead letter.
+    claims = await claim_events(q, 9)
+    await q.release(next(c for c in claims if c.lane == "app|s2"))
+    c_app = next(c for c in claims if c.lane == "app|s1")
+    await q.ack(c_app, [c_app.events[0]])
+    await q.dead_letter(c_app, c_app.events[1], reason="rejected", rounds=1)
+    await q.release(c_app)
+    await wait_bytes(q, {"app": 500, "other": 2000})
+    c_other = next(c for c in claims if c.lane == "other|s1")
+    await q.release(c_other, ack=c_other.events)
+    await wait_bytes(q, {"app": 500})
+    # A replayed dead letter counts again; room again for a new event.
+    (dead,) = [d for d in await q.list_dead() if d.event.target == "app"]
+    assert await q.replay_dead(dead.id)
+    await wait_bytes(q, {"app": 1500})
+    assert (await q.append([sized(20, 1000)], max_bytes=2500)).stored == ("app",)
+    assert (await q.append([sized(21, 100)], max_bytes=2500)).full == ("app",)
+
+
+async def test_byte_counts_survive_a_reopen(make_queue: QueueFactory) -> None:
+    q = await make_queue(name="bytes.db")
+    await q.append([sized(1, 700), sized(2, 300, target="other")])
+    await q.close()
+    q2 = await make_queue(name="bytes.db")
+    await wait_bytes(q2, {"app": 700, "other": 300})
+    assert (await q2.append([sized(3, 400)], max_bytes=1000)).full == ("app",)
+
+
+async def test_sqlite_file_from_before_byte_counts_is_migrated(tmp_path: Path) -> None:
+    """A queue file written by the previous version (no ``size`` column) opens,
+    and its pending events are counted."""
+    import sqlite3
+
+    path = str(tmp_path / "old.db")
+    conn = sqlite3.connect(path)
+    conn.executescript(
+        """
+        CREATE TABLE events (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL, target TEXT NOT NULL,
+            lane TEXT NOT NULL, instance TEXT NOT NULL, dialect TEXT NOT NULL,
+            type TEXT NOT NULL, session TEXT, received REAL NOT NULL, instance_url TEXT,
+            rounds INTEGER NOT NULL DEFAULT 0, last_error TEXT, body BLOB NOT NULL);
+        CREATE TABLE lanes (lane TEXT PRIMARY KEY, next_at REAL NOT NULL) WITHOUT ROWID;
+        INSERT INTO events (id, target, lane, instance, dialect, type, received, body)
+            VALUES ('e1', 'app', 'app|s', 'wa-1', 'blazz', 'message', 1, x'00112233');
+        INSERT INTO lanes VALUES ('app|s', 1);
+        """
+    )
+    conn.close()
+    q = SqliteQueue(path)
+    await q.open()
+    try:
+        assert (await q.stats()).bytes_by_target == {"app": 4}
+        (c,) = await claim_events(q, 1)
+        await q.release(c, ack=c.events)
+        assert (await q.stats()).bytes_by_target == {}
+    finally:
+        await q.close()

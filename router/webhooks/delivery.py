@@ -92,6 +92,12 @@ class Outcome:
     # Seconds from the target's Retry-After, when it sent one.
     retry_after: float | None = None
 
+    @property
+    def loggable(self) -> str:
+        """``error`` for a log line: an HTTP failure without the answer's body
+        (kept in the queue and dead letters, never logged: it may echo a secret)."""
+        return f"HTTP {self.status}" if self.status is not None else self.error
+
 
 @dataclass(slots=True)
 class _Counter:

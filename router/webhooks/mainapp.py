@@ -104,8 +104,14 @@ class MainAppProxy:
                 status = resp.status
                 answer_headers = [(k, v) for k, v in resp.headers.items() if k.lower() not in _HOP]
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            # The kind of failure only: an aiohttp error's text can carry the
+            # URL with its query string.
             log.warning(
-                "main app call %s %s from %s failed: %r", request.method, path, instance, exc
+                "main app call %s %s from %s failed: %s",
+                request.method,
+                path,
+                instance,
+                _failure(exc),
             )
             raise RouterError(
                 502,
@@ -140,3 +146,9 @@ class MainAppProxy:
         if "count" in doc:
             doc["count"] = len(mine)
         return json.dumps(doc).encode()
+
+
+def _failure(exc: BaseException) -> str:
+    """``ClientConnectorError: Connection refused``: the type and, for OS errors, their reason."""
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else None
+    return type(exc).__name__ + (f": {reason}" if reason else "")

@@ -28,11 +28,17 @@ __all__ = [
     "INGEST_SECONDS",
     "LANES",
     "OLDEST_AGE",
+    "QUEUED_BYTES",
+    "QUEUE_USAGE",
     "RECEIVED",
 ]
 
-# outcome: queued, unrouted (no target wants it), bad_signature, stale,
-# malformed, too_large, unknown_instance, unavailable (queue down: 503).
+# outcome: queued, unrouted (no target wants it), duplicate (every target
+# had its id already: nothing stored), bad_signature, stale, malformed,
+# too_large, slow (no body byte for limits.body_timeout: 408),
+# unknown_instance, busy (the ingest holds max_buffered_bytes:
+# 429), queue_full (a target's queue is at max_queued_bytes: 429),
+# unavailable (queue down: 503).
 RECEIVED = Counter(
     "wa_router_webhook_received_total",
     "Webhook calls from instances, by dialect and what the router did with them.",
@@ -53,6 +59,19 @@ BACKLOG = Gauge(
 OLDEST_AGE = Gauge(
     "wa_router_webhook_oldest_pending_age_seconds",
     "Age of the oldest event waiting for delivery (0 when none).",
+    registry=REGISTRY,
+)
+QUEUED_BYTES = Gauge(
+    "wa_router_webhook_queued_bytes",
+    "Bytes of event bodies waiting for delivery, per target.",
+    ["target"],
+    registry=REGISTRY,
+)
+QUEUE_USAGE = Gauge(
+    "wa_router_webhook_queue_usage_ratio",
+    "Queued bytes of a target over webhooks.ingest.max_queued_bytes (at 1 its new events"
+    " are refused with 429).",
+    ["target"],
     registry=REGISTRY,
 )
 LANES = Gauge(

@@ -21,6 +21,16 @@ both called after the outcome is known. A crash between the target's 2xx and
 the ``ack`` means the event is delivered again; the stable event id lets the
 target drop the duplicate.
 
+Ingest bounds (both in ``append``, atomic with the store itself):
+
+* **de-duplication**, per target: an event whose id was stored for that
+  target less than ``dedup_window`` seconds ago is not stored again (a
+  replay, or an instance retrying an event the router already has). The
+  window counts from the first acceptance, whether the event is still
+  queued or delivered since; ids are remembered for that long only.
+* **bytes**, per target: the bodies queued for a target never exceed
+  ``max_bytes``; an event that would is not stored for that target.
+
 Backends: ``queue_sqlite.SqliteQueue`` (embedded default, one process) and
 ``queue_redis.RedisQueue`` (Redis Streams, shared by several replicas).
 """
@@ -32,6 +42,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 __all__ = [
+    "Appended",
     "BacklogStats",
     "Claim",
     "DeadLetter",
@@ -74,6 +85,18 @@ class Event:
 
 
 @dataclass(frozen=True, slots=True)
+class Appended:
+    """What ``append`` did with each event (by target)."""
+
+    # Stored now.
+    stored: tuple[str, ...] = ()
+    # Not stored: the target already had this event id within the window.
+    duplicate: tuple[str, ...] = ()
+    # Not stored: the target's queue would exceed ``max_bytes``.
+    full: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class Pending:
     """A claimed event: ``ref`` is the backend's handle (sqlite row, stream id)."""
 
@@ -112,6 +135,8 @@ class BacklogStats:
     dead_letters: int
     lanes: int = 0
     extra: dict[str, int] = field(default_factory=dict)
+    # Bytes of pending event bodies per target (targets with none may be absent).
+    bytes_by_target: dict[str, int] = field(default_factory=dict)
 
 
 class EventQueue(ABC):
@@ -133,9 +158,15 @@ class EventQueue(ABC):
     async def close(self) -> None: ...
 
     @abstractmethod
-    async def append(self, events: Sequence[Event]) -> None:
+    async def append(
+        self, events: Sequence[Event], *, dedup_window: float = 0.0, max_bytes: int = 0
+    ) -> Appended:
         """Store ``events`` durably; return only once they are.
 
+        Each event is checked on its own, atomically with its store:
+        ``dedup_window`` > 0: skipped (``duplicate``) when its target stored
+        its id less than that many seconds ago; ``max_bytes`` > 0: skipped
+        (``full``) when its target's queued bodies would exceed it.
         Concurrent calls are batched into one commit / pipeline (group commit).
         """
 

@@ -33,6 +33,16 @@ Keys (``P`` = the store's key prefix + ``wh:``):
   lease expired cannot disturb the lane's new holder.
 * ``P tries``: hash, entry id -> ``"<failed rounds>|<last error>"``.
 * ``P dead``: stream of dead letters (the entry's fields + reason).
+* ``P bytes``: hash, target -> bytes of its bodies in ``P in``. The append
+  script adds (and refuses beyond ``max_bytes``); ack, dead-letter and
+  replay scripts adjust it with the entry they remove or add. Reset when
+  ``P in`` is found empty at open.
+* ``P dedup:<target>|<event id>``: set by the append script with a TTL of
+  ``dedup_window``; while it exists, that id is a duplicate for that target.
+
+Appending is one Lua script per flushed batch: for each event in turn,
+dedup check, byte bound, ``XADD``, counters. Scripts run one at a time, so
+replicas appending at once never overshoot a bound or store one event twice.
 
 Ordering per session: only the holder of a lane delivers it, strictly head
 first, and ``ack`` pops the head only if it is still the head. A failure
@@ -73,6 +83,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from router.webhooks.queue import (
+    Appended,
     BacklogStats,
     Claim,
     DeadLetter,
@@ -94,6 +105,39 @@ SORT_BATCH = 1000
 # Every replica sorts at least this often (seconds), whoever ingested.
 SORT_INTERVAL = 1.0
 _STREAM_ID = re.compile(r"\d{1,20}-\d{1,20}")
+
+# KEYS: in, bytes.  ARGV, per event (13 each): dedup key, target, body size,
+# max_bytes, window_ms, then the 4 stream fields and values of ``_fields``.
+# Returns one result per event: 1 stored, 0 duplicate, -1 its target is full.
+# One call per flush (not one per event): a script call costs more than the
+# work inside it; events are still checked and stored one after another.
+_APPEND = """
+local out = {}
+for i = 1, #ARGV, 13 do
+  local dedup, target, size = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
+  local cap, window = tonumber(ARGV[i + 3]), tonumber(ARGV[i + 4])
+  local r = 1
+  if window > 0 and redis.call('EXISTS', dedup) == 1 then
+    r = 0
+  elseif cap > 0 and tonumber(redis.call('HGET', KEYS[2], target) or '0') + size > cap then
+    r = -1
+  else
+    redis.call('XADD', KEYS[1], '*', ARGV[i + 5], ARGV[i + 6], ARGV[i + 7], ARGV[i + 8],
+               ARGV[i + 9], ARGV[i + 10], ARGV[i + 11], ARGV[i + 12])
+    redis.call('HINCRBY', KEYS[2], target, size)
+    if window > 0 then redis.call('SET', dedup, '1', 'PX', window) end
+  end
+  table.insert(out, r)
+end
+return out
+"""
+
+# KEYS: in, bytes.  Forget the byte counts when nothing is queued (a fresh
+# count, whatever older versions or an operator did to the stream).
+_RESET_BYTES = """
+if redis.call('XLEN', KEYS[1]) == 0 then redis.call('DEL', KEYS[2]) end
+return 0
+"""
 
 # KEYS: in, due.  ARGV: group, consumer, count, now_ms, lane_prefix.
 _SORT = """
@@ -148,20 +192,36 @@ local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
 return {out, first[2] or false}
 """
 
+# Takes ``size`` bytes off ``target`` in the bytes hash (never below zero).
+_UNCOUNT = """
+local function uncount(key, target, size)
+  if size > 0 and redis.call('HINCRBY', key, target, -size) <= 0 then
+    redis.call('HDEL', key, target)
+  end
+end
+"""
+
 # Pops the lane's head while it is the next acknowledged id (so a stale,
-# duplicate ack is a no-op), deleting the entries.
-_ACK_BODY = """
+# duplicate ack is a no-op), deleting the entries and uncounting their bytes.
+# ARGV from 6 on: entry id, body size, entry id, body size, ...
+_ACK_BODY = (
+    _UNCOUNT
+    + """
 local n = 0
-for i = 5, #ARGV do
+for i = 6, #ARGV, 2 do
   if redis.call('LINDEX', ARGV[1], 0) ~= ARGV[i] then break end
   redis.call('LPOP', ARGV[1])
-  redis.call('XDEL', KEYS[1], ARGV[i])
+  if redis.call('XDEL', KEYS[1], ARGV[i]) == 1 then
+    uncount(KEYS[5], ARGV[5], tonumber(ARGV[i + 1]))
+  end
   redis.call('HDEL', KEYS[4], ARGV[i])
   n = n + 1
 end
 """
+)
 
-# KEYS: in, due, claims, tries.  ARGV: lane_key, lane, token, at_ms, ids...
+# KEYS: in, due, claims, tries, bytes.
+# ARGV: lane_key, lane, token, at_ms, target, (id, size)...
 _ACK = (
     _ACK_BODY
     + """
@@ -173,7 +233,8 @@ return n
 """
 )
 
-# KEYS: in, due, claims, tries.  ARGV: lane_key, lane, token, at_ms, ids to ack first...
+# KEYS: in, due, claims, tries, bytes.
+# ARGV: lane_key, lane, token, at_ms, target, (id, size) to ack first...
 # Returns 1 if the lane still has events, 0 if not, -1 if the claim was not ours.
 _RELEASE = (
     _ACK_BODY
@@ -211,20 +272,26 @@ redis.call('ZADD', KEYS[1], 'XX', ARGV[3], ARGV[1])
 return 1
 """
 
-# KEYS: in, due, claims, tries, dead.
-# ARGV: lane_key, lane, id, token, reason, rounds, dead_at.
-_DEAD = """
+# KEYS: in, due, claims, tries, dead, bytes.
+# ARGV: lane_key, lane, id, token, reason, rounds, dead_at, target.
+_DEAD = (
+    _UNCOUNT
+    + """
 if redis.call('LINDEX', ARGV[1], 0) ~= ARGV[3] then return 0 end
 local e = redis.call('XRANGE', KEYS[1], ARGV[3], ARGV[3])
 redis.call('LPOP', ARGV[1])
 redis.call('HDEL', KEYS[4], ARGV[3])
 if #e == 1 then
   local f = e[1][2]
+  local size = 0
+  for i = 1, #f, 2 do
+    if f[i] == 'b' then size = #f[i + 1] end
+  end
   table.insert(f, 'reason'); table.insert(f, ARGV[5])
   table.insert(f, 'rounds'); table.insert(f, ARGV[6])
   table.insert(f, 'dead_at'); table.insert(f, ARGV[7])
   redis.call('XADD', KEYS[5], '*', unpack(f))
-  redis.call('XDEL', KEYS[1], ARGV[3])
+  if redis.call('XDEL', KEYS[1], ARGV[3]) == 1 then uncount(KEYS[6], ARGV[8], size) end
 end
 if redis.call('LLEN', ARGV[1]) == 0 and redis.call('HGET', KEYS[3], ARGV[2]) == ARGV[4] then
   redis.call('ZREM', KEYS[2], ARGV[2])
@@ -232,13 +299,15 @@ if redis.call('LLEN', ARGV[1]) == 0 and redis.call('HGET', KEYS[3], ARGV[2]) == 
 end
 return 1
 """
+)
 
-# KEYS: dead, in.  ARGV: dead id, now (unix s).
+# KEYS: dead, in, bytes.  ARGV: dead id, now (unix s).
 _REPLAY = """
 local e = redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1])
 if #e == 0 then return 0 end
 local f = e[1][2]
 local out = {}
+local size, target = 0, nil
 for i = 1, #f, 2 do
   local k = f[i]
   if k == 'r' then
@@ -246,9 +315,12 @@ for i = 1, #f, 2 do
   elseif k ~= 'reason' and k ~= 'rounds' and k ~= 'dead_at' then
     table.insert(out, k); table.insert(out, f[i + 1])
   end
+  if k == 'b' then size = #f[i + 1] end
+  if k == 'm' then target = cjson.decode(f[i + 1])[2] end
 end
 redis.call('XADD', KEYS[2], '*', unpack(out))
 redis.call('XDEL', KEYS[1], ARGV[1])
+if target and size > 0 then redis.call('HINCRBY', KEYS[3], target, size) end
 return 1
 """
 
@@ -289,6 +361,14 @@ def _decode_event(f: dict[str, Any]) -> Event:
     )
 
 
+def _acked(items: Sequence[Pending]) -> list[str | int]:
+    """Ack script arguments: the lane's target, then each entry id and its body size."""
+    out: list[str | int] = [items[0].event.target if items else ""]
+    for i in items:
+        out += [i.ref, len(i.event.body)]
+    return out
+
+
 def _decode_tries(raw: Any) -> tuple[int, str | None]:
     if not raw:
         return 0, None
@@ -298,6 +378,9 @@ def _decode_tries(raw: Any) -> tuple[int, str | None]:
         return int(rounds), error or None
     except ValueError:
         return 0, None
+
+
+_Append = tuple[Sequence[Event], int, int, "asyncio.Future[Appended]"]
 
 
 class RedisQueue(EventQueue):
@@ -323,6 +406,8 @@ class RedisQueue(EventQueue):
         self.k_claims = p + "claims"
         self.k_tries = p + "tries"
         self.k_dead = p + "dead"
+        self.k_bytes = p + "bytes"
+        self.dedup_prefix = p + "dedup:"
         self.lane_prefix = p + "lane:"
         self.consumer = consumer or f"{os.uname().nodename}:{os.getpid()}"
         # A new nonce per process life: the old life's claims are told apart.
@@ -349,7 +434,10 @@ class RedisQueue(EventQueue):
         self._renew = r.register_script(_RENEW)
         self._dead_script = r.register_script(_DEAD)
         self._replay = r.register_script(_REPLAY)
-        self._pending: list[tuple[Sequence[Event], asyncio.Future[None]]] = []
+        self._append = r.register_script(_APPEND)
+        self._reset_bytes = r.register_script(_RESET_BYTES)
+        # (events, dedup window ms, max bytes, the caller's future)
+        self._pending: list[_Append] = []
         self._kick = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
@@ -381,6 +469,9 @@ class RedisQueue(EventQueue):
                 self._fail("XGROUP CREATE", exc)
         except _ERRORS as exc:
             self._fail("XGROUP CREATE", exc)
+        await self._call(
+            "EVALSHA reset_bytes", self._reset_bytes(keys=[self.k_in, self.k_bytes], args=[])
+        )
         await self._release_previous_life()
         self._closing = False
         self._tasks = [
@@ -401,8 +492,8 @@ class RedisQueue(EventQueue):
                 await self._call(
                     "EVALSHA release",
                     self._release(
-                        keys=[self.k_in, self.k_due, self.k_claims, self.k_tries],
-                        args=[self.lane_prefix + lane_s, lane_s, token, now_ms],
+                        keys=[self.k_in, self.k_due, self.k_claims, self.k_tries, self.k_bytes],
+                        args=[self.lane_prefix + lane_s, lane_s, token, now_ms, ""],
                     ),
                 )
 
@@ -417,7 +508,7 @@ class RedisQueue(EventQueue):
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-        for _, fut in self._pending:
+        for *_, fut in self._pending:
             if not fut.done():
                 fut.set_exception(QueueUnavailable("webhook queue is closed"))
         self._pending.clear()
@@ -426,15 +517,18 @@ class RedisQueue(EventQueue):
 
     # -- ingest (group commit) -------------------------------------------------
 
-    async def append(self, events: Sequence[Event]) -> None:
+    async def append(
+        self, events: Sequence[Event], *, dedup_window: float = 0.0, max_bytes: int = 0
+    ) -> Appended:
         if not events:
-            return
+            return Appended()
         if self._closing or not self._tasks:
             raise QueueUnavailable("webhook queue is closed")
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending.append((events, fut))
+        fut: asyncio.Future[Appended] = asyncio.get_running_loop().create_future()
+        window_ms = max(0, int(dedup_window * 1000))
+        self._pending.append((events, window_ms, max(0, max_bytes), fut))
         self._kick.set()
-        await fut
+        return await fut
 
     async def _flush_loop(self) -> None:
         while True:
@@ -447,58 +541,75 @@ class RedisQueue(EventQueue):
                 except Exception as exc:  # never leave an ingest waiting forever
                     log.exception("webhook queue: storing events failed")
                     err = QueueUnavailable(f"webhook queue: storing failed: {exc}")
-                    for _, fut in batch:
+                    for *_, fut in batch:
                         if not fut.done():
                             fut.set_exception(err)
             if self._closing and not self._pending:
                 return
 
-    async def _flush(self, batch: list[tuple[Sequence[Event], asyncio.Future[None]]]) -> None:
-        """XADD the batch and sort it into lanes, in one pipeline (one round trip).
+    async def _run_batch(self, batch: list[_Append]) -> list[Any]:
+        """One pipeline: the append script for the whole batch, then a sort."""
+        args: list[str | bytes | int] = []
+        for events, window_ms, max_bytes, _ in batch:
+            for e in events:
+                fields = _fields(e)
+                args += [f"{self.dedup_prefix}{e.target}|{e.id}", e.target, len(e.body)]
+                args += [max_bytes, window_ms]
+                args += [x for kv in fields.items() for x in kv]
+        async with self._redis.pipeline(transaction=False) as pipe:
+            # EVALSHA directly: a Script object in a pipeline costs a SCRIPT
+            # EXISTS round trip per pipeline (NOSCRIPT is handled in _flush).
+            pipe.evalsha(self._append.sha, 2, self.k_in, self.k_bytes, *args)
+            # NOSCRIPT here (redis restarted) is handled by sort_new(), which loads it.
+            pipe.evalsha(
+                self._sort.sha,
+                2,
+                self.k_in,
+                self.k_due,
+                GROUP,
+                self.consumer,
+                SORT_BATCH,
+                int(self._clock() * 1000),
+                self.lane_prefix,
+            )
+            results: list[Any] = await pipe.execute(raise_on_error=False)
+            return results
 
-        Each append is resolved by its own XADD results: stored means stored,
-        whether or not the sort in the same pipeline worked (the periodic
-        sort catches up).
+    async def _flush(self, batch: list[_Append]) -> None:
+        """Append the batch and sort it into lanes, in one pipeline (one round trip).
+
+        Each append is resolved by its events' script results: stored means
+        stored, whether or not the sort in the same pipeline worked (the
+        periodic sort catches up). A failed script fails every append of the
+        batch (503: the instances retry; anything it stored before failing
+        is then a duplicate).
         """
         try:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for events, _ in batch:
-                    for e in events:
-                        pipe.xadd(self.k_in, _fields(e))  # type: ignore[arg-type]
-                # EVALSHA directly: a Script object in a pipeline costs a
-                # SCRIPT EXISTS round trip per pipeline. NOSCRIPT (redis
-                # restarted) is handled below by sort_new(), which loads it.
-                pipe.evalsha(
-                    self._sort.sha,
-                    2,
-                    self.k_in,
-                    self.k_due,
-                    GROUP,
-                    self.consumer,
-                    SORT_BATCH,
-                    int(self._clock() * 1000),
-                    self.lane_prefix,
-                )
-                results = await pipe.execute(raise_on_error=False)
+            appended, sorted_now = await self._run_batch(batch)
+            if isinstance(appended, NoScriptError):
+                # Redis lost its scripts (a restart): nothing ran; load and go again.
+                await self._redis.script_load(_APPEND)
+                appended, sorted_now = await self._run_batch(batch)
         except _ERRORS as exc:
-            detail = f"{type(exc).__name__}: {exc}"
-            err = QueueUnavailable(f"webhook queue: redis XADD at {self.where} failed: {detail}")
-            for _, fut in batch:
+            appended = exc
+            sorted_now = None
+        if isinstance(appended, BaseException):
+            detail = f"{type(appended).__name__}: {appended}"
+            err = QueueUnavailable(f"webhook queue: redis append at {self.where} failed: {detail}")
+            for *_, fut in batch:
                 if not fut.done():
                     fut.set_exception(err)
             return
         i = 0
-        for events, fut in batch:
-            mine = results[i : i + len(events)]
+        for events, _, _, fut in batch:
+            mine = appended[i : i + len(events)]
             i += len(events)
-            bad = next((r for r in mine if isinstance(r, BaseException)), None)
             if fut.done():
                 continue
-            if bad is not None:
-                fut.set_exception(QueueUnavailable(f"webhook queue: redis XADD failed: {bad}"))
-            else:
-                fut.set_result(None)
-        sorted_now = results[-1]
+            outcome: dict[int, list[str]] = {1: [], 0: [], -1: []}
+            for e, r in zip(events, mine, strict=True):
+                outcome.setdefault(int(r), []).append(e.target)
+            fut.set_result(Appended(tuple(outcome[1]), tuple(outcome[0]), tuple(outcome[-1])))
         if isinstance(sorted_now, int) and sorted_now:
             self.sorted += sorted_now
             self._notify()
@@ -612,13 +723,13 @@ class RedisQueue(EventQueue):
         await self._call(
             "EVALSHA ack",
             self._ack(
-                keys=[self.k_in, self.k_due, self.k_claims, self.k_tries],
+                keys=[self.k_in, self.k_due, self.k_claims, self.k_tries, self.k_bytes],
                 args=[
                     self.lane_prefix + claim.lane,
                     claim.lane,
                     claim.token,
                     0,
-                    *(i.ref for i in items),
+                    *_acked(items),
                 ],
             ),
         )
@@ -645,7 +756,14 @@ class RedisQueue(EventQueue):
         await self._call(
             "EVALSHA dead_letter",
             self._dead_script(
-                keys=[self.k_in, self.k_due, self.k_claims, self.k_tries, self.k_dead],
+                keys=[
+                    self.k_in,
+                    self.k_due,
+                    self.k_claims,
+                    self.k_tries,
+                    self.k_dead,
+                    self.k_bytes,
+                ],
                 args=[
                     self.lane_prefix + claim.lane,
                     claim.lane,
@@ -654,6 +772,7 @@ class RedisQueue(EventQueue):
                     reason[:1000],
                     rounds,
                     repr(self._clock()),
+                    item.event.target,
                 ],
             ),
         )
@@ -662,13 +781,13 @@ class RedisQueue(EventQueue):
         more = await self._call(
             "EVALSHA release",
             self._release(
-                keys=[self.k_in, self.k_due, self.k_claims, self.k_tries],
+                keys=[self.k_in, self.k_due, self.k_claims, self.k_tries, self.k_bytes],
                 args=[
                     self.lane_prefix + claim.lane,
                     claim.lane,
                     claim.token,
                     int(self._clock() * 1000),
-                    *(i.ref for i in ack),
+                    *_acked(ack),
                 ],
             ),
         )
@@ -687,7 +806,8 @@ class RedisQueue(EventQueue):
                 pipe.xrange(self.k_in, "-", "+", count=1)
                 pipe.xlen(self.k_dead)
                 pipe.zcard(self.k_due)
-                pending, first, dead, lanes = await pipe.execute()
+                pipe.hgetall(self.k_bytes)
+                pending, first, dead, lanes, by_target = await pipe.execute()
         except _ERRORS as exc:
             self._fail("stats", exc)
         oldest: float | None = None
@@ -703,6 +823,7 @@ class RedisQueue(EventQueue):
             dead_letters=int(dead),
             lanes=int(lanes),
             extra={"sorted_here": self.sorted},
+            bytes_by_target={_s(t): int(b) for t, b in by_target.items() if int(b) > 0},
         )
 
     # -- dead letters ------------------------------------------------------------
@@ -755,7 +876,9 @@ class RedisQueue(EventQueue):
             return False
         n = await self._call(
             "EVALSHA replay",
-            self._replay(keys=[self.k_dead, self.k_in], args=[dead_id, repr(self._clock())]),
+            self._replay(
+                keys=[self.k_dead, self.k_in, self.k_bytes], args=[dead_id, repr(self._clock())]
+            ),
         )
         return bool(n)
 

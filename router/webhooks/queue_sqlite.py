@@ -25,7 +25,12 @@ Ordering. Tables:
   indexed by ``(lane, seq)``;
 * ``lanes``: one row per lane with pending events and its ``next_at`` (when
   its head may be attempted: arrival time, or after a failure the backoff);
-* ``dead``: dead letters.
+* ``dead``: dead letters;
+* ``target_bytes``: bytes of queued bodies per target, kept by triggers on
+  ``events`` (so every insert and delete counts, whatever the path), and
+  recounted from ``events`` at open;
+* ``dedup``: (target, event id) -> until when a new copy of that id is a
+  duplicate for that target (``dedup_window``); swept as it expires.
 
 A lane's head is its lowest ``seq``. ``claim`` picks due lanes by
 ``next_at`` and returns their heads; claims are held in memory (one process
@@ -49,6 +54,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from router.webhooks.queue import (
+    Appended,
     BacklogStats,
     Claim,
     DeadLetter,
@@ -77,6 +83,8 @@ CREATE TABLE IF NOT EXISTS events (
     instance_url TEXT,
     rounds INTEGER NOT NULL DEFAULT 0,
     last_error TEXT,
+    -- length(body), before it: read without touching the body's overflow pages
+    size INTEGER NOT NULL DEFAULT 0,
     body BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS events_lane ON events (lane, seq);
@@ -101,12 +109,38 @@ CREATE TABLE IF NOT EXISTS dead (
     dead_at REAL NOT NULL,
     body BLOB NOT NULL
 );
+CREATE TABLE IF NOT EXISTS target_bytes (
+    target TEXT PRIMARY KEY,
+    bytes INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS dedup (
+    target TEXT NOT NULL,
+    id TEXT NOT NULL,
+    until REAL NOT NULL,
+    PRIMARY KEY (target, id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS dedup_until ON dedup (until);
 """
 
+# After the ``size`` column exists (a file from before it gets it in ``_connect``).
+_TRIGGERS = """
+CREATE TRIGGER IF NOT EXISTS events_bytes_in AFTER INSERT ON events BEGIN
+    INSERT INTO target_bytes (target, bytes) VALUES (new.target, new.size)
+    ON CONFLICT (target) DO UPDATE SET bytes = bytes + excluded.bytes;
+END;
+CREATE TRIGGER IF NOT EXISTS events_bytes_out AFTER DELETE ON events BEGIN
+    UPDATE target_bytes SET bytes = bytes - old.size WHERE target = old.target;
+END;
+"""
+# Seconds between sweeps of expired ``dedup`` rows (in an append's commit).
+DEDUP_SWEEP = 10.0
+
 _EVENT_COLS = "id, target, lane, instance, dialect, type, session, received, instance_url, body"
+_INSERT_EVENT = f"INSERT INTO events ({_EVENT_COLS}, size) VALUES (?,?,?,?,?,?,?,?,?,?,?)"
 
 
 def _event_row(e: Event) -> tuple[Any, ...]:
+    """The ``_INSERT_EVENT`` values: the ``_EVENT_COLS`` columns, then ``size``."""
     return (
         e.id,
         e.target,
@@ -118,6 +152,7 @@ def _event_row(e: Event) -> tuple[Any, ...]:
         e.received,
         e.instance_url,
         e.body,
+        len(e.body),
     )
 
 
@@ -171,6 +206,7 @@ class SqliteQueue(EventQueue):
         self._claimed: dict[str, str] = {}
         self._tokens = itertools.count(1)
         self.commits = 0  # transactions committed (group commit effectiveness)
+        self._dedup_swept = 0.0  # clock time of the last sweep of expired dedup rows
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -227,6 +263,21 @@ class SqliteQueue(EventQueue):
         conn.execute(f"PRAGMA synchronous={self.synchronous.upper()}")
         conn.execute("PRAGMA busy_timeout=5000")
         conn.executescript(_SCHEMA)
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(events)")}
+        if "size" not in columns:  # a file from before byte accounting
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("ALTER TABLE events ADD COLUMN size INTEGER NOT NULL DEFAULT 0")
+            conn.execute("UPDATE events SET size = length(body)")
+            conn.execute("COMMIT")
+        conn.executescript(_TRIGGERS)
+        # Recount: exact whatever happened to the file while closed.
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("DELETE FROM target_bytes")
+        conn.execute(
+            "INSERT INTO target_bytes (target, bytes)"
+            " SELECT target, SUM(size) FROM events GROUP BY target"
+        )
+        conn.execute("COMMIT")
         return conn
 
     async def close(self) -> None:
@@ -354,20 +405,55 @@ class SqliteQueue(EventQueue):
 
     # -- queue operations -----------------------------------------------------
 
-    async def append(self, events: Sequence[Event]) -> None:
+    async def append(
+        self, events: Sequence[Event], *, dedup_window: float = 0.0, max_bytes: int = 0
+    ) -> Appended:
         if not events:
-            return
+            return Appended()
         rows = [_event_row(e) for e in events]
-        lanes = [(e.lane, e.received) for e in events]
+        now = self._clock()
 
-        def op(conn: sqlite3.Connection) -> None:
-            conn.executemany(
-                f"INSERT INTO events ({_EVENT_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?)", rows
-            )
-            conn.executemany("INSERT OR IGNORE INTO lanes (lane, next_at) VALUES (?, ?)", lanes)
+        def op(conn: sqlite3.Connection) -> Appended:
+            stored: list[str] = []
+            duplicate: list[str] = []
+            full: list[str] = []
+            for e, row in zip(events, rows, strict=True):
+                if (
+                    dedup_window > 0
+                    and conn.execute(
+                        "SELECT 1 FROM dedup WHERE target = ? AND id = ? AND until > ?",
+                        (e.target, e.id, now),
+                    ).fetchone()
+                ):
+                    duplicate.append(e.target)
+                    continue
+                if max_bytes > 0:
+                    got = conn.execute(
+                        "SELECT bytes FROM target_bytes WHERE target = ?", (e.target,)
+                    ).fetchone()
+                    if (got[0] if got else 0) + len(e.body) > max_bytes:
+                        full.append(e.target)
+                        continue
+                conn.execute(_INSERT_EVENT, row)
+                conn.execute(
+                    "INSERT OR IGNORE INTO lanes (lane, next_at) VALUES (?, ?)",
+                    (e.lane, e.received),
+                )
+                if dedup_window > 0:
+                    conn.execute(
+                        "INSERT OR REPLACE INTO dedup (target, id, until) VALUES (?, ?, ?)",
+                        (e.target, e.id, now + dedup_window),
+                    )
+                stored.append(e.target)
+            if dedup_window > 0 and now - self._dedup_swept >= DEDUP_SWEEP:
+                self._dedup_swept = now
+                conn.execute("DELETE FROM dedup WHERE until <= ?", (now,))
+            return Appended(tuple(stored), tuple(duplicate), tuple(full))
 
-        await self._run(op, durable=True)
-        self._notify()
+        result = await self._run(op, durable=True)
+        if result.stored:
+            self._notify()
+        return result
 
     async def claim(self, max_lanes: int, per_lane: int) -> list[Claim]:
         if max_lanes <= 0:
@@ -533,12 +619,16 @@ class SqliteQueue(EventQueue):
             first = conn.execute("SELECT received FROM events ORDER BY seq LIMIT 1").fetchone()
             (dead,) = conn.execute("SELECT COUNT(*) FROM dead").fetchone()
             (lanes,) = conn.execute("SELECT COUNT(*) FROM lanes").fetchone()
+            by_target = conn.execute(
+                "SELECT target, bytes FROM target_bytes WHERE bytes > 0"
+            ).fetchall()
             return BacklogStats(
                 pending=int(pending),
                 oldest_received=float(first[0]) if first and first[0] is not None else None,
                 dead_letters=int(dead),
                 lanes=int(lanes),
                 extra={"commits": self.commits},
+                bytes_by_target={str(t): int(b) for t, b in by_target},
             )
 
         return await self._read(op)
@@ -596,10 +686,7 @@ class SqliteQueue(EventQueue):
             if row is None:
                 return False
             ev = _event(row)
-            conn.execute(
-                f"INSERT INTO events ({_EVENT_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                (*_event_row(ev)[:7], now, *_event_row(ev)[8:]),
-            )
+            conn.execute(_INSERT_EVENT, (*_event_row(ev)[:7], now, *_event_row(ev)[8:]))
             conn.execute(
                 "INSERT OR IGNORE INTO lanes (lane, next_at) VALUES (?, ?)", (ev.lane, now)
             )

@@ -113,6 +113,7 @@ class WebhookRelay:
             on_session_hint=on_session_hint,
             on_qr=on_qr,
             clock=clock,
+            body_timeout=config.limits.body_timeout,
         )
         self.admin = WebhookAdmin(self.queue, config.admin_key)
         self.main_app = MainAppProxy(
@@ -411,7 +412,7 @@ class WebhookRelay:
             )
             metrics.DEAD_LETTERED.labels(target, "rejected").inc()
             self.dead_lettered += 1
-            log.warning("webhooks: %s dead-lettered: %s", event_summary(ev), outcome.error)
+            log.warning("webhooks: %s dead-lettered: %s", event_summary(ev), outcome.loggable)
             return True
         age = now - ev.received
         if age >= self.delivery.max_age:
@@ -427,7 +428,7 @@ class WebhookRelay:
             metrics.DEAD_LETTERED.labels(target, "max_age").inc()
             self.dead_lettered += 1
             log.warning(
-                "webhooks: %s dead-lettered (max_age): %s", event_summary(ev), outcome.error
+                "webhooks: %s dead-lettered (max_age): %s", event_summary(ev), outcome.loggable
             )
             return True
         self.failed_rounds += 1
@@ -437,7 +438,7 @@ class WebhookRelay:
             "webhooks: %s failed (round %d: %s); next try in %.1f s",
             event_summary(ev),
             rounds,
-            outcome.error,
+            outcome.loggable,
             next_at - now,
         )
         return False
@@ -457,6 +458,11 @@ class WebhookRelay:
         metrics.DEAD_LETTERS.set(s.dead_letters)
         age = max(0.0, self._clock() - s.oldest_received) if s.oldest_received else 0.0
         metrics.OLDEST_AGE.set(age)
+        cap = self.wh.ingest.max_queued_bytes
+        for t in self.wh.targets:
+            queued = s.bytes_by_target.get(t.name, 0)
+            metrics.QUEUED_BYTES.labels(t.name).set(queued)
+            metrics.QUEUE_USAGE.labels(t.name).set(queued / cap if cap else 0.0)
 
     async def _stats_loop(self) -> None:
         while True:
