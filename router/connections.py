@@ -25,13 +25,18 @@ import resource
 import time
 from typing import Any
 
-from aiohttp import web
+from aiohttp import HttpVersion10, web
+from aiohttp.abc import AbstractStreamWriter
+from aiohttp.http_parser import RawRequestMessage
+from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler
 
 from router.config import Limits
 
 log = logging.getLogger(__name__)
 
+# Set on a request whose line had no HTTP version (see ``_make_request``).
+OBSOLETE_HTTP: web.RequestKey[bool] = web.RequestKey("wa_router.obsolete_http", bool)
 _QUIET_FOR = 60.0  # seconds between two log lines of the same kind
 LINGER = 2.0
 
@@ -111,6 +116,25 @@ class GuardedServer(web.Server):
 
     def __call__(self) -> RequestHandler:
         return GuardedHandler(self, loop=self._loop, **self._kwargs)
+
+    def _make_request(
+        self,
+        message: RawRequestMessage,
+        payload: StreamReader,
+        protocol: RequestHandler,
+        writer: AbstractStreamWriter,
+        task: asyncio.Task[None],
+    ) -> web.BaseRequest:
+        if message.version >= HttpVersion10:
+            return super()._make_request(message, payload, protocol, writer, task)
+        # aiohttp reads a request line without a version as HTTP/0.9 and would
+        # answer with an "HTTP/0.9 200" status line and headers, which is no
+        # protocol at all. A request line without a version is malformed in
+        # HTTP/1.1 (RFC 9112 section 3): refused (400) in HTTP/1.0, then closed.
+        message = message._replace(version=HttpVersion10, should_close=True)
+        request = super()._make_request(message, payload, protocol, writer, task)
+        request[OBSOLETE_HTTP] = True
+        return request
 
     # -- bookkeeping ---------------------------------------------------------------------
 

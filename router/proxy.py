@@ -73,6 +73,7 @@ from router.transport import (
 from router.upstream import (
     add_forwarded,
     filtered_request_headers,
+    is_websocket_handshake,
     response_headers,
     upstream_path_qs,
 )
@@ -207,17 +208,14 @@ class ProxyHandler:
             raise RouterError(401, "unauthorized", "missing or invalid router API key")
         body = await self._read_body(request, ureq, snap, key_in_body)
         ureq.has_body = bool(body) or (body is None and request.body_exists)
+        key = ureq.client_key = adapter.client_key(ureq)
+        if keys and key_in_body and not _known_key(key, keys):
+            raise RouterError(401, "unauthorized", "missing or invalid router API key")
         try:
             ext = adapter.extract(ureq)
         except BadSessionId as exc:
             raise RouterError(400, "bad_session_id", str(exc)) from None
-        key = ureq.client_key = adapter.client_key(ureq)
-        if keys and key_in_body and not _known_key(key, keys):
-            raise RouterError(
-                401, "unauthorized", "missing or invalid router API key", session=ext.session
-            )
-        websocket = request.headers.get("Upgrade", "").lower() == "websocket"
-        return Call(request, request_id, snap, ureq, body, ext, websocket)
+        return Call(request, request_id, snap, ureq, body, ext, is_websocket_handshake(request))
 
     async def _read_body(
         self, request: web.BaseRequest, ureq: UpstreamRequest, snap: Snapshot, key_in_body: bool
@@ -600,6 +598,11 @@ class ProxyHandler:
                     assert session is not None
                     if not adapter.session_missing(up.status, payload):
                         return self._answer(up, inst, call, payload)
+                    if await self._still_there(call, inst):
+                        # Not about this session after all (the instance read
+                        # another name from the request, or it was starting):
+                        # restoring it elsewhere would make two copies.
+                        return self._answer(up, inst, call, payload)
                     UPSTREAM_ERRORS.labels(inst.name, "session_missing").inc()
                     if tries >= cfg.max_tries:
                         raise RouterError(
@@ -634,6 +637,14 @@ class ProxyHandler:
                     return await self._answered(call, route, up, inst)
                 finally:
                     up.release()
+
+    async def _still_there(self, call: Call, inst: Instance) -> bool:
+        """Whether ``inst`` may still run the call's session after answering
+        that it does not: asked the one way the adapter names it (its probe).
+        An instance that cannot say counts as running it: never guess."""
+        assert call.session is not None
+        state = await self.rt.resolver.probe.state(call.snap.adapter, inst, call.session)
+        return state in (ProbeState.RUNNING, ProbeState.UNKNOWN)
 
     async def _replay_slot(self, replays: Replays, call: Call, reason: str) -> bool:
         """A retry-budget slot for one replay (bounded wait), counted in the metrics."""

@@ -24,9 +24,15 @@ from router.adapters import build_adapter
 from router.adapters.base import BadSessionId, valid_session_id
 from router.admin import AdminAPI
 from router.config import RouterConfig
-from router.connections import GuardedHandler, GuardedServer, raise_nofile_limit
+from router.connections import (
+    OBSOLETE_HTTP,
+    GuardedHandler,
+    GuardedServer,
+    raise_nofile_limit,
+)
 from router.dashboard import Dashboard
 from router.discovery import Discovery
+from router.errors import RouterError, error_response, request_id_of
 from router.health import HealthChecker
 from router.idempotency import IdempotencyStore, MemoryIdempotency, RedisIdempotency
 from router.instances import Fleet
@@ -294,6 +300,11 @@ class Server:
             conn = request.protocol
             if type(conn) is GuardedHandler:
                 conn.head_started = None  # the head is complete
+            if OBSOLETE_HTTP in request:
+                return error_response(
+                    RouterError(400, "bad_request", "the request line has no HTTP/1.x version"),
+                    request_id_of(request),
+                )
             path = request.path
             if path == "/healthz":
                 return web.Response(body=b'{"status":"ok"}', content_type=_JSON)

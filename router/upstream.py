@@ -71,3 +71,15 @@ def upstream_path_qs(raw_path: str, ureq: UpstreamRequest) -> str:
     if not ureq.query:
         return raw_path
     return raw_path + "?" + urlencode(list(ureq.query.items()))
+
+
+def is_websocket_handshake(request: web.BaseRequest) -> bool:
+    """A real WebSocket opening handshake (RFC 6455 section 4.1): a GET whose
+    ``Connection`` lists ``upgrade``, with ``Upgrade: websocket`` and a key.
+    ``Upgrade`` alone is a hop-by-hop header like any other: the request is
+    plain HTTP and the header is dropped, never a reason to try a bridge."""
+    headers = request.headers
+    if request.method != "GET" or headers.get("Upgrade", "").lower() != "websocket":
+        return False
+    tokens = {t.strip().lower() for t in headers.get("Connection", "").split(",")}
+    return "upgrade" in tokens and bool(headers.get("Sec-WebSocket-Key"))

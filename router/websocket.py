@@ -52,8 +52,17 @@ async def _connect(
             heartbeat=30,
         )
     except aiohttp.WSServerHandshakeError as exc:
+        if exc.status < 400:
+            # It answered the handshake as a plain request: this path takes
+            # no WebSocket. The client's mistake, not a failing instance.
+            raise RouterError(
+                400,
+                "not_a_websocket",
+                f"{raw_path} does not take a WebSocket (the instance answered {exc.status})",
+                instance=inst.name,
+            ) from exc
         raise RouterError(
-            exc.status if 400 <= exc.status < 600 else 502,
+            exc.status if exc.status < 600 else 502,
             "upstream_ws_refused",
             f"instance {inst.name} refused the WebSocket ({exc.status})",
             instance=inst.name,

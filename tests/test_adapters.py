@@ -150,7 +150,6 @@ WAHA_CASES: list[tuple[str, str, dict[str, Any] | None, Extraction]] = [
     # JSON body "session" (default "default")
     ("POST", "/api/sendText", {"session": "s5", "chatId": "1@c.us", "text": "hi"}, S("s5")),
     ("POST", "/api/sendText", {"chatId": "1@c.us", "text": "hi"}, S("default")),
-    ("POST", "/api/sendText", {"session": None, "chatId": "1@c.us"}, S("default")),
     ("POST", "/api/sendText", None, S("default")),
     ("POST", "/api/sendText?session=q", {"chatId": "1@c.us"}, S("default")),
     ("POST", "/api/sendImage", {"session": "s5", "file": {"url": "http://x/y.jpg"}}, S("s5")),
@@ -246,6 +245,20 @@ def test_waha_extract(
 )
 def test_waha_needs_body(method: str, path: str, expected: bool) -> None:
     assert waha.needs_body(method, path) is expected
+
+
+@pytest.mark.parametrize("value", [None, 7, ["a", "b"], {"x": 1}, True])
+def test_waha_a_session_field_that_is_no_string_is_refused(value: object) -> None:
+    # Only a missing field means "default": null (or an array from a repeated
+    # form field) is not what WAHA reads as "default".
+    with pytest.raises(BadSessionId):
+        waha.extract(make(waha, "POST", "/api/sendText", {"session": value}))
+    assert waha.extract(make(waha, "POST", "/api/sendText", {"chatId": "x"})) == S("default")
+
+
+def test_waha_and_evolution_read_form_bodies_as_their_upstreams_do() -> None:
+    # NestJS (WAHA) and Evolution's Express both install urlencoded parsers.
+    assert waha.reads_forms and evolution.reads_forms
 
 
 @pytest.mark.parametrize("bad", BAD_IDS)
@@ -473,7 +486,6 @@ BLAZZ_CASES: list[tuple[str, str, dict[str, Any] | None, Extraction]] = [
         created(BLAZZ_ID),
     ),
     ("POST", "/api/sessions/", {"session_id": BLAZZ_ID, "workspace_id": 12}, created(BLAZZ_ID)),
-    ("POST", "/api/sessions", {"workspace_id": 12}, CREATE),
     ("GET", "/api/sessions?api_key=k", None, NONE),
     ("GET", f"/api/sessions/{BLAZZ_ID}/status?api_key=k", None, S(BLAZZ_ID)),
     ("GET", f"/api/sessions/{BLAZZ_ID}/metadata?api_key=k", None, S(BLAZZ_ID)),
@@ -518,6 +530,13 @@ def test_blazz_extract(
 )
 def test_blazz_needs_body(method: str, path: str, expected: bool) -> None:
     assert blazz.needs_body(method, path) is expected
+
+
+def test_blazz_refuses_a_create_it_could_not_name() -> None:
+    # Blazz would start a session called "undefined" (a second one elsewhere
+    # fights over its browser profile): the router cannot route it, so 400.
+    with pytest.raises(BadSessionId, match="session_id"):
+        blazz.extract(make(blazz, "POST", "/api/sessions", {"workspace_id": 12}))
 
 
 @pytest.mark.parametrize("bad", BAD_IDS)

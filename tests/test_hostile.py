@@ -296,6 +296,20 @@ async def test_malformed_requests_log_one_line_without_their_bytes(
     assert len(lines) <= 2, [r.getMessage() for r in lines]
 
 
+async def test_a_request_line_without_a_version_is_a_400_in_http_1(
+    sim_fleet: SimFleetFactory, start_router: StartRouter
+) -> None:
+    """aiohttp reads it as HTTP/0.9 and would answer "HTTP/0.9 200" with
+    headers; the router refuses it in HTTP/1.0 and closes, before routing."""
+    _fleet, router = await waha_router(sim_fleet, start_router)
+    port = router.server.port or 0
+    for line in (b"GET /healthz", b"GET /api/x/me", b"GET /healthz HTTP/0.9"):
+        answer = await raw(port, line + f"\r\nX-Api-Key: {ROUTER_KEY}\r\n\r\n".encode())
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.0 400 "), answer[:200]
+        assert json.loads(body)["error"] == "bad_request"
+
+
 # -- request ids, route lists -------------------------------------------------------
 
 

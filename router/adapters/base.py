@@ -64,9 +64,9 @@ class HeldElsewhere(Exception):
 class BadSessionId(ValueError):
     """The request names a session id outside ``SESSION_ID_PATTERN`` (-> 400)."""
 
-    def __init__(self, value: str) -> None:
+    def __init__(self, value: str, reason: str | None = None) -> None:
         self.value = value
-        super().__init__(f"invalid session id {value[:64]!r}")
+        super().__init__(reason or f"invalid session id {value[:64]!r}")
 
 
 def valid_session_id(value: object) -> str:

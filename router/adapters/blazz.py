@@ -58,6 +58,7 @@ from router.adapters._http import (
 )
 from router.adapters.base import (
     Answer,
+    BadSessionId,
     Extraction,
     HealthReport,
     HeldElsewhere,
@@ -71,7 +72,6 @@ from router.adapters.base import (
 from router.config import InstanceConfig
 
 _NO_SESSION: Final = Extraction(None)
-_CREATE_UNNAMED: Final = Extraction(None, create=True)
 # /api/messages/{x}: these x are actions with the session in the body.
 _BODY_ACTIONS: Final = frozenset({"send", "send-media", "bulk-send"})
 
@@ -162,7 +162,9 @@ class BlazzAdapter(JsonAdapter):
                 if req.method == "POST":
                     value = self._body_field(req)
                     if value is None:
-                        return _CREATE_UNNAMED
+                        # Blazz would start a session named "undefined", which a
+                        # second such create elsewhere fights over: refused.
+                        raise BadSessionId("", "a create needs a session_id in its JSON body")
                     return Extraction(valid_session_id(value), create=True)
                 return _NO_SESSION
             if rest[0] == "/":

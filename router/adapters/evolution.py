@@ -64,6 +64,8 @@ class EvolutionAdapter(HeaderCredentialAdapter):
     credential_header = "apikey"
 
     name = "evolution"
+    # Its main.ts: express urlencoded({extended: true}) and json().
+    reads_forms = True
 
     def __init__(self, options: Mapping[str, Any] | None = None) -> None:
         super().__init__(options)

@@ -41,6 +41,7 @@ from router.adapters._http import (
     parse_json,
 )
 from router.adapters.base import (
+    BadSessionId,
     Extraction,
     HealthReport,
     ListFailed,
@@ -137,6 +138,8 @@ class WahaAdapter(JsonAdapter):
     """
 
     name = "waha"
+    # NestJS's default body parsers: JSON and urlencoded (``qs``, extended).
+    reads_forms = True
 
     def __init__(self, options: Mapping[str, Any] | None = None) -> None:
         super().__init__(options)
@@ -244,9 +247,15 @@ class WahaAdapter(JsonAdapter):
     def _field(self, req: UpstreamRequest) -> Extraction:
         body = req.json
         if body is not None and req.method in BODY_METHODS:
-            value = body.get("session")
-        else:
-            value = req.query.get("session")
+            if "session" not in body:
+                return self._default
+            value = body["session"]
+            if not isinstance(value, str):
+                # null, a number, an array (a repeated form field): WAHA does not
+                # read that as "default", and the router cannot tell what it does.
+                raise BadSessionId("", "the body's session must be a string naming the session")
+            return self._ids.get(value)
+        value = req.query.get("session")
         if value is None:
             return self._default
         return self._ids.get(value)

@@ -359,6 +359,7 @@ class _Conn(asyncio.Protocol):
         "rx",
         "sent",
         "transport",
+        "waiting_body",
     )
 
     def __init__(self, pool: _Pool) -> None:
@@ -392,6 +393,9 @@ class _Conn(asyncio.Protocol):
         self.reason = b""
         self.sent = False
         self.req_done = False
+        # The request body's next chunk is awaited from our caller (the
+        # client): the silence is theirs, not the upstream's.
+        self.waiting_body = False
         self.rx = False
         self.head_rx = 0  # bytes received before the final head was complete
 
@@ -651,8 +655,9 @@ class _Conn(asyncio.Protocol):
 
     def check_timeout(self, now: float) -> None:
         """Called by the pool's ticker while a request is in flight."""
-        if self.paused_reading:
-            # Our consumer is slow, not the upstream.
+        if self.paused_reading or self.waiting_body:
+            # Our consumer is slow, or the body's producer: not the upstream.
+            # (A body that never comes ends through its own timeout.)
             self.last_rx = now
             return
         read_timeout = self.read_timeout
@@ -1131,8 +1136,16 @@ def _retryable(method: str, exc: UpstreamError) -> bool:
 
 async def _stream_body(conn: _Conn, stream: AsyncIterable[bytes]) -> None:
     """Write ``stream`` chunked, with back-pressure; mark the request done."""
+    chunks = aiter(stream)
     try:
-        async for chunk in stream:
+        while True:
+            conn.waiting_body = True
+            try:
+                chunk = await anext(chunks)
+            except StopAsyncIteration:
+                break
+            finally:
+                conn.waiting_body = False
             if conn.closed:
                 return
             if chunk:
