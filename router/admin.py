@@ -38,7 +38,6 @@ router process, like admin state.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import secrets
 import time
@@ -54,9 +53,10 @@ from aiohttp import web
 
 from router import admin_models as m
 from router.adapters.base import BadSessionId, SessionInfo, valid_session_id
+from router.errors import RouterError, error_response, request_id_of
 from router.instances import Instance
+from router.keys import admin_key_of, matches
 from router.locks import LockBusy
-from router.migration import MoveError
 from router.openapi import Operation, Param, bounded, describe, document
 from router.placement import load_ratio
 from router.probe import RUNNING
@@ -84,25 +84,10 @@ _M = TypeVar("_M", bound=m.Model)
 _encode = msgspec.json.Encoder().encode
 
 
-class AdminError(Exception):
-    def __init__(
-        self, status: int, code: str, message: str, headers: dict[str, str] | None = None
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.headers = headers or {}
-
-
 def json_response(
     data: m.Model | dict[str, Any], status: int = 200, headers: dict[str, str] | None = None
 ) -> web.Response:
     return web.Response(status=status, body=_encode(data), content_type=_JSON, headers=headers)
-
-
-def error_response(exc: AdminError) -> web.Response:
-    return json_response(m.Error(exc.code, exc.message), status=exc.status, headers=exc.headers)
 
 
 def public_url(url: str) -> str:
@@ -186,31 +171,30 @@ class AdminAPI:
         try:
             key = self.rt.config.admin_key
             if not key:
-                raise AdminError(404, "not_found", "the admin API is disabled (no admin_key)")
-            if not _authorized(request, key):
-                raise AdminError(
+                raise RouterError(404, "not_found", "the admin API is disabled (no admin_key)")
+            if not matches(admin_key_of(request), (key,)):
+                raise RouterError(
                     401,
                     "unauthorized",
                     "missing or invalid admin key",
-                    {"WWW-Authenticate": 'Bearer realm="session-router admin"'},
+                    headers={"WWW-Authenticate": 'Bearer realm="session-router admin"'},
                 )
             match = await self._resolve(request)
             exc = match.http_exception
             if isinstance(exc, web.HTTPMethodNotAllowed):
-                raise AdminError(
+                raise RouterError(
                     405,
                     "method_not_allowed",
                     f"{request.method} is not allowed here",
-                    {"Allow": ", ".join(sorted(exc.allowed_methods))},
+                    headers={"Allow": ", ".join(sorted(exc.allowed_methods))},
                 )
             if exc is not None:
-                raise AdminError(404, "not_found", f"no admin endpoint {request.path}")
+                raise RouterError(404, "not_found", f"no admin endpoint {request.path}")
             r = self._by_route[match.route]
             return await r.handler(self, request, match)
-        except AdminError as exc:
-            return error_response(exc)
-        except MoveError as exc:
-            return error_response(AdminError(exc.status, exc.code, exc.message))
+        except RouterError as exc:
+            # One envelope for proxy, admin and webhook errors (router.errors).
+            return error_response(exc, request_id_of(request))
 
     async def _resolve(self, request: web.BaseRequest) -> UrlMappingMatchInfo:
         # ``resolve`` reads only ``method`` and ``rel_url``, which a BaseRequest (what
@@ -230,37 +214,26 @@ class AdminAPI:
     def instance(self, name: str) -> Instance:
         inst = self.rt.fleet.get(name)
         if inst is None:
-            raise AdminError(404, "unknown_instance", f"no instance named {name!r}")
+            raise RouterError(404, "unknown_instance", f"no instance named {name!r}")
         return inst
-
-
-def _authorized(request: web.BaseRequest, key: str) -> bool:
-    given = request.headers.get("X-Admin-Key")
-    if given is None:
-        auth = request.headers.get("Authorization", "")
-        scheme, _, token = auth.partition(" ")
-        if scheme.lower() != "bearer":
-            return False
-        given = token.strip()
-    return hmac.compare_digest(given.encode(), key.encode())
 
 
 def _session_param(params: Params) -> str:
     try:
         return valid_session_id(params["session"])
     except BadSessionId as exc:
-        raise AdminError(400, "bad_session_id", str(exc)) from None
+        raise RouterError(400, "bad_session_id", str(exc)) from None
 
 
 async def _read_json(request: web.BaseRequest) -> dict[str, Any]:
     if request.content_length is not None and request.content_length > _MAX_BODY:
-        raise AdminError(413, "body_too_large", f"admin bodies are at most {_MAX_BODY} bytes")
+        raise RouterError(413, "body_too_large", f"admin bodies are at most {_MAX_BODY} bytes")
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.content.iter_any():
         size += len(chunk)
         if size > _MAX_BODY:
-            raise AdminError(413, "body_too_large", f"admin bodies are at most {_MAX_BODY} bytes")
+            raise RouterError(413, "body_too_large", f"admin bodies are at most {_MAX_BODY} bytes")
         chunks.append(chunk)
     body = b"".join(chunks)
     if not body.strip():
@@ -268,9 +241,9 @@ async def _read_json(request: web.BaseRequest) -> dict[str, Any]:
     try:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError):
-        raise AdminError(400, "bad_json", "the body is not valid JSON") from None
+        raise RouterError(400, "bad_json", "the body is not valid JSON") from None
     if not isinstance(data, dict):
-        raise AdminError(400, "bad_json", "the body must be a JSON object")
+        raise RouterError(400, "bad_json", "the body must be a JSON object")
     return data
 
 
@@ -280,7 +253,7 @@ async def _read(request: web.BaseRequest, model: type[_M], usage: str) -> _M:
     try:
         return msgspec.convert(data, model)
     except msgspec.ValidationError:
-        raise AdminError(400, "bad_request", f"the body must be {usage}") from None
+        raise RouterError(400, "bad_request", f"the body must be {usage}") from None
 
 
 def _number(request: web.BaseRequest, name: str, default: float, high: float) -> float:
@@ -290,9 +263,9 @@ def _number(request: web.BaseRequest, name: str, default: float, high: float) ->
     try:
         value = float(raw)
     except ValueError:
-        raise AdminError(400, "bad_parameter", f"{name} must be a number") from None
+        raise RouterError(400, "bad_parameter", f"{name} must be a number") from None
     if not 0 <= value <= high:
-        raise AdminError(400, "bad_parameter", f"{name} must be between 0 and {high:g}")
+        raise RouterError(400, "bad_parameter", f"{name} must be between 0 and {high:g}")
     return value
 
 
@@ -381,7 +354,7 @@ async def get_drain(api: AdminAPI, request: web.BaseRequest, p: Params) -> web.R
     inst = api.instance(p["name"])
     job = api.rt.migration.jobs.get(inst.name)
     if job is None:
-        raise AdminError(404, "no_drain", f"instance {inst.name!r} was not drained")
+        raise RouterError(404, "no_drain", f"instance {inst.name!r} was not drained")
     wait = _number(request, "wait", 0.0, MAX_WAIT)
     if wait > 0:
         await job.wait(wait)
@@ -486,7 +459,7 @@ async def list_sessions(api: AdminAPI, request: web.BaseRequest, p: Params) -> w
     smap = rt.smap
     limit = int(_number(request, "limit", 100, MAX_PAGE))
     if limit < 1:
-        raise AdminError(400, "bad_parameter", f"limit must be between 1 and {MAX_PAGE}")
+        raise RouterError(400, "bad_parameter", f"limit must be between 1 and {MAX_PAGE}")
     q = (request.query.get("q") or "").lower()
     prefix = request.query.get("prefix") or ""
     owner_filter = request.query.get("instance") or None
@@ -500,7 +473,7 @@ async def list_sessions(api: AdminAPI, request: web.BaseRequest, p: Params) -> w
         listing_id, _, pos = cursor.rpartition(".")
         listing = api.listings.get(listing_id)
         if listing is None or not pos.isdigit():
-            raise AdminError(410, "cursor_expired", "the cursor expired: start the listing again")
+            raise RouterError(410, "cursor_expired", "the cursor expired: start the listing again")
         offset = int(pos)
         snapshot = listing.ids
         # By index: neither a copy of the rest nor a walk past the first ``offset``.
@@ -554,7 +527,7 @@ async def get_session(api: AdminAPI, request: web.BaseRequest, p: Params) -> web
         except StoreUnavailable:
             owner = None
     if owner is None:
-        raise AdminError(404, "unknown_session", f"session {session!r} is not mapped")
+        raise RouterError(404, "unknown_session", f"session {session!r} is not mapped")
     inst = rt.fleet.get(owner)
     status: m.ProbeStatus | None = None
     if inst is not None:
@@ -626,7 +599,7 @@ async def forget_session(api: AdminAPI, request: web.BaseRequest, p: Params) -> 
     session = _session_param(p)
     owner = rt.smap.peek(session)
     if owner is None:
-        raise AdminError(404, "unknown_session", f"session {session!r} is not mapped")
+        raise RouterError(404, "unknown_session", f"session {session!r} is not mapped")
     await rt.smap.forget(session)
     rt.pins.discard(session)
     rt.events.add("forget", session=session, instance=owner, cause="admin")
@@ -663,29 +636,29 @@ async def pin_session(api: AdminAPI, request: web.BaseRequest, p: Params) -> web
     body = await _read(request, m.PinRequest, '{"instance": "<instance name>"}')
     name = rt.smap.peek(session) if body.instance is msgspec.UNSET else body.instance
     if name is None:
-        raise AdminError(
+        raise RouterError(
             404, "unknown_session", f"session {session!r} is not mapped: name an instance"
         )
     inst = api.instance(name)
     if rt.migration.active(session) or rt.failover.recovering(session):
-        raise AdminError(409, "busy", f"session {session!r} is being moved or recovered")
+        raise RouterError(409, "busy", f"session {session!r} is being moved or recovered")
     try:
         async with rt.locks.hold(session, rt.config.failover.lock_ttl):
             info = await _probe(rt, inst, session)
             if info is None or info.status not in RUNNING:
                 there = f" (it is {info.status.value} there)" if info is not None else ""
-                raise AdminError(
+                raise RouterError(
                     409, "not_running", f"session {session!r} does not run on {name!r}{there}"
                 )
             previous = rt.smap.peek(session)
             if previous != inst.name:
                 await rt.resolver.record(session, inst)
     except LockBusy:
-        raise AdminError(
+        raise RouterError(
             409, "busy", f"session {session!r} is locked by a move or a failover"
         ) from None
     except StoreUnavailable:
-        raise AdminError(503, "store_unavailable", "cannot take the session's lock") from None
+        raise RouterError(503, "store_unavailable", "cannot take the session's lock") from None
     rt.pins.add(session)
     rt.events.add("pin", session=session, instance=inst.name, previous=previous)
     return json_response(m.Pin(session, inst.name, previous, info.status, True))
@@ -716,7 +689,7 @@ async def _probe(rt: Runtime, inst: Instance, session: str) -> SessionInfo | Non
         async with asyncio.timeout(rt.resolver.probe.timeout):
             return await rt.adapter.probe(inst.http, inst.config, session)
     except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-        raise AdminError(
+        raise RouterError(
             502, "instance_unreachable", f"instance {inst.name!r} did not answer: {exc!r}"
         ) from None
 
@@ -790,11 +763,11 @@ _NO_RELOAD = "Reload is not available."
 async def reload_config(api: AdminAPI, request: web.BaseRequest, p: Params) -> web.Response:
     reloader = api.rt.reloader
     if reloader is None:
-        raise AdminError(503, "unavailable", "reload is not available")
+        raise RouterError(503, "unavailable", "reload is not available")
     try:
         result = await reloader.reload("api")
     except ReloadUnavailable as exc:
-        raise AdminError(409, "no_config_file", str(exc)) from None
+        raise RouterError(409, "no_config_file", str(exc)) from None
     if not result.ok:
         rejected = {**result.as_dict(), "error": "config_rejected", "message": result.error}
         return json_response(msgspec.convert(rejected, m.ReloadRejected), status=422)
@@ -814,7 +787,7 @@ async def reload_config(api: AdminAPI, request: web.BaseRequest, p: Params) -> w
 async def reload_status(api: AdminAPI, request: web.BaseRequest, p: Params) -> web.Response:
     reloader = api.rt.reloader
     if reloader is None:
-        raise AdminError(503, "unavailable", "reload is not available")
+        raise RouterError(503, "unavailable", "reload is not available")
     return json_response(msgspec.convert(reloader.status(), m.ReloadStatus))
 
 

@@ -57,10 +57,12 @@ class PinRequest(Model):
 
 
 class Error(Model):
-    """An error: a stable code and a sentence."""
+    """An error, as every part of the router answers one (``router.errors``)."""
 
     error: Annotated[str, _d("A stable code (unknown_instance, busy, ...).")]
     message: str
+    request_id: Annotated[str, _d("The request's X-Request-Id, as the router logs it.")]
+    session: Annotated[str, _d("The session it is about, when there is one.")] | UnsetType = UNSET
 
 
 class Instance(Model):

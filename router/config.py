@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Any
 
+from router.backoff import exponential
+
 # Session ids travel into upstream URLs; anything outside this pattern is
 # rejected with a 400 before a byte reaches an instance.
 SESSION_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,127}"
@@ -245,7 +247,7 @@ class WebhookDelivery:
 
     def round_wait(self, attempt: int) -> float:
         """Longest wait after in-round attempt ``attempt`` (1-based) failed."""
-        return min(self.backoff_max, self.round_backoff * 2.0 ** (attempt - 1))
+        return exponential(attempt - 1, self.round_backoff, self.backoff_max)
 
     @property
     def round_seconds(self) -> float:

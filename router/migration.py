@@ -48,6 +48,7 @@ import aiohttp
 
 from router.adapters.base import SessionInfo
 from router.discovery import pick_owner
+from router.errors import RouterError
 from router.events import EventLog
 from router.failover import Failover
 from router.instances import AdminState, Instance
@@ -71,14 +72,8 @@ _STOP_CONFIRM = 5.0
 _REPORT_FAILURES = 100
 
 
-class MoveError(Exception):
+class MoveError(RouterError):
     """A move request that cannot even start (unknown session, bad target, ...)."""
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
 
 
 @dataclass(slots=True)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import json
 import logging
 import time
@@ -34,6 +33,7 @@ from router.adapters.base import (
     InstanceHealth,
     UpstreamRequest,
 )
+from router.backoff import backoff
 from router.errors import REQUEST_ID_HEADER, RouterError, error_response, request_id_of
 from router.idempotency import (
     IDEMPOTENCY_HEADER,
@@ -42,6 +42,7 @@ from router.idempotency import (
     scoped_key,
 )
 from router.instances import Instance
+from router.keys import matches as keys_match
 from router.locks import LockBusy
 from router.metrics import (
     IDEMPOTENT_REPLAYS,
@@ -58,7 +59,7 @@ from router.paths import path_problem
 from router.probe import ProbeState
 from router.readiness import Ready
 from router.resolver import Unanswered
-from router.retry import Replays, backoff, may_replay
+from router.retry import Replays, may_replay
 from router.snapshot import Snapshot
 from router.store.base import StoreUnavailable
 from router.transport import (
@@ -202,14 +203,14 @@ class ProxyHandler:
             headers=filtered_request_headers(request),
         )
         key_in_body = adapter.key_in_body(method, path)
-        if keys and not key_in_body and not _known_key(adapter.client_key(ureq), keys):
+        if keys and not key_in_body and not keys_match(adapter.client_key(ureq), keys):
             # Before a byte of the body is read: an unauthenticated client
             # costs the router nothing whatever it sends.
             raise RouterError(401, "unauthorized", "missing or invalid router API key")
         body = await self._read_body(request, ureq, snap, key_in_body)
         ureq.has_body = bool(body) or (body is None and request.body_exists)
         key = ureq.client_key = adapter.client_key(ureq)
-        if keys and key_in_body and not _known_key(key, keys):
+        if keys and key_in_body and not keys_match(key, keys):
             raise RouterError(401, "unauthorized", "missing or invalid router API key")
         try:
             ext = adapter.extract(ureq)
@@ -565,7 +566,7 @@ class ProxyHandler:
                         # repeated goes to the session's recovered copy; one
                         # that may have been acted on is answered at once.
                         if tries >= cfg.max_tries or not may_replay(
-                            method, request_sent=exc.request_sent, idempotency_key=False
+                            method, request_sent=exc.request_sent
                         ):
                             RETRIES_DENIED.labels("unsafe").inc()
                             raise _transport_error(exc, inst, session) from exc
@@ -575,9 +576,7 @@ class ProxyHandler:
                         # and waiting again doubles the client's wait.
                         RETRIES_DENIED.labels("exhausted").inc()
                         raise _transport_error(exc, inst, session) from exc
-                    elif not may_replay(
-                        method, request_sent=exc.request_sent, idempotency_key=False
-                    ):
+                    elif not may_replay(method, request_sent=exc.request_sent):
                         RETRIES_DENIED.labels("unsafe").inc()
                         raise _transport_error(exc, inst, session) from exc
                     elif exc.request_sent:
@@ -905,17 +904,6 @@ def _scrub(payload: bytes, key: str, up: UpstreamResponse) -> bytes:
         if raw in payload:
             payload = payload.replace(raw, b"***")
     return payload
-
-
-def _known_key(key: str | None, keys: frozenset[str]) -> bool:
-    """Is ``key`` a router key? Compared in constant time per key."""
-    if key is None:
-        return False
-    given = key.encode()
-    found = False
-    for k in keys:
-        found |= hmac.compare_digest(given, k.encode())
-    return found
 
 
 async def _streamed(request: web.BaseRequest, progress: float, cap: int) -> AsyncIterator[bytes]:

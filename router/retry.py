@@ -18,22 +18,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 from collections import deque
 from collections.abc import Iterator
 
-IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+from router.transport.base import IDEMPOTENT_METHODS
 
 
-def may_replay(method: str, *, request_sent: bool, idempotency_key: bool) -> bool:
-    """May a request that failed at the transport level be sent again?"""
-    if not request_sent:
-        return True
-    # After the bytes left, only a method the client declared repeatable is safe.
-    # An Idempotency-Key does not make a resend safe here: the upstream may have
-    # acted, and the key only lets the router answer *client* repeats.
-    del idempotency_key
-    return method in IDEMPOTENT_METHODS
+def may_replay(method: str, *, request_sent: bool) -> bool:
+    """May a request that failed at the transport level be sent again?
+
+    After the bytes left, only a method the client declared repeatable is
+    safe. An Idempotency-Key does not make a resend safe (the upstream may
+    have acted): it only lets the router answer the *client's* repeats."""
+    return not request_sent or method in IDEMPOTENT_METHODS
 
 
 class RetryBudget:
@@ -141,8 +138,3 @@ class Replays:
         if self._held:
             self._held = False
             self._budget.release()
-
-
-def backoff(attempt: int, base: float, cap: float = 2.0) -> float:
-    """Full-jitter exponential backoff: uniform in [0, min(cap, base * 2**attempt)]."""
-    return random.uniform(0.0, min(cap, base * (2**attempt)))

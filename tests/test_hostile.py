@@ -310,6 +310,27 @@ async def test_a_request_line_without_a_version_is_a_400_in_http_1(
         assert json.loads(body)["error"] == "bad_request"
 
 
+async def test_undecodable_key_bytes_are_a_401_everywhere(
+    sim_fleet: SimFleetFactory, start_router: StartRouter
+) -> None:
+    """Header bytes that are not UTF-8 reach the handlers as lone surrogates:
+    every key check (router keys, the admin API, the dashboard) refuses them
+    like any wrong key, never with a 500 from encoding them."""
+    _fleet, router = await waha_router(sim_fleet, start_router, admin_key="admin-key")
+    port = router.server.port or 0
+    for path, header in (
+        ("/api/x/me", b"X-Api-Key"),
+        ("/admin/instances", b"X-Admin-Key"),
+        ("/admin/instances", b"Authorization: Bearer"),
+        ("/dashboard/api/snapshot", b"X-Admin-Key"),
+    ):
+        head = b"GET " + path.encode() + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        answer = await raw(port, head + header + b": \xff\xfe\xc3(\r\n\r\n")
+        assert status_of(answer) == 401, (path, answer[:300])
+        body = json.loads(answer.partition(b"\r\n\r\n")[2])
+        assert body["error"] == "unauthorized" and body["request_id"], body
+
+
 # -- request ids, route lists -------------------------------------------------------
 
 

@@ -167,15 +167,15 @@ async def test_move_to_a_named_instance_and_the_requests_it_refuses(
 
     with pytest.raises(MoveError) as err:
         await migration.move("m1", "nowhere")
-    assert (err.value.status, err.value.code) == (404, "unknown_instance")
+    assert (err.value.status, err.value.error) == (404, "unknown_instance")
     with pytest.raises(MoveError) as err:
         await migration.move("ghost", target)
-    assert (err.value.status, err.value.code) == (404, "unknown_session")
+    assert (err.value.status, err.value.error) == (404, "unknown_session")
     other = next(n for n in ("wa-1", "wa-2", "wa-3") if n != target)
     migration.maintenance(other)
     with pytest.raises(MoveError) as err:
         await migration.move("m1", other)
-    assert (err.value.status, err.value.code) == (409, "target_not_active")
+    assert (err.value.status, err.value.error) == (409, "target_not_active")
     assert rt.fleet.get(other).admin is AdminState.MAINTENANCE  # type: ignore[union-attr]
     migration.undrain(other)
     assert rt.fleet.get(other).admin is AdminState.ACTIVE  # type: ignore[union-attr]

@@ -71,6 +71,8 @@ from yarl import URL
 
 from router.admin import public_url
 from router.dashboard.stats import StatsSampler
+from router.errors import RouterError, error_response, request_id_of
+from router.keys import as_bytes, matches
 from router.placement import load_ratio
 
 if TYPE_CHECKING:
@@ -142,8 +144,10 @@ def _see_other(location: str) -> web.Response:
     return web.Response(status=303, headers={**_SECURITY_HEADERS, "Location": location})
 
 
-def _error(status: int, code: str, message: str) -> web.Response:
-    return _json({"error": code, "message": message}, status)
+def _error(request: web.BaseRequest, status: int, code: str, message: str) -> web.Response:
+    resp = error_response(RouterError(status, code, message), request_id_of(request))
+    resp.headers.update(_SECURITY_HEADERS)
+    return resp
 
 
 # -- the cookie -----------------------------------------------------------------------
@@ -187,17 +191,7 @@ def token_valid(key: str, token: str, now: float | None = None) -> bool:
 
 def _mac(key: str, expires: str, nonce: str) -> str:
     msg = f"dashboard:{expires}.{nonce}".encode()
-    return hmac.new(_bytes(key), msg, hashlib.sha256).hexdigest()
-
-
-def _bytes(text: str) -> bytes:
-    # Headers and forms may hold undecodable bytes (lone surrogates): never an
-    # exception (a 500), just bytes no valid key equals.
-    return text.encode("utf-8", "surrogatepass")
-
-
-def key_matches(given: str, key: str) -> bool:
-    return hmac.compare_digest(_bytes(given), _bytes(key))
+    return hmac.new(as_bytes(key), msg, hashlib.sha256).hexdigest()
 
 
 class Revocations:
@@ -331,7 +325,7 @@ class Dashboard:
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         key = self.rt.config.admin_key
         if not key:
-            return _error(404, "not_found", "the dashboard is disabled (no admin_key)")
+            return _error(request, 404, "not_found", "the dashboard is disabled (no admin_key)")
         path = request.path.rstrip("/") or "/"
         method = request.method
         if path == PREFIX and method in ("GET", "HEAD"):
@@ -341,17 +335,21 @@ class Dashboard:
         if path == PREFIX + "/logout" and method == "POST":
             return self._logout(request, key)
         if not path.startswith(PREFIX + "/api/"):
-            return _error(404, "not_found", f"no dashboard endpoint {request.path}")
+            return _error(request, 404, "not_found", f"no dashboard endpoint {request.path}")
 
         via = self._auth(request, key)
         if via is None:
-            return _error(401, "unauthorized", "log in at /dashboard or send the admin key")
+            return _error(
+                request, 401, "unauthorized", "log in at /dashboard or send the admin key"
+            )
         if (
             via == "cookie"
             and method not in ("GET", "HEAD")
             and request.headers.get(CSRF_HEADER) != "1"
         ):
-            return _error(403, "forbidden", f"a change from the page needs {CSRF_HEADER}: 1")
+            return _error(
+                request, 403, "forbidden", f"a change from the page needs {CSRF_HEADER}: 1"
+            )
         if not self.sampler.running and not self._closing:
             self.sampler.start()
         api = path[len(PREFIX) + len("/api/") :]
@@ -361,14 +359,14 @@ class Dashboard:
             return await self._stream(request)
         if api.startswith("admin/"):
             return await self._bridge(request, api[len("admin/") :], key)
-        return _error(404, "not_found", f"no dashboard endpoint {request.path}")
+        return _error(request, 404, "not_found", f"no dashboard endpoint {request.path}")
 
     # -- authentication ---------------------------------------------------------------
 
     def _auth(self, request: web.BaseRequest, key: str) -> str | None:
         given = header_key(request)
         if given is not None:
-            return "header" if key_matches(given, key) else None
+            return "header" if matches(given, (key,)) else None
         return "cookie" if self._cookie(request, key) is not None else None
 
     def _cookie(self, request: web.BaseRequest, key: str) -> Token | None:
@@ -395,7 +393,7 @@ class Dashboard:
     def _page(self, request: web.BaseRequest, key: str) -> web.Response:
         given = request.query.get("key")
         if given is not None:
-            if not key_matches(given, key):
+            if not matches(given, (key,)):
                 return self._login_page("That admin key is not valid.", status=401)
             # Logged in: the key leaves the address bar (and the history) at once.
             resp = _see_other(PREFIX)
@@ -429,7 +427,7 @@ class Dashboard:
             return self._login_page("That request is too large.", status=413)
         form = await request.post()
         given = form.get("key")
-        if not isinstance(given, str) or not key_matches(given, key):
+        if not isinstance(given, str) or not matches(given, (key,)):
             return self._login_page("That admin key is not valid.", status=401)
         resp = _see_other(PREFIX)
         self._set_cookie(request, resp, key)
@@ -566,7 +564,7 @@ class Dashboard:
     async def _bridge(self, request: web.BaseRequest, rest: str, key: str) -> web.StreamResponse:
         """An allowed admin endpoint, called for the page (already authenticated)."""
         if not any(m == request.method and p.fullmatch(rest) for m, p in _BRIDGE):
-            return _error(404, "not_found", f"the dashboard does not offer /admin/{rest}")
+            return _error(request, 404, "not_found", f"the dashboard does not offer /admin/{rest}")
         headers = CIMultiDict(request.headers)
         for name in ("Cookie", "Authorization", CSRF_HEADER):
             headers.popall(name, None)

@@ -21,7 +21,6 @@ unix time (dead before it).
 from __future__ import annotations
 
 import base64
-import hmac
 import json
 import math
 import time
@@ -29,6 +28,8 @@ from typing import Any
 
 from aiohttp import web
 
+from router.errors import RouterError, error_response, request_id_of
+from router.keys import admin_key_of, matches
 from router.webhooks.queue import DeadLetter, EventQueue, QueueUnavailable
 
 __all__ = ["PREFIX", "WebhookAdmin", "dead_letter_json"]
@@ -67,70 +68,77 @@ def _json(data: Any, status: int = 200) -> web.Response:
     )
 
 
-def _error(status: int, error: str, message: str) -> web.Response:
-    return _json({"error": error, "message": message}, status)
-
-
 class WebhookAdmin:
     def __init__(self, queue: EventQueue, admin_key: str | None) -> None:
         self.queue = queue
         self.admin_key = admin_key
 
-    def _authorized(self, request: web.BaseRequest) -> web.Response | None:
+    def _authorize(self, request: web.BaseRequest) -> None:
         if not self.admin_key:
-            return _error(404, "not_found", "the admin API is disabled (no admin_key)")
-        given = request.headers.get("X-Admin-Key")
-        if given is None:
-            auth = request.headers.get("Authorization", "")
-            if auth[:7].lower() == "bearer ":
-                given = auth[7:].strip()
-        if not given or not hmac.compare_digest(given.encode(), self.admin_key.encode()):
-            return _error(401, "unauthorized", "missing or wrong admin key")
-        return None
+            raise RouterError(404, "not_found", "the admin API is disabled (no admin_key)")
+        if not matches(admin_key_of(request), (self.admin_key,)):
+            raise RouterError(401, "unauthorized", "missing or wrong admin key")
 
     async def handle(self, request: web.BaseRequest) -> web.Response:
-        denied = self._authorized(request)
-        if denied is not None:
-            return denied
+        try:
+            self._authorize(request)
+            return await self._route(request)
+        except QueueUnavailable as exc:
+            return error_response(
+                RouterError(503, "queue_unavailable", str(exc)), request_id_of(request)
+            )
+        except RouterError as exc:
+            return error_response(exc, request_id_of(request))
+
+    async def _route(self, request: web.BaseRequest) -> web.Response:
         rest = request.path[len(PREFIX) :].strip("/")
         parts = rest.split("/") if rest else []
         method = request.method
         q = request.query
-        try:
-            if parts == ["stats"] and method == "GET":
+        if parts == ["stats"]:
+            allowed = "GET"
+            if method == "GET":
                 return await self._stats()
-            if parts[:1] != ["dead-letters"]:
-                return _error(404, "not_found", f"no admin endpoint {request.path}")
-            if len(parts) == 1:
-                if method == "GET":
-                    return await self._list(q.get("limit"), q.get("after"), q.get("target"))
-                if method == "DELETE":
-                    before = _float(q.get("before"))
-                    if q.get("before") is not None and before is None:
-                        return _error(400, "bad_request", "before must be a unix time")
-                    n = await self.queue.purge_dead(target=q.get("target"), before=before)
-                    return _json({"purged": n})
-            elif parts[1:] == ["replay"] and method == "POST":
+        elif parts == ["dead-letters"]:
+            allowed = "DELETE, GET"
+            if method == "GET":
+                return await self._list(q.get("limit"), q.get("after"), q.get("target"))
+            if method == "DELETE":
+                before = _float(q.get("before"))
+                if q.get("before") is not None and before is None:
+                    raise RouterError(400, "bad_request", "before must be a unix time")
+                n = await self.queue.purge_dead(target=q.get("target"), before=before)
+                return _json({"purged": n})
+        elif parts == ["dead-letters", "replay"]:
+            allowed = "POST"
+            if method == "POST":
                 return _json({"replayed": await self.queue.replay_all(target=q.get("target"))})
-            elif len(parts) == 2:
-                dead_id = parts[1]
-                if method == "GET":
-                    dl = await self.queue.get_dead(dead_id)
-                    if dl is None:
-                        return _error(404, "not_found", f"no dead letter {dead_id[:40]!r}")
-                    return _json(dead_letter_json(dl, body=True))
-                if method == "DELETE":
-                    n = await self.queue.purge_dead(ids=[dead_id])
-                    if not n:
-                        return _error(404, "not_found", f"no dead letter {dead_id[:40]!r}")
-                    return _json({"purged": n})
-            elif len(parts) == 3 and parts[2] == "replay" and method == "POST":
+        elif len(parts) == 2 and parts[0] == "dead-letters":
+            allowed = "DELETE, GET"
+            dead_id = parts[1]
+            if method == "GET":
+                dl = await self.queue.get_dead(dead_id)
+                if dl is None:
+                    raise RouterError(404, "not_found", f"no dead letter {dead_id[:40]!r}")
+                return _json(dead_letter_json(dl, body=True))
+            if method == "DELETE":
+                if not await self.queue.purge_dead(ids=[dead_id]):
+                    raise RouterError(404, "not_found", f"no dead letter {dead_id[:40]!r}")
+                return _json({"purged": 1})
+        elif len(parts) == 3 and parts[0] == "dead-letters" and parts[2] == "replay":
+            allowed = "POST"
+            if method == "POST":
                 if not await self.queue.replay_dead(parts[1]):
-                    return _error(404, "not_found", f"no dead letter {parts[1][:40]!r}")
+                    raise RouterError(404, "not_found", f"no dead letter {parts[1][:40]!r}")
                 return _json({"replayed": 1})
-            return _error(405, "method_not_allowed", f"{method} {request.path} is not supported")
-        except QueueUnavailable as exc:
-            return _error(503, "queue_unavailable", str(exc))
+        else:
+            raise RouterError(404, "not_found", f"no admin endpoint {request.path}")
+        raise RouterError(
+            405,
+            "method_not_allowed",
+            f"{method} is not allowed here",
+            headers={"Allow": allowed},
+        )
 
     async def _stats(self) -> web.Response:
         s = await self.queue.stats()
@@ -152,7 +160,7 @@ class WebhookAdmin:
         limit = 100
         if limit_s is not None:
             if not limit_s.isdigit() or not 1 <= int(limit_s) <= 1000:
-                return _error(400, "bad_request", "limit must be an integer in 1..1000")
+                raise RouterError(400, "bad_request", "limit must be an integer in 1..1000")
             limit = int(limit_s)
         items = await self.queue.list_dead(limit=limit, after=after, target=target)
         return _json(

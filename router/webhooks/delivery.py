@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import fnmatch
-import random
 import re
 import time
 from collections.abc import Mapping
@@ -39,6 +38,7 @@ import aiohttp
 from aiohttp_retry import RetryClient
 from aiohttp_retry.retry_options import RetryOptionsBase
 
+from router.backoff import equal_jitter, exponential
 from router.config import WebhookDelivery, WebhookTarget
 from router.webhooks import metrics
 from router.webhooks.queue import Event, Pending
@@ -50,14 +50,9 @@ RETRY_IN_ROUND = frozenset({408, 425, 429})
 _RETRY_AFTER_MAX = 3600.0
 
 
-def jitter(value: float) -> float:
-    """``value`` times a random factor in [0.5, 1] (equal jitter)."""
-    return value * (0.5 + random.random() / 2)
-
-
 def backoff(cfg: WebhookDelivery, rounds: int) -> float:
     """Seconds to wait after the ``rounds``-th failed round (1-based), jittered."""
-    return jitter(min(cfg.backoff_max, cfg.backoff_base * 2.0 ** max(0, rounds - 1)))
+    return equal_jitter(exponential(rounds - 1, cfg.backoff_base, cfg.backoff_max))
 
 
 class TargetRouter:
@@ -120,7 +115,7 @@ class _RoundRetry(RetryOptionsBase):
         self._cfg = cfg
 
     def get_timeout(self, attempt: int, response: aiohttp.ClientResponse | None = None) -> float:
-        return jitter(self._cfg.round_wait(attempt))
+        return equal_jitter(self._cfg.round_wait(attempt))
 
     @staticmethod
     async def _accept(response: aiohttp.ClientResponse) -> bool:

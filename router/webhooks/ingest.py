@@ -62,7 +62,6 @@ import json
 import logging
 import re
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
@@ -71,7 +70,7 @@ from aiohttp import web
 
 from router.body import BodyBudget, ClientGone, chunks_of, decode
 from router.config import SESSION_ID_PATTERN, InstanceConfig, WebhookConfig
-from router.errors import REQUEST_ID_HEADER, RouterError, error_response
+from router.errors import REQUEST_ID_HEADER, RouterError, error_response, request_id_of
 from router.webhooks import metrics
 from router.webhooks.delivery import TargetRouter
 from router.webhooks.queue import Appended, Event, EventQueue, QueueUnavailable
@@ -259,7 +258,7 @@ class Ingest:
         return ing.blazz_hmac_key if dialect == "blazz" else ing.waha_hmac_key
 
     async def handle(self, request: web.BaseRequest, dialect: str, name: str) -> web.Response:
-        request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
+        request_id = request_id_of(request)
         started = time.perf_counter()
         held = _Held(self.budget, dialect)
         try:

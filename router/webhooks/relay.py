@@ -31,7 +31,7 @@ from collections.abc import Callable
 from aiohttp import web
 
 from router.config import RouterConfig, WebhookConfig
-from router.errors import REQUEST_ID_HEADER, RouterError, error_response
+from router.errors import REQUEST_ID_HEADER, RouterError, error_response, request_id_of
 from router.webhooks import metrics
 from router.webhooks.admin import PREFIX as ADMIN_PREFIX
 from router.webhooks.admin import WebhookAdmin
@@ -223,11 +223,13 @@ class WebhookRelay:
                 return await self.ingest.handle(request, dialect, name)
             if dialect == "blazz" and name and len(parts) == 3:
                 return await self._blazz_main_app_call(request, name, "/" + parts[2])
-            return web.Response(
-                status=404,
-                body=b'{"error":"not_found","message":'
-                b'"webhook paths are /webhooks/blazz/<instance> and /webhooks/waha/<instance>"}',
-                content_type="application/json",
+            return error_response(
+                RouterError(
+                    404,
+                    "not_found",
+                    "webhook paths are /webhooks/blazz/<instance> and /webhooks/waha/<instance>",
+                ),
+                request_id_of(request),
             )
         return await self.admin.handle(request)
 
