@@ -32,6 +32,7 @@ import aiohttp
 from aiohttp import web
 
 from router.errors import RouterError
+from router.upstream import HOP_BY_HOP
 
 log = logging.getLogger(__name__)
 
@@ -39,20 +40,8 @@ log = logging.getLogger(__name__)
 Claim = Callable[[str, list[str]], Awaitable[set[str]]]
 
 ACCOUNTS_ACTIVE = "/api/whatsapp/accounts/active"
-# Request headers that describe the hop, not the call.
-_HOP = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-authorization",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "host",
-        "content-length",
-    }
-)
+# Headers that describe the hop, not the call.
+_HOP = HOP_BY_HOP | {"host", "content-length"}
 _MAX_ANSWER = 8 * 1024 * 1024
 
 
