@@ -10,7 +10,8 @@ import logging
 import sys
 
 from router import __version__
-from router.config import ConfigError, RouterConfig
+from router.config import ConfigError
+from router.config_loader import check_config, load
 
 
 def _setup_logging(level: str) -> None:
@@ -24,7 +25,7 @@ def _cmd_run(ns: argparse.Namespace) -> int:
     from router.server import Server, install_uvloop
 
     try:
-        config = RouterConfig.load(ns.config)
+        config = load(ns.config)
     except ConfigError as exc:
         print(f"config rejected: {exc}", file=sys.stderr)
         return 2
@@ -40,8 +41,6 @@ def _cmd_run(ns: argparse.Namespace) -> int:
 
 
 def _cmd_check_config(ns: argparse.Namespace) -> int:
-    from router.config_loader import check_config
-
     ok, text = check_config(ns.file)
     print(text, file=sys.stdout if ok else sys.stderr)
     return 0 if ok else 1

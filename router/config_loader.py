@@ -9,7 +9,13 @@ unknown keys, duplicate keys, wrong types and out-of-range values are errors.
 for secrets); ``$${`` writes a literal ``${``. A value that came from the
 environment is never echoed in an error message, since it may be a secret.
 
-Public API: ``load_file``, ``parse_text``, ``check_config``, ``parse_size``.
+Every section is read from its dataclass in ``router.config``: a field's type
+and markers say how its value is read and checked (see the note at the top of
+``router/config.py``). Problems are collected, not raised one at a time: one
+run reports every problem of the file, sorted by line.
+
+Public API: ``load`` (the one entry point), ``parse_text``, ``check_config``,
+``summarize``, ``parse_size``, ``setting_paths``.
 """
 
 from __future__ import annotations
@@ -20,54 +26,56 @@ import functools
 import math
 import os
 import re
-from collections.abc import Callable, Mapping
+import types
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, NoReturn, TypeVar
+from typing import Annotated, Any, NoReturn, TypeVar, Union, get_args, get_origin, get_type_hints
 from urllib.parse import SplitResult, urlsplit, urlunsplit
 
 import yaml
 
+from router.adapters import ADAPTERS, build_adapter
 from router.config import (
-    WEBHOOK_FORMATS,
     AdapterConfig,
+    Check,
+    Choice,
     ConfigError,
-    DiscoveryConfig,
-    FailoverConfig,
-    HealthConfig,
-    IdempotencyConfig,
-    InstanceConfig,
-    Limits,
-    ListenConfig,
-    OutlierConfig,
+    Count,
+    DefaultFrom,
+    HttpUrl,
+    Internal,
+    ItemDefaults,
+    Lower,
+    Number,
+    Numbered,
+    Ref,
     RouterConfig,
-    RoutesConfig,
-    StoreConfig,
-    Timeouts,
-    WebhookConfig,
-    WebhookDelivery,
-    WebhookIngest,
-    WebhookTarget,
+    SecondsOrOff,
+    Secret,
+    Shorthand,
+    Size,
+    TextForm,
+    Unique,
+    Valid,
     redact_url,
 )
 
 _D = TypeVar("_D")
 
 __all__ = [
-    "ADAPTER_KINDS",
     "check_config",
-    "load_file",
+    "load",
     "parse_size",
     "parse_text",
+    "setting_paths",
     "summarize",
 ]
-
-ADAPTER_KINDS: tuple[str, ...] = ("waha", "blazz", "wwebjs", "evolution", "generic")
-
-INSTANCE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 
 _STR = "tag:yaml.org,2002:str"
 _NULL = "tag:yaml.org,2002:null"
 _MERGE = "tag:yaml.org,2002:merge"
+_MAP = "tag:yaml.org,2002:map"
+_SEQ = "tag:yaml.org,2002:seq"
 
 # ``$${`` (escape), ``${NAME}``, ``${NAME:-default}``, or a malformed ``${``.
 _INTERP_RE = re.compile(
@@ -90,7 +98,7 @@ _SIZE_UNITS: dict[str, int] = {
     "tib": 1024**4,
 }
 
-# Guard against alias bombs ("billion laughs") in adapter options.
+# Guard against alias bombs ("billion laughs") in free-form data (adapter options).
 _MAX_OPTION_NODES = 100_000
 
 
@@ -99,7 +107,7 @@ _MAX_OPTION_NODES = 100_000
 # --------------------------------------------------------------------------
 
 
-def load_file(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> RouterConfig:
+def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> RouterConfig:
     """Read and validate the YAML config at ``path``.
 
     ``env`` replaces ``os.environ`` for ``${VAR}`` interpolation (tests).
@@ -136,7 +144,7 @@ def check_config(
     it is the ``file:line: reason`` message.
     """
     try:
-        cfg = load_file(path, env=env)
+        cfg = load(path, env=env)
     except ConfigError as exc:
         return False, str(exc)
     return True, summarize(cfg)
@@ -204,6 +212,127 @@ def parse_size(value: str) -> int | None:
     if "." in num:
         return int(float(num) * factor)
     return int(num) * factor
+
+
+# --------------------------------------------------------------------------
+# the schema: what router.config's dataclasses declare
+# --------------------------------------------------------------------------
+
+_M = TypeVar("_M")
+
+
+@dataclass(frozen=True, slots=True)
+class _Type:
+    """An annotation taken apart: the bare type, its markers, whether null is allowed."""
+
+    base: Any
+    markers: tuple[object, ...] = ()
+    optional: bool = False
+
+    def has(self, flag: type) -> bool:
+        return flag in self.markers
+
+    def get(self, kind: type[_M]) -> _M | None:
+        return next((m for m in self.markers if isinstance(m, kind)), None)
+
+    def all(self, kind: type[_M]) -> list[_M]:
+        return [m for m in self.markers if isinstance(m, kind)]
+
+    @property
+    def item(self) -> _Type:
+        """The type of the entries of a ``tuple[X, ...]``."""
+        return _type(get_args(self.base)[0])
+
+    @property
+    def is_list(self) -> bool:
+        return get_origin(self.base) is tuple
+
+
+def _type(annotation: Any) -> _Type:
+    markers: list[object] = []
+    optional = False
+    tp = annotation
+    while True:
+        if get_origin(tp) is Annotated:
+            markers.extend(tp.__metadata__)
+            tp = tp.__origin__
+        elif get_origin(tp) in (Union, types.UnionType) and type(None) in get_args(tp):
+            optional = True
+            (tp,) = (a for a in get_args(tp) if a is not type(None))
+        else:
+            return _Type(tp, tuple(markers), optional)
+
+
+@dataclass(frozen=True, slots=True)
+class _Field:
+    name: str
+    type: _Type
+    required: bool
+
+
+@functools.cache
+def _fields(cls: type) -> tuple[_Field, ...]:
+    """The settings of dataclass ``cls``, in declaration order."""
+    hints = get_type_hints(cls, include_extras=True)
+    out: list[_Field] = []
+    for f in dataclasses.fields(cls):
+        t = _type(hints[f.name])
+        if not t.has(Internal):
+            required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            out.append(_Field(f.name, t, required))
+    return tuple(out)
+
+
+def _dataclass_of(t: _Type) -> type | None:
+    """The dataclass a field holds, itself or as list entries."""
+    base = t.item.base if t.is_list else t.base
+    return base if isinstance(base, type) and dataclasses.is_dataclass(base) else None
+
+
+def _shorthand(cls: type) -> str | None:
+    return next((f.name for f in _fields(cls) if f.type.has(Shorthand)), None)
+
+
+def setting_paths(
+    cls: type = RouterConfig, prefix: tuple[str, ...] = ()
+) -> Iterator[tuple[str, ...]]:
+    """Every key a file may set, as key paths (list entries have no index)."""
+    for f in _fields(cls):
+        path = (*prefix, f.name)
+        yield path
+        defaults = f.type.get(ItemDefaults)
+        if defaults is not None:
+            yield (*prefix, defaults.key)
+        inner = _dataclass_of(f.type)
+        if inner is not None:
+            yield from setting_paths(inner, path)
+
+
+class _Shown(dict[str, str]):
+    """The placeholders of a ``Check.why``: ``{path}``, and each field's value
+    as the file would write it ("default X" when the file does not set it)."""
+
+    def __init__(self, obj: Any, path: str, given: Mapping[str, object]) -> None:
+        super().__init__(path=path)
+        self._obj = obj
+        self._given = given
+
+    def __missing__(self, name: str) -> str:
+        value = getattr(self._obj, name)
+        text = f"{value:g}" if isinstance(value, float) else str(value)
+        is_field = any(f.name == name for f in dataclasses.fields(self._obj))
+        return f"default {text}" if is_field and name not in self._given else text
+
+
+class _Skip:
+    """An entry whose ``${...}`` expanded to nothing: left out of its list."""
+
+
+_SKIP = _Skip()
+
+# One read entry of a list of dataclasses: the object, its fields' nodes, its
+# own node and its position (for the ``Unique`` checks).
+_Entry = tuple[Any, dict[str, yaml.Node], yaml.Node, int]
 
 
 # --------------------------------------------------------------------------
@@ -287,12 +416,10 @@ class _Parser:
         self.env = env
         self._loader = yaml.SafeLoader("")
         self._option_nodes = 0
-        # Expanded ${...} values inside adapter options, scrubbed from messages.
+        # Expanded ${...} values inside free-form data, scrubbed from messages.
         self._env_strings: set[str] = set()
-        # webhooks.ingest.instance_keys names, checked against instances at the end.
-        self._webhook_instance_nodes: dict[str, yaml.ScalarNode] = {}
-        # ``instance_defaults``: fields every instance gets unless it sets them.
-        self._instance_defaults: dict[str, Any] = {}
+        # Names that must name an item of a list (``Ref``), checked at the end.
+        self._refs: list[tuple[Ref, str, yaml.Node, str]] = []
         # Problems found so far: the whole file is checked, then all are reported.
         self._errors: list[ConfigError] = []
 
@@ -358,7 +485,11 @@ class _Parser:
 
         self._check_structure(root)
         self._check_env(root)
-        _, cfg = self._collecting(lambda: self._router(root))
+        _, got = self._collecting(lambda: self._object(root, RouterConfig, "", root)[0])
+        cfg: RouterConfig | None = got
+        if cfg is not None and not self._errors:
+            cfg = dataclasses.replace(cfg, source=self.file)
+            self._check_refs(cfg)
         if self._errors:
             ordered = sorted(self._errors, key=lambda e: (e.line or 0, e.column or 0))
             raise ConfigError.combine(ordered)
@@ -454,12 +585,7 @@ class _Parser:
         return out + explicit
 
     def _mapping(
-        self,
-        node: yaml.Node,
-        path: str,
-        allowed: tuple[str, ...],
-        *,
-        required: tuple[str, ...] = (),
+        self, node: yaml.Node, path: str, allowed: tuple[str, ...]
     ) -> dict[str, tuple[yaml.ScalarNode, yaml.Node]]:
         """A schema'd mapping: ``{key: (key_node, value_node)}``; null counts as empty."""
         if isinstance(node, yaml.ScalarNode) and node.tag == _NULL:
@@ -478,9 +604,6 @@ class _Parser:
                 )
                 continue
             out[key] = (k, v)
-        for key in required:
-            if key not in out:
-                self.fail(node, f"{path}: missing required key '{key}'")
         return out
 
     # -- scalars ----------------------------------------------------------
@@ -573,18 +696,6 @@ class _Parser:
             self.fail(node, f"{path}: must be {rule}, got {v.shown()}")
         return value
 
-    def _positive(self, node: yaml.Node, path: str) -> float:
-        v = self._scalar(node, path)
-        value = self._retyped(v)
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, int | float)
-            or not math.isfinite(value)
-            or value <= 0
-        ):
-            self.fail(node, f"{path}: must be a number > 0, got {v.shown()}")
-        return float(value)
-
     def _size(self, node: yaml.Node, path: str) -> int:
         v = self._scalar(node, path)
         value = self._retyped(v)
@@ -633,332 +744,333 @@ class _Parser:
             self.fail(node, f"{path}: must be true or false, got {v.shown()}")
         return value
 
-    def _number(self, node: yaml.Node, path: str, lo: float) -> float:
+    def _number(self, node: yaml.Node, path: str, rule: Number) -> float:
         v = self._scalar(node, path)
         value = self._retyped(v)
         if (
             isinstance(value, bool)
             or not isinstance(value, int | float)
             or not math.isfinite(value)
-            or value < lo
+            or not rule.admits(value)
         ):
-            self.fail(node, f"{path}: must be a number >= {lo:g}, got {v.shown()}")
+            self.fail(node, f"{path}: must be {rule.rule()}, got {v.shown()}")
         return float(value)
 
-    def _section(self, node: yaml.Node, name: str, cls: type[_D]) -> _D:
-        """A flat section read straight from its dataclass: every field is
-        optional and typed by its default (bool, int >= 0, float >= 0)."""
-        defaults = cls()
-        names = tuple(f.name for f in dataclasses.fields(cls))  # type: ignore[arg-type]
-        m = self._mapping(node, name, names)
-        values: dict[str, Any] = {}
-        for key, (_, v) in m.items():
-            path = f"{name}.{key}"
-            default = getattr(defaults, key)
-            if isinstance(default, bool):
-                values[key] = self._bool(v, path)
-            elif isinstance(default, int):
-                values[key] = self._int(v, path, 0)
+    # -- reading by type ----------------------------------------------------
+
+    def _read(self, node: yaml.Node, t: _Type, path: str, where: yaml.Node | None = None) -> Any:
+        """The value of ``node`` as type ``t`` says; ``where`` is the key of a
+        section (its hook reports there)."""
+        if t.optional and (_is_null(node) or self._env_empty(node, path)):
+            return None
+        base = t.base
+        if isinstance(base, type) and dataclasses.is_dataclass(base):
+            return self._object(node, base, path, where or node)[0]
+        if t.is_list:
+            return self._list(node, t, path)
+        if get_origin(base) in (Mapping, dict):
+            return self._dict(node, t, path)
+        if base is bool:
+            return self._bool(node, path)
+        if base is int:
+            if t.has(Size):
+                return self._size(node, path)
+            count = t.get(Count) or Count()
+            return self._int(node, path, count.lo, count.hi)
+        if base is float:
+            return self._number(node, path, t.get(Number) or SecondsOrOff)
+        if base is str:
+            return self._text(node, t, path)
+        raise TypeError(f"{path}: no reader for {base!r}")  # a declaration mistake
+
+    def _text(self, node: yaml.Node, t: _Type, path: str) -> str:
+        secret = t.has(Secret)
+        url = t.get(HttpUrl)
+        value = self._str(node, path, secret=secret) if url is None else self._url(node, path, url)
+        shown = self._scalar(node, path, secret=secret).shown()
+        choice = t.get(Choice)
+        if t.has(Lower) or choice is not None:
+            value = value.lower()
+        if choice is not None and value not in choice.values:
+            if choice.noun:
+                reason = f"unknown {choice.noun} {shown}{_suggest(value, choice.values)}"
             else:
-                values[key] = self._number(v, path, 0.0)
-        return dataclasses.replace(defaults, **values)  # type: ignore[type-var]
+                reason = f"must be {_one_of(choice.values)}, got {shown}"
+            self.fail(node, f"{path}: {reason}")
+        for check in t.all(Valid):
+            problem = check.problem(value)
+            if problem:
+                self.fail(node, f"{path}: {problem}" + ("" if secret else f", got {shown}"))
+        ref = t.get(Ref)
+        if ref is not None:
+            self._refs.append((ref, value, node, path))
+        return value
 
-    # -- sections ---------------------------------------------------------
+    def _url(self, node: yaml.Node, path: str, url: HttpUrl) -> str:
+        raw, parts = self._http_url(node, path, query=url.query, credentials_hint=url.hint)
+        if url.query:
+            return raw
+        clean = SplitResult(parts.scheme.lower(), parts.netloc, parts.path.rstrip("/"), "", "")
+        return urlunsplit(clean)
 
-    def _router(self, root: yaml.MappingNode) -> RouterConfig:
-        sections: dict[str, Callable[[yaml.ScalarNode, yaml.Node], Any]] = {
-            "listen": lambda k, v: self._listen(v),
-            "api_keys": lambda k, v: self._api_keys(v),
-            "adapter": self._adapter,
-            "store": lambda k, v: self._store(v),
-            "timeouts": lambda k, v: self._timeouts(v),
-            "limits": lambda k, v: self._limits(v),
-            "health": lambda k, v: self._health(v),
-            "instance_defaults": lambda k, v: self._read_instance_defaults(v),
-            "instances": lambda k, v: self._instances(v),
-            "outlier": lambda k, v: self._section(v, "outlier", OutlierConfig),
-            "failover": lambda k, v: self._section(v, "failover", FailoverConfig),
-            "discovery": lambda k, v: self._section(v, "discovery", DiscoveryConfig),
-            "idempotency": lambda k, v: self._section(v, "idempotency", IdempotencyConfig),
-            "admin_key": lambda k, v: self._opt_secret(v, "admin_key"),
-            "webhooks": lambda k, v: self._webhooks(v),
-            "routes": lambda k, v: self._routes(v),
-        }
-        top = self._mapping(root, "", tuple(sections))
-        values: dict[str, Any] = {}
+    def _env_empty(self, node: yaml.Node, path: str) -> bool:
+        """A scalar whose ``${...}`` expanded to an empty string (an optional
+        value left unset, like ``${NEXT_KEY:-}``)."""
+        if not (isinstance(node, yaml.ScalarNode) and node.tag == _STR and "$" in node.value):
+            return False
+        v = self._scalar(node, path, secret=True)
+        return bool(v.env_vars) and v.value == ""
+
+    def _list(
+        self,
+        node: yaml.Node,
+        t: _Type,
+        path: str,
+        defaults: Mapping[str, Any] | None = None,
+    ) -> tuple[Any, ...]:
+        item = t.item
+        cls = _dataclass_of(t)
+        if isinstance(node, yaml.SequenceNode):
+            entries: list[yaml.Node] = node.value
+        elif _is_null(node):
+            entries = []
+        elif isinstance(node, yaml.ScalarNode) and (cls is None or _shorthand(cls)):
+            entries = [node]  # one value alone
+        else:
+            self.fail(node, f"{path}: must be {_list_of(item.base)}, got {self._node_kind(node)}")
+        out: list[Any] = []
         failed = False
-        # In file order, but the defaults before the instances they apply to.
-        for key, (k, v) in sorted(top.items(), key=lambda kv: kv[0] != "instance_defaults"):
-            ok, values[key] = self._collecting(functools.partial(sections[key], k, v))
+        for i, entry in enumerate(entries):
+            read = functools.partial(self._entry, entry, item, f"{path}[{i}]", defaults, i)
+            ok, got = self._collecting(read)
             failed = failed or not ok
-        values.pop("instance_defaults", None)
-        if "instances" not in top:
-            self.fail(root, "instances: missing required key (list at least one instance)")
-        if failed or self._errors:
-            raise _Noted  # the later checks would only repeat what is noted
-        if values.get("webhooks") is not None:
-            self._check_webhook_instances(values["instances"])
-        return RouterConfig(source=self.file, **values)
-
-    def _routes(self, node: yaml.Node) -> RoutesConfig:
-        m = self._mapping(node, "routes", ("allow", "deny"))
-        lists: dict[str, tuple[str, ...]] = {}
-        for key in ("allow", "deny"):
-            if key in m:
-                patterns = self._str_list(m[key][1], f"routes.{key}")
-                for p in patterns:
-                    if not p.startswith("/"):
-                        self.fail(m[key][1], f"routes.{key}: {p!r} must start with '/'")
-                lists[key] = tuple(p.lower() for p in patterns)
-        return RoutesConfig(**lists)
-
-    def _listen(self, node: yaml.Node) -> ListenConfig:
-        m = self._mapping(node, "listen", ("host", "port"))
-        d = ListenConfig()
-        host = self._str(m["host"][1], "listen.host") if "host" in m else d.host
-        if any(c.isspace() for c in host):
-            self.fail(m["host"][1], f"listen.host: must not contain whitespace, got {host!r}")
-        port = self._int(m["port"][1], "listen.port", 0, 65535) if "port" in m else d.port
-        return ListenConfig(host=host, port=port)
-
-    def _api_keys(self, node: yaml.Node) -> tuple[str, ...]:
-        if isinstance(node, yaml.ScalarNode) and node.tag != _NULL:
-            return (self._str(node, "api_keys", secret=True),)
-        if not isinstance(node, yaml.SequenceNode):
-            self.fail(
-                node,
-                f"api_keys: must be a list of strings or one string, got {self._node_kind(node)}"
-                " (omit the key, or write [], to disable client authentication)",
-            )
-        keys: list[str] = []
-        for i, item in enumerate(node.value):
-            path = f"api_keys[{i}]"
-            v = self._scalar(item, path, secret=True)
-            if v.env_vars and v.value == "":
-                continue  # an optional key, e.g. "${ROUTER_API_KEY_NEXT:-}", left unset
-            key = self._str(item, path, secret=True)
-            if key not in keys:
-                keys.append(key)
-        if node.value and not keys:
-            self.fail(
-                node,
-                "api_keys: every entry expanded to an empty string, which would disable "
-                "client authentication; write api_keys: [] to disable it on purpose",
-            )
-        return tuple(keys)
-
-    def _adapter(self, key_node: yaml.ScalarNode, node: yaml.Node) -> AdapterConfig:
-        m = self._mapping(node, "adapter", ("kind", "options"))
-        kind = AdapterConfig().kind
-        if "kind" in m:
-            kind_node = m["kind"][1]
-            kind = self._str(kind_node, "adapter.kind")
-            if kind not in ADAPTER_KINDS:
-                self.fail(
-                    kind_node,
-                    f"adapter.kind: unknown adapter {kind!r}{_suggest(kind, ADAPTER_KINDS)}",
-                )
-        options: dict[str, Any] = {}
-        if "options" in m:
-            opt_node = m["options"][1]
-            if not (
-                isinstance(opt_node, yaml.MappingNode)
-                or (isinstance(opt_node, yaml.ScalarNode) and opt_node.tag == _NULL)
-            ):
-                self.fail(
-                    opt_node, f"adapter.options: must be a mapping, got {self._node_kind(opt_node)}"
-                )
-            if isinstance(opt_node, yaml.MappingNode):
-                options = self._plain(opt_node, "adapter.options")
-        cfg = AdapterConfig(kind=kind, options=options)
-        self._validate_adapter(key_node, cfg)
-        return cfg
-
-    def _validate_adapter(self, key_node: yaml.Node, cfg: AdapterConfig) -> None:
-        build = _build_adapter_fn()
-        if build is None:
-            return
-        try:
-            build(cfg)
-        except (ValueError, TypeError) as exc:
-            reason = str(exc)
-            for secret in sorted(self._env_strings, key=len, reverse=True):
-                reason = reason.replace(secret, "***")
-            self.fail(key_node, f"adapter: invalid {cfg.kind} adapter settings: {reason}")
-
-    def _store(self, node: yaml.Node) -> StoreConfig:
-        m = self._mapping(node, "store", ("url", "key_prefix"))
-        d = StoreConfig()
-        url = d.url
-        if "url" in m:
-            url_node = m["url"][1]
-            url = self._str(url_node, "store.url", secret=True)
-            reason = _store_url_problem(url)
-            if reason:
-                self.fail(url_node, f"store.url: {reason}")
-        prefix = d.key_prefix
-        if "key_prefix" in m:
-            p_node = m["key_prefix"][1]
-            prefix = self._str(p_node, "store.key_prefix")
-            if any(c.isspace() for c in prefix):
-                self.fail(p_node, f"store.key_prefix: must not contain whitespace, got {prefix!r}")
-        return StoreConfig(url=url, key_prefix=prefix)
-
-    def _timeouts(self, node: yaml.Node) -> Timeouts:
-        m = self._mapping(node, "timeouts", ("connect", "read", "idle_keepalive"))
-        d = Timeouts()
-        vals = {k: self._positive(v, f"timeouts.{k}") for k, (_, v) in m.items()}
-        return Timeouts(
-            connect=vals.get("connect", d.connect),
-            read=vals.get("read", d.read),
-            idle_keepalive=vals.get("idle_keepalive", d.idle_keepalive),
-        )
-
-    def _limits(self, node: yaml.Node) -> Limits:
-        sizes = ("max_body_bytes", "max_buffered_bytes")
-        counts = ("max_connections_per_instance", "max_client_connections")
-        seconds = ("header_timeout", "body_timeout", "idle_timeout")
-        m = self._mapping(node, "limits", (*sizes, *counts, *seconds))
-        values: dict[str, Any] = {}
-        for key in sizes:
-            if key in m:
-                values[key] = self._size(m[key][1], f"limits.{key}")
-        for key in counts:
-            if key in m:
-                values[key] = self._int(m[key][1], f"limits.{key}", 0)
-        for key in seconds:
-            if key in m:
-                values[key] = self._positive(m[key][1], f"limits.{key}")
-        return dataclasses.replace(Limits(), **values)
-
-    def _health(self, node: yaml.Node) -> HealthConfig:
-        m = self._mapping(node, "health", ("interval", "timeout", "rise", "fall"))
-        d = HealthConfig()
-        interval = self._positive(m["interval"][1], "health.interval") if "interval" in m else None
-        timeout = self._positive(m["timeout"][1], "health.timeout") if "timeout" in m else None
-        rise = self._int(m["rise"][1], "health.rise", 1) if "rise" in m else d.rise
-        fall = self._int(m["fall"][1], "health.fall", 1) if "fall" in m else d.fall
-        iv = d.interval if interval is None else interval
-        to = d.timeout if timeout is None else timeout
-        if to >= iv:
-            where = m["timeout"][1] if "timeout" in m else m["interval"][1]
-            to_s = f"{to:g}" if timeout is not None else f"default {to:g}"
-            iv_s = f"{iv:g}" if interval is not None else f"default {iv:g}"
-            self.fail(
-                where,
-                f"health.timeout ({to_s}) must be less than health.interval ({iv_s}), "
-                "so one check ends before the next begins",
-            )
-        return HealthConfig(interval=iv, timeout=to, rise=rise, fall=fall)
-
-    def _read_instance_defaults(self, node: yaml.Node) -> None:
-        m = self._mapping(node, "instance_defaults", _INSTANCE_KEYS[2:])
-        self._instance_defaults = self._instance_fields(m, "instance_defaults")
-
-    def _instance_fields(
-        self, m: dict[str, tuple[yaml.ScalarNode, yaml.Node]], path: str
-    ) -> dict[str, Any]:
-        """The optional fields of an instance that ``m`` sets."""
-        out: dict[str, Any] = {}
-        if "max_sessions" in m:
-            out["max_sessions"] = self._int(m["max_sessions"][1], f"{path}.max_sessions", 1)
-        if "weight" in m:
-            out["weight"] = self._positive(m["weight"][1], f"{path}.weight")
-        if "api_key" in m:
-            out["api_key"] = self._opt_secret(m["api_key"][1], f"{path}.api_key")
-        return out
-
-    def _instances_from_text(self, node: yaml.ScalarNode) -> tuple[InstanceConfig, ...]:
-        """``instances: "wa-1=http://h1:3000 wa-2=http://h2:3000"`` (commas or spaces
-        between entries), typically from ``${WA_INSTANCES}`` in a container; the
-        other fields come from ``instance_defaults``."""
-        v = self._scalar(node, "instances")
-        items = [t for t in re.split(r"[\s,]+", str(v.value)) if t]
-        if not isinstance(v.value, str) or not items:
-            self.fail(
-                node,
-                "instances: must be a non-empty list of instances, or a string of "
-                f"NAME=URL entries, got {v.shown()}",
-            )
-        out: list[InstanceConfig] = []
-        for i, item in enumerate(items):
-            path = f"instances[{i}]"
-            name, sep, url_text = item.partition("=")
-            if not sep or not INSTANCE_NAME_RE.fullmatch(name):
-                self.fail(
-                    node,
-                    f"{path}: expected NAME=URL with NAME of letters, digits, '_', '.', '-' "
-                    f"(entry {i + 1} of {v.shown()})",
-                )
-            url_node = yaml.ScalarNode(_STR, url_text, node.start_mark, node.end_mark, style="'")
-            url = self._instance_url(url_node, f"{path}.url")
-            out.append(InstanceConfig(name=name, url=url, **self._instance_defaults))
-        self._check_unique(out, [(node, node)] * len(out))
-        return tuple(out)
-
-    def _instances(self, node: yaml.Node) -> tuple[InstanceConfig, ...]:
-        if isinstance(node, yaml.ScalarNode) and node.tag == _STR:
-            return self._instances_from_text(node)
-        if not isinstance(node, yaml.SequenceNode) or not node.value:
-            got = "an empty list" if isinstance(node, yaml.SequenceNode) else self._node_kind(node)
-            self.fail(node, f"instances: must be a non-empty list of instances, got {got}")
-        out: list[InstanceConfig] = []
-        where: list[tuple[yaml.Node, yaml.Node]] = []
-        failed = False
-        for i, item in enumerate(node.value):
-            path = f"instances[{i}]"
-            ok, checked = self._collecting(functools.partial(self._instance, item, path))
-            if not ok or checked is None:
-                failed = True  # noted; go on with the next instance
-                continue
-            inst, m = checked
-            out.append(inst)
-            where.append((m["name"][1], m["url"][1]))
+            if ok and got is not _SKIP:
+                out.append(got)
         if failed:
             raise _Noted
-        self._check_unique(out, where)
-        return tuple(out)
-
-    def _check_unique(
-        self, instances: list[InstanceConfig], where: list[tuple[yaml.Node, yaml.Node]]
-    ) -> None:
-        """No two instances share a name or reach the same URL."""
-        names: dict[str, tuple[int, int]] = {}
-        urls: dict[str, tuple[int, int]] = {}
-        for i, (inst, (name_node, url_node)) in enumerate(zip(instances, where, strict=True)):
-            path = f"instances[{i}]"
-            if inst.name in names:
-                j, line = names[inst.name]
-                self.fail(
-                    name_node,
-                    f"{path}.name: duplicate instance name {inst.name!r} "
-                    f"(also instances[{j}] at line {line})",
-                )
-            names[inst.name] = (i, _line(name_node))
-            ukey = _url_identity(inst.url)
-            if ukey in urls:
-                j, line = urls[ukey]
-                self.fail(
-                    url_node,
-                    f"{path}.url: {inst.url} is already used by instances[{j}] (line {line})",
-                )
-            urls[ukey] = (i, _line(url_node))
-
-    def _instance(
-        self, node: yaml.Node, path: str
-    ) -> tuple[InstanceConfig, dict[str, tuple[yaml.ScalarNode, yaml.Node]]]:
-        m = self._mapping(node, path, _INSTANCE_KEYS, required=("name", "url"))
-        name_node = m["name"][1]
-        name = self._str(name_node, f"{path}.name")
-        if not INSTANCE_NAME_RE.fullmatch(name):
+        if entries and not out:
+            key = path.rpartition(".")[2]
             self.fail(
-                name_node,
-                f"{path}.name: must be 1-63 characters of letters, digits, '_', '.', '-' "
-                f"starting with a letter or digit, got {name!r}",
+                node,
+                f"{path}: every entry expanded to an empty string, which would leave it empty;"
+                f" write {key}: [] to mean that",
             )
-        url = self._instance_url(m["url"][1], f"{path}.url")
-        fields = {**self._instance_defaults, **self._instance_fields(m, path)}
-        return InstanceConfig(name=name, url=url, **fields), m
+        if cls is None:
+            return tuple(dict.fromkeys(out))  # in order, repeats dropped
+        self._check_unique(cls, out, path)
+        return tuple(entry[0] for entry in out)
+
+    def _entry(
+        self,
+        node: yaml.Node,
+        item: _Type,
+        path: str,
+        defaults: Mapping[str, Any] | None,
+        index: int,
+    ) -> Any:
+        if self._env_empty(node, path):
+            return _SKIP
+        if isinstance(item.base, type) and dataclasses.is_dataclass(item.base):
+            obj, nodes = self._object(node, item.base, path, node, defaults=defaults, index=index)
+            return (obj, nodes, node, index)
+        return self._read(node, item, path)
+
+    def _check_unique(self, cls: type, entries: list[_Entry], path: str) -> None:
+        for f in _fields(cls):
+            unique = f.type.get(Unique)
+            if unique is None:
+                continue
+            seen: dict[object, tuple[int, int]] = {}
+            for obj, nodes, node, i in entries:
+                value = getattr(obj, f.name)
+                key = value if unique.key is None else unique.key(value)
+                at = nodes.get(f.name, node)
+                if key in seen:
+                    j, line = seen[key]
+                    self.fail(
+                        at,
+                        f"{path}[{i}].{f.name}: duplicate {unique.noun} {value!r}"
+                        f" (also {path}[{j}] at line {line})",
+                    )
+                seen[key] = (i, _line(at))
+
+    def _dict(self, node: yaml.Node, t: _Type, path: str) -> dict[str, Any]:
+        key_t, value_t = (_type(a) for a in get_args(t.base))
+        pairs = self._mapping_any(node, path)
+        if value_t.base is Any:  # free-form data
+            return self._plain(node, path) if pairs else {}
+        out: dict[str, Any] = {}
+        failed = False
+        for k, v in pairs:
+            p = _join(path, str(k.value))
+
+            def one(k: yaml.Node = k, v: yaml.Node = v, p: str = p) -> tuple[str, Any]:
+                key = self._read(k, key_t, p)
+                return key, (_SKIP if self._env_empty(v, p) else self._read(v, value_t, p))
+
+            _, got = self._collecting(one)
+            if got is None:
+                failed = True
+            elif got[1] is not _SKIP:
+                out[got[0]] = got[1]
+        if failed:
+            raise _Noted
+        return out
+
+    def _object(
+        self,
+        node: yaml.Node,
+        cls: type,
+        path: str,
+        where: yaml.Node,
+        *,
+        defaults: Mapping[str, Any] | None = None,
+        index: int | None = None,
+    ) -> tuple[Any, dict[str, yaml.Node]]:
+        """An instance of dataclass ``cls``, and the node of each field the file sets."""
+        values, nodes = self._given(node, cls, path)
+        fields = _fields(cls)
+        for name, value in (defaults or {}).items():
+            values.setdefault(name, value)
+        for f in fields:
+            numbered = f.type.get(Numbered)
+            if numbered is not None and index is not None and f.name not in values:
+                values[f.name] = numbered.template.format(n=index + 1)
+        obj = cls(**values)
+        derived = {
+            f.name: d.fn(obj)
+            for f in fields
+            if f.name not in values and (d := f.type.get(DefaultFrom)) is not None
+        }
+        if derived:
+            obj = dataclasses.replace(obj, **derived)
+        checks: tuple[Check, ...] = getattr(cls, "CHECKS", ())
+        for check in checks:
+            if not check.ok(obj):
+                at = next((nodes[n] for n in check.fields if n in nodes), node)
+                self.fail(at, check.why.format_map(_Shown(obj, path, nodes)))
+        hook = _HOOKS.get(cls)
+        if hook is not None:
+            hook(self, obj, path, nodes, where)
+        return obj, nodes
+
+    def _given(
+        self, node: yaml.Node, cls: type, path: str, *, partial: bool = False
+    ) -> tuple[dict[str, Any], dict[str, yaml.Node]]:
+        """The fields of ``cls`` that ``node`` sets, read and checked; with
+        ``partial``, only the optional ones may be set (item defaults)."""
+        fields = {f.name: f for f in _fields(cls)}
+        short = _shorthand(cls)
+        given: Mapping[str, tuple[yaml.Node, yaml.Node]]
+        if short is not None and isinstance(node, yaml.ScalarNode) and not _is_null(node):
+            given = {short: (node, node)}
+        else:
+            keys = [n for n, f in fields.items() if not (partial and f.required)]
+            keys += [d.key for f in fields.values() if (d := f.type.get(ItemDefaults))]
+            given = self._mapping(node, path, tuple(keys))
+        failed = False
+        # Item defaults first: the entries they apply to are read with them.
+        item_defaults: dict[str, Mapping[str, Any]] = {}
+        for f in fields.values():
+            d = f.type.get(ItemDefaults)
+            item_cls = _dataclass_of(f.type)
+            if d is not None and item_cls is not None and d.key in given:
+                read = functools.partial(
+                    self._given, given[d.key][1], item_cls, _join(path, d.key), partial=True
+                )
+                ok, got = self._collecting(read)
+                failed = failed or not ok
+                item_defaults[f.name] = got[0] if got is not None else {}
+        values: dict[str, Any] = {}
+        nodes: dict[str, yaml.Node] = {}
+        for key, (k, v) in given.items():
+            field = fields.get(key)
+            if field is None:
+                continue  # an item defaults key, read above
+            read = functools.partial(
+                self._field, field, k, v, _join(path, key), item_defaults.get(key)
+            )
+            ok, value = self._collecting(read)
+            if ok:
+                values[key], nodes[key] = value, v
+            failed = failed or not ok
+        for f in fields.values():
+            if f.required and f.name not in given and not partial:
+                why = (
+                    f"{path}: missing required key '{f.name}'"
+                    if path
+                    else f"{f.name}: missing required key"
+                )
+                self.note(self._error(node, why))
+                failed = True
+        if failed:
+            raise _Noted
+        return values, nodes
+
+    def _field(
+        self,
+        f: _Field,
+        key_node: yaml.Node,
+        node: yaml.Node,
+        path: str,
+        defaults: Mapping[str, Any] | None,
+    ) -> Any:
+        t = f.type
+        form = t.get(TextForm)
+        if form is not None and isinstance(node, yaml.ScalarNode) and node.tag == _STR:
+            value: Any = self._list(self._text_entries(node, path, form), t, path, defaults)
+        elif t.is_list:
+            value = self._list(node, t, path, defaults)
+        else:
+            value = self._read(node, t, path, key_node)
+        if f.required and value == ():
+            got = "an empty list" if isinstance(node, yaml.SequenceNode) else self._node_kind(node)
+            also = f", or a string of {_shape(form)} entries" if form is not None else ""
+            self.fail(node, f"{path}: must be a non-empty list{also}, got {got}")
+        return value
+
+    def _text_entries(self, node: yaml.ScalarNode, path: str, form: TextForm) -> yaml.SequenceNode:
+        """``"a=http://h1 b=http://h2"`` as the list of mappings it stands for,
+        every value placed at ``node`` (for the line in errors)."""
+        v = self._scalar(node, path)
+        entries = [e for e in re.split(form.split, str(v.value)) if e]
+        if not entries:
+            self.fail(
+                node,
+                f"{path}: must be a non-empty list, or a string of {_shape(form)} entries,"
+                f" got {v.shown()}",
+            )
+        items: list[yaml.Node] = []
+        for i, entry in enumerate(entries):
+            left, sep, right = entry.partition("=")
+            if not sep:
+                self.fail(
+                    node,
+                    f"{path}[{i}]: expected {_shape(form)} (entry {i + 1} of {v.shown()})",
+                )
+            pairs = [
+                (_literal(node, name), _literal(node, text))
+                for name, text in zip(form.fields, (left, right), strict=True)
+            ]
+            items.append(yaml.MappingNode(_MAP, pairs, node.start_mark, node.end_mark))
+        return yaml.SequenceNode(_SEQ, items, node.start_mark, node.end_mark)
+
+    def _check_refs(self, cfg: RouterConfig) -> None:
+        for ref, value, node, path in self._refs:
+            known = tuple(str(item.name) for item in getattr(cfg, ref.collection))
+            if value not in known:
+                self.note(
+                    self._error(
+                        node, f"{path}: no {ref.noun} named {value!r}{_suggest(value, known)}"
+                    )
+                )
+
+    def _mapping_any(self, node: yaml.Node, path: str) -> list[tuple[yaml.ScalarNode, yaml.Node]]:
+        if _is_null(node):
+            return []
+        if not isinstance(node, yaml.MappingNode):
+            self.fail(node, f"{path}: must be a mapping, got {self._node_kind(node)}")
+        return self._pairs(node, path)
 
     def _http_url(
         self, node: yaml.Node, path: str, *, query: bool, credentials_hint: str = ""
@@ -998,332 +1110,66 @@ class _Parser:
             self.fail(node, f"{path}: {problem}, got {shown}")
         return raw, parts
 
-    def _instance_url(self, node: yaml.Node, path: str) -> str:
-        _, parts = self._http_url(node, path, query=False, credentials_hint="; use api_key")
-        clean = SplitResult(parts.scheme.lower(), parts.netloc, parts.path.rstrip("/"), "", "")
-        return urlunsplit(clean)
-
-    # -- webhooks ---------------------------------------------------------
-
-    def _webhooks(self, node: yaml.Node) -> WebhookConfig:
-        m = self._mapping(
-            node,
-            "webhooks",
-            (
-                "targets",
-                "ingest",
-                "delivery",
-                "sqlite_path",
-                "sqlite_synchronous",
-                "consumer_name",
-                "main_app_url",
-                "public_url",
-            ),
-            required=("targets",),
-        )
-        d = WebhookConfig(targets=())
-        ingest = self._webhook_ingest(m["ingest"][1]) if "ingest" in m else d.ingest
-        delivery = self._webhook_delivery(m["delivery"][1]) if "delivery" in m else d.delivery
-        targets = self._webhook_targets(m["targets"][1])
-        sqlite_path = d.sqlite_path
-        if "sqlite_path" in m:
-            sqlite_path = self._str(m["sqlite_path"][1], "webhooks.sqlite_path")
-        sync = d.sqlite_synchronous
-        if "sqlite_synchronous" in m:
-            s_node = m["sqlite_synchronous"][1]
-            sync = self._str(s_node, "webhooks.sqlite_synchronous").lower()
-            if sync not in ("full", "normal"):
-                self.fail(
-                    s_node,
-                    f"webhooks.sqlite_synchronous: must be 'full' (an event survives power loss)"
-                    f" or 'normal' (survives a process crash), got {sync!r}",
-                )
-        consumer: str | None = None
-        if "consumer_name" in m:
-            c_node = m["consumer_name"][1]
-            consumer = self._str(c_node, "webhooks.consumer_name")
-            if not re.fullmatch(r"[A-Za-z0-9_.:@-]{1,100}", consumer):
-                self.fail(
-                    c_node,
-                    "webhooks.consumer_name: must be 1-100 characters of letters, digits,"
-                    f" '_', '.', ':', '@', '-', got {consumer!r}",
-                )
-        urls = {
-            key: self._instance_url(m[key][1], f"webhooks.{key}")
-            for key in ("main_app_url", "public_url")
-            if key in m
-        }
-        return WebhookConfig(
-            targets=targets,
-            ingest=ingest,
-            delivery=delivery,
-            sqlite_path=sqlite_path,
-            sqlite_synchronous=sync,
-            consumer_name=consumer,
-            **urls,
-        )
-
-    def _webhook_targets(self, node: yaml.Node) -> tuple[WebhookTarget, ...]:
-        if not isinstance(node, yaml.SequenceNode) or not node.value:
-            got = "an empty list" if isinstance(node, yaml.SequenceNode) else self._node_kind(node)
-            self.fail(
-                node,
-                f"webhooks.targets: must be a non-empty list of targets ({{url: ...}}), got {got}",
-            )
-        out: list[WebhookTarget] = []
-        names: dict[str, int] = {}
-        keys = ("name", "url", "events", "sessions", "hmac_key", "format")
-        for i, item in enumerate(node.value):
-            path = f"webhooks.targets[{i}]"
-            m = self._mapping(item, path, keys, required=("url",))
-            url = self._target_url(m["url"][1], f"{path}.url")
-            name = f"target-{i + 1}"
-            name_node: yaml.Node = item
-            if "name" in m:
-                name_node = m["name"][1]
-                name = self._str(name_node, f"{path}.name")
-                if not INSTANCE_NAME_RE.fullmatch(name):
-                    self.fail(
-                        name_node,
-                        f"{path}.name: must be 1-63 characters of letters, digits, '_', '.', '-'"
-                        f" starting with a letter or digit, got {name!r}",
-                    )
-            if name in names:
-                self.fail(
-                    name_node,
-                    f"{path}.name: duplicate target name {name!r} (also at line {names[name]})",
-                )
-            names[name] = _line(name_node)
-            events: tuple[str, ...] = ()
-            if "events" in m:
-                events = self._str_list(m["events"][1], f"{path}.events")
-            sessions: str | None = None
-            if "sessions" in m:
-                s_node = m["sessions"][1]
-                sessions = self._str(s_node, f"{path}.sessions")
-                try:
-                    re.compile(sessions)
-                except re.error as exc:
-                    self.fail(s_node, f"{path}.sessions: not a valid regular expression: {exc}")
-            hmac_key: str | None = None
-            if "hmac_key" in m:
-                hmac_key = self._opt_secret(m["hmac_key"][1], f"{path}.hmac_key")
-            fmt = "auto"
-            if "format" in m:
-                f_node = m["format"][1]
-                fmt = self._str(f_node, f"{path}.format").lower()
-                if fmt not in WEBHOOK_FORMATS:
-                    self.fail(
-                        f_node,
-                        f"{path}.format: unknown format {fmt!r}{_suggest(fmt, WEBHOOK_FORMATS)}",
-                    )
-            out.append(
-                WebhookTarget(
-                    url=url,
-                    name=name,
-                    events=events,
-                    sessions=sessions,
-                    hmac_key=hmac_key,
-                    format=fmt,
-                )
-            )
-        return tuple(out)
-
-    def _webhook_ingest(self, node: yaml.Node) -> WebhookIngest:
-        keys = (
-            "blazz_hmac_key",
-            "waha_hmac_key",
-            "instance_keys",
-            "max_age_skew",
-            "max_body_bytes",
-            "max_buffered_bytes",
-            "waha_require_timestamp",
-            "max_queued_bytes",
-            "dedup_window",
-        )
-        m = self._mapping(node, "webhooks.ingest", keys)
-        d = WebhookIngest()
-        blazz = d.blazz_hmac_key
-        if "blazz_hmac_key" in m:
-            blazz = self._opt_secret(m["blazz_hmac_key"][1], "webhooks.ingest.blazz_hmac_key")
-        waha = d.waha_hmac_key
-        if "waha_hmac_key" in m:
-            waha = self._opt_secret(m["waha_hmac_key"][1], "webhooks.ingest.waha_hmac_key")
-        instance_keys: dict[str, str] = {}
-        if "instance_keys" in m:
-            path = "webhooks.ingest.instance_keys"
-            ik = self._mapping_any(m["instance_keys"][1], path)
-            for k_node, v_node in ik:
-                inst = str(k_node.value)
-                key = self._opt_secret(v_node, f"{path}.{inst}")
-                if key is not None:
-                    instance_keys[inst] = key
-                self._webhook_instance_nodes[inst] = k_node
-        skew = d.max_age_skew
-        if "max_age_skew" in m:
-            skew = self._positive(m["max_age_skew"][1], "webhooks.ingest.max_age_skew")
-        body = d.max_body_bytes
-        if "max_body_bytes" in m:
-            body = self._size(m["max_body_bytes"][1], "webhooks.ingest.max_body_bytes")
-        # Both bounds must leave room for one largest event, or it could never be accepted.
-        bounds: dict[str, int] = {}
-        for key in ("max_buffered_bytes", "max_queued_bytes"):
-            bounds[key] = max(getattr(d, key), body)
-            if key in m:
-                b_node = m[key][1]
-                bounds[key] = self._size(b_node, f"webhooks.ingest.{key}")
-                if bounds[key] < body:
-                    self.fail(
-                        b_node,
-                        f"webhooks.ingest.{key} ({bounds[key]}) must be >= max_body_bytes"
-                        f" ({body}), or the largest event could never be accepted",
-                    )
-        require_ts = d.waha_require_timestamp
-        if "waha_require_timestamp" in m:
-            require_ts = self._bool(
-                m["waha_require_timestamp"][1], "webhooks.ingest.waha_require_timestamp"
-            )
-        # Default: long enough that a captured signed event cannot be replayed
-        # (it goes stale after max_age_skew) once its id is forgotten.
-        window = max(d.dedup_window, 2 * skew)
-        if "dedup_window" in m:
-            w_node = m["dedup_window"][1]
-            window = self._number(w_node, "webhooks.ingest.dedup_window", 0)
-            if 0 < window < skew:
-                self.fail(
-                    w_node,
-                    f"webhooks.ingest.dedup_window ({window:g}) must be 0 (off) or >="
-                    f" max_age_skew ({skew:g}): a replay still fresh after the window"
-                    " would be queued twice",
-                )
-        return WebhookIngest(
-            blazz_hmac_key=blazz,
-            waha_hmac_key=waha,
-            instance_keys=instance_keys,
-            max_age_skew=skew,
-            max_body_bytes=body,
-            waha_require_timestamp=require_ts,
-            dedup_window=window,
-            **bounds,
-        )
-
-    def _webhook_delivery(self, node: yaml.Node) -> WebhookDelivery:
-        path = "webhooks.delivery"
-        keys = (
-            "attempts_per_round",
-            "round_backoff",
-            "backoff_base",
-            "backoff_max",
-            "max_age",
-            "concurrency",
-            "timeout",
-            "ordering",
-            "dead_letter_statuses",
-            "lease",
-        )
-        m = self._mapping(node, path, keys)
-        d = WebhookDelivery()
-        values: dict[str, Any] = {}
-        for key in ("attempts_per_round", "concurrency"):
-            if key in m:
-                values[key] = self._int(m[key][1], f"{path}.{key}", 1, 10_000)
-        for key in ("round_backoff", "backoff_base", "backoff_max", "max_age", "timeout", "lease"):
-            if key in m:
-                values[key] = self._positive(m[key][1], f"{path}.{key}")
-        if "ordering" in m:
-            o_node = m["ordering"][1]
-            ordering = self._str(o_node, f"{path}.ordering").lower()
-            if ordering not in ("session", "none"):
-                self.fail(
-                    o_node,
-                    f"{path}.ordering: must be 'session' (each session's events in order)"
-                    f" or 'none', got {ordering!r}",
-                )
-            values["ordering"] = ordering
-        if "dead_letter_statuses" in m:
-            s_node = m["dead_letter_statuses"][1]
-            if not isinstance(s_node, yaml.SequenceNode):
-                self.fail(
-                    s_node,
-                    f"{path}.dead_letter_statuses: must be a list of HTTP statuses 400..499,"
-                    f" got {self._node_kind(s_node)}",
-                )
-            statuses: list[int] = []
-            for i, item in enumerate(s_node.value):
-                code = self._int(item, f"{path}.dead_letter_statuses[{i}]", 400, 499)
-                if code not in statuses:
-                    statuses.append(code)
-            values["dead_letter_statuses"] = tuple(statuses)
-        cfg = dataclasses.replace(d, **values)
-        if cfg.backoff_max < cfg.backoff_base:
-            where = m["backoff_max"][1] if "backoff_max" in m else m["backoff_base"][1]
-            self.fail(
-                where,
-                f"{path}.backoff_max ({cfg.backoff_max:g}) must be >= backoff_base"
-                f" ({cfg.backoff_base:g})",
-            )
-        # A delivery round signs once, then makes up to attempts_per_round
-        # attempts: the signed timestamp must still be fresh on the last one.
-        round_max = cfg.round_seconds
-        if round_max > 240:
-            where = next((m[k][1] for k in ("attempts_per_round", "timeout") if k in m), node)
-            self.fail(
-                where,
-                f"{path}: one delivery round may take {round_max:g} s"
-                " (attempts_per_round x timeout + waits); keep it under 240 s, because a round"
-                " is signed once and receivers reject timestamps older than 300 s",
-            )
-        if cfg.lease <= round_max:
-            where = m["lease"][1] if "lease" in m else node
-            self.fail(
-                where,
-                f"{path}.lease ({cfg.lease:g}) must be longer than one delivery round"
-                f" ({round_max:g} s), or another replica would take over a lane mid-delivery",
-            )
-        return cfg
-
-    def _check_webhook_instances(self, instances: tuple[InstanceConfig, ...]) -> None:
-        known = tuple(i.name for i in instances)
-        for name, k_node in self._webhook_instance_nodes.items():
-            if name not in known:
-                self.fail(
-                    k_node,
-                    f"webhooks.ingest.instance_keys.{name}: no instance named {name!r}"
-                    f"{_suggest(name, known)}",
-                )
-
-    def _mapping_any(self, node: yaml.Node, path: str) -> list[tuple[yaml.ScalarNode, yaml.Node]]:
-        if isinstance(node, yaml.ScalarNode) and node.tag == _NULL:
-            return []
-        if not isinstance(node, yaml.MappingNode):
-            self.fail(node, f"{path}: must be a mapping, got {self._node_kind(node)}")
-        return self._pairs(node, path)
-
-    def _opt_secret(self, node: yaml.Node, path: str) -> str | None:
-        """A secret string; null, or ``${VAR:-}`` left empty, means "none"."""
-        if isinstance(node, yaml.ScalarNode) and node.tag == _NULL:
-            return None
-        v = self._scalar(node, path, secret=True)
-        if v.env_vars and v.value == "":
-            return None
-        return self._str(node, path, secret=True)
-
-    def _str_list(self, node: yaml.Node, path: str) -> tuple[str, ...]:
-        if isinstance(node, yaml.ScalarNode) and node.tag != _NULL:
-            return (self._str(node, path),)
-        if not isinstance(node, yaml.SequenceNode):
-            self.fail(node, f"{path}: must be a list of strings, got {self._node_kind(node)}")
-        return tuple(self._str(item, f"{path}[{i}]") for i, item in enumerate(node.value))
-
-    def _target_url(self, node: yaml.Node, path: str) -> str:
-        return self._http_url(node, path, query=True)[0]
-
 
 class _Noted(Exception):
     """A part of the file stopped at a problem that ``_Parser.note`` already kept."""
 
 
-_INSTANCE_KEYS = ("name", "url", "max_sessions", "weight", "api_key")
+def _check_adapter(
+    parser: _Parser,
+    cfg: AdapterConfig,
+    path: str,
+    nodes: Mapping[str, yaml.Node],
+    where: yaml.Node,
+) -> None:
+    """The kind is one of ``router.adapters.ADAPTERS`` and the options build it."""
+    kinds = tuple(ADAPTERS)
+    if cfg.kind not in kinds:
+        parser.fail(
+            nodes.get("kind", where),
+            f"{path}.kind: unknown adapter {cfg.kind!r}{_suggest(cfg.kind, kinds)}",
+        )
+    try:
+        build_adapter(cfg)
+    except (ValueError, TypeError) as exc:
+        reason = str(exc)
+        for secret in sorted(parser._env_strings, key=len, reverse=True):
+            reason = reason.replace(secret, "***")
+        parser.fail(where, f"{path}: invalid {cfg.kind} adapter settings: {reason}")
+
+
+# Sections whose reading needs more than their declaration says: called with
+# the parser, the object read, its path, its fields' nodes, and its key.
+_HOOKS: dict[type, Callable[[_Parser, Any, str, Mapping[str, yaml.Node], yaml.Node], None]] = {
+    AdapterConfig: _check_adapter,
+}
+
+
+def _is_null(node: yaml.Node) -> bool:
+    return isinstance(node, yaml.ScalarNode) and node.tag == _NULL
+
+
+def _literal(node: yaml.Node, text: str) -> yaml.ScalarNode:
+    """``text`` as a quoted scalar at ``node``'s place (not interpolated again)."""
+    return yaml.ScalarNode(
+        _STR, text.replace("${", "$${"), node.start_mark, node.end_mark, style="'"
+    )
+
+
+def _shape(form: TextForm) -> str:
+    return "=".join(name.upper() for name in form.fields)
+
+
+def _list_of(base: Any) -> str:
+    noun = {str: "string", int: "integer", float: "number", bool: "boolean"}.get(base)
+    return f"a list of {noun}s or one {noun}" if noun else "a list of mappings"
+
+
+def _one_of(values: tuple[str, ...]) -> str:
+    quoted = [repr(v) for v in values]
+    if len(quoted) <= 2:
+        return " or ".join(quoted)
+    return "one of " + ", ".join(quoted)
 
 
 def _join(path: str, key: str) -> str:
@@ -1341,52 +1187,3 @@ def _suggest(word: str, choices: tuple[str, ...]) -> str:
     if close:
         return f"; did you mean {close[0]!r}?"
     return f" (expected one of: {', '.join(choices)})"
-
-
-def _url_identity(url: str) -> str:
-    """Two instance URLs that reach the same place compare equal."""
-    parts = urlsplit(url)
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    return f"{parts.scheme}://{(parts.hostname or '').lower()}:{port}{parts.path.rstrip('/')}"
-
-
-def _store_url_problem(url: str) -> str | None:
-    """Why ``url`` is not a usable store URL, without echoing it (passwords)."""
-    if url == "memory":
-        return None
-    expected = "must be 'memory' or a redis://, rediss:// or unix:// URL"
-    try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018 - validates the port
-    except ValueError:
-        return f"{expected}; the URL does not parse"
-    scheme = parts.scheme.lower()
-    if scheme in ("redis", "rediss"):
-        if not parts.hostname:
-            return f"{scheme}:// URL has no host (write {scheme}://HOST:6379/0)"
-        db = parts.path.lstrip("/")
-        if db and not db.isdigit():
-            return f"{scheme}:// URL path must be a database number (like /0)"
-        return None
-    if scheme == "unix":
-        if not parts.path:
-            return "unix:// URL has no socket path (write unix:///run/redis.sock)"
-        return None
-    if not scheme:
-        return f"{expected}, got a value without a scheme"
-    return f"{expected}, got scheme {scheme!r}"
-
-
-_BuildFn = Callable[[AdapterConfig], object]
-
-
-def _build_adapter_fn() -> _BuildFn | None:
-    """``router.adapters.build_adapter`` if it exists yet, else None."""
-    try:
-        from router import adapters
-    except ModuleNotFoundError as exc:
-        if exc.name in ("router.adapters", "router"):
-            return None
-        raise
-    fn = getattr(adapters, "build_adapter", None)
-    return fn if callable(fn) else None

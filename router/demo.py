@@ -27,6 +27,7 @@ from urllib.parse import urlsplit, urlunsplit
 import aiohttp
 
 from router.config import InstanceConfig, ListenConfig, RouterConfig
+from router.config_loader import load
 from router.server import Server
 
 DEMO_SESSION = "demo"
@@ -206,7 +207,7 @@ async def run_demo(
     base_port: int | None = None,
     free_ports: bool = False,
 ) -> int:
-    config = RouterConfig.load(config_path or str(_default_config_path()))
+    config = load(config_path or str(_default_config_path()))
     config = plan_ports(config, port=port, base_port=base_port, free_ports=free_ports)
     workdir = Path(tempfile.mkdtemp(prefix="wa-router-demo-"))
     (workdir / "auth").mkdir()

@@ -1,6 +1,6 @@
 """Live config reload: on SIGHUP, on ``POST /admin/reload``, and when the file changes.
 
-A reload parses and validates the whole file first (``RouterConfig.load``:
+A reload parses and validates the whole file first (``config_loader.load``:
 the same checks as at start, ``file:line: reason`` on failure). A rejected
 file changes nothing: the reason goes to the log, to the API answer and to
 ``wa_router_config_reloads_total{result="failure"}`` /
@@ -66,6 +66,7 @@ from typing import TYPE_CHECKING, Any
 
 from router.adapters import build_adapter
 from router.config import ConfigError, RouterConfig
+from router.config_loader import load
 from router.instances import AdminState, Instance, Pools
 from router.metrics import CONFIG_LAST_RELOAD_SUCCESS, CONFIG_LAST_RELOAD_TIME, CONFIG_RELOADS
 from router.snapshot import Snapshot
@@ -182,7 +183,7 @@ def _signature(path: str) -> tuple[int, int, int, int] | None:
 
 def _load(path: str) -> tuple[bytes | None, RouterConfig]:
     # The digest first: if the file changes in between, the watch sees it again.
-    return _digest(path), RouterConfig.load(path)
+    return _digest(path), load(path)
 
 
 class Reloader:

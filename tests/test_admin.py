@@ -29,7 +29,7 @@ from aiohttp.test_utils import make_mocked_request
 
 from router import admin_models as m
 from router.admin import ROUTES, AdminAPI, json_response
-from router.config import RouterConfig
+from router.config_loader import load
 from router.discovery import Round
 from router.migration import DrainJob, MoveResult
 from router.openapi import Operation, document
@@ -561,7 +561,7 @@ async def test_cli_status_sessions_pin_and_reload(
         f"  - {{name: wa-1, url: {fleet[0].url}, api_key: {INSTANCE_KEY}, max_sessions: 10}}\n"
     )
     path.write_text(text)
-    router = await start_router(config=RouterConfig.load(str(path)))
+    router = await start_router(config=load(str(path)))
     await bulk(fleet[0], names=["c1", "c2"], auth=True)
     await reconcile(router)
     conn = ["--url", router.url, "--admin-key", ADMIN_KEY]
@@ -637,7 +637,7 @@ async def test_every_route_answers_as_the_document_says(
         path.write_text(text)
         backend = Backend("sqlite", "memory", "wa-router:", str(tmp_path / "webhooks.db"))
         hooks = make_config([target(app.url)], backend=backend).webhooks
-        cfg = dataclasses.replace(RouterConfig.load(str(path)), webhooks=hooks)
+        cfg = dataclasses.replace(load(str(path)), webhooks=hooks)
         router = await start_router(config=cfg)
         await _sweep(router, fleet, path, text)
     finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import textwrap
 from collections.abc import Callable
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 
 from router import config_loader
 from router.config import AdapterConfig, ConfigError, RouterConfig, StoreConfig
-from router.config_loader import check_config, load_file, parse_size, parse_text
+from router.config_loader import check_config, load, parse_size, parse_text, setting_paths
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).resolve().parent / "data" / "config"
@@ -35,7 +36,7 @@ def _parse(text: str, env: dict[str, str] | None = None, tail: str = "") -> Rout
 
 
 def _adapters_available() -> bool:
-    return config_loader._build_adapter_fn() is not None
+    return True
 
 
 # --------------------------------------------------------------------------
@@ -44,7 +45,7 @@ def _adapters_available() -> bool:
 
 
 def test_example_loads() -> None:
-    cfg = load_file(EXAMPLE, env=EXAMPLE_ENV)
+    cfg = load(EXAMPLE, env=EXAMPLE_ENV)
     assert cfg.source == str(EXAMPLE)
     assert [i.name for i in cfg.instances] == ["wa-1", "wa-2", "wa-3"]
     assert cfg.instances[2].weight == 1.5
@@ -58,40 +59,34 @@ def test_example_loads() -> None:
 
 def test_example_rotation_key() -> None:
     env = dict(EXAMPLE_ENV, ROUTER_API_KEY_NEXT="next-key")
-    cfg = load_file(EXAMPLE, env=env)
+    cfg = load(EXAMPLE, env=env)
     assert cfg.api_keys == ("router-" + SECRET, "next-key")
 
 
+def _example_block(text: str, key: str, start: int) -> tuple[int, int]:
+    """Where ``key:`` (commented out or not, a list entry or not) is set at or
+    after ``start``, and where its block ends (the next top-level key)."""
+    found = re.compile(rf"^[#\s]*(?:- )?{re.escape(key)}:", re.M).search(text, start)
+    assert found is not None, key
+    end = re.compile(r"^#?[a-z_]+:", re.M).search(text, found.end())
+    return found.end(), end.start() if end else len(text)
+
+
 def test_example_mentions_every_setting() -> None:
+    """config/router.example.yaml documents every key RouterConfig reads, each
+    inside its own section (derived from the dataclasses: a new field fails
+    here until the example has it)."""
     text = EXAMPLE.read_text()
-    for section in ("listen", "api_keys", "adapter", "store", "timeouts", "limits", "health"):
-        assert f"\n{section}:" in text
-    for key in (
-        "host",
-        "port",
-        "kind",
-        "options",
-        "url",
-        "key_prefix",
-        "connect",
-        "read",
-        "idle_keepalive",
-        "max_body_bytes",
-        "max_connections_per_instance",
-        "interval",
-        "timeout",
-        "rise",
-        "fall",
-        "name",
-        "max_sessions",
-        "weight",
-        "api_key",
-    ):
-        assert f"{key}:" in text, key
+    paths = list(setting_paths())
+    assert ("webhooks", "delivery", "lease") in paths and ("instance_defaults",) in paths
+    for path in paths:
+        at, end = _example_block(text, path[0], 0)
+        for key in path[1:]:
+            at, _ = _example_block(text[:end], key, at)
 
 
 def test_demo_loads_with_defaults() -> None:
-    cfg = load_file(DEMO, env={})
+    cfg = load(DEMO, env={})
     assert [(i.name, i.url) for i in cfg.instances] == [
         ("wa-1", "http://127.0.0.1:3101"),
         ("wa-2", "http://127.0.0.1:3102"),
@@ -107,20 +102,20 @@ def test_demo_loads_with_defaults() -> None:
 
 def test_demo_env_overrides() -> None:
     env = {"ROUTER_API_KEY": "rk", "WA_DEMO_INSTANCE_KEY": "ik"}
-    cfg = load_file(DEMO, env=env)
+    cfg = load(DEMO, env=env)
     assert cfg.api_keys == ("rk",)
     assert {i.api_key for i in cfg.instances} == {"ik"}
 
 
-def test_router_config_load_uses_loader(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("ROUTER_API_KEY", raising=False)
+def test_load_reads_the_process_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("WA_DEMO_INSTANCE_KEY", raising=False)
-    cfg = RouterConfig.load(str(DEMO))
-    assert cfg.api_keys == ("demo-router-key",)
+    monkeypatch.setenv("ROUTER_API_KEY", "from-os-environ")
+    cfg = load(str(DEMO))
+    assert cfg.api_keys == ("from-os-environ",)
 
 
 def test_minimal_gets_defaults() -> None:
-    cfg = load_file(DATA / "minimal.yaml")
+    cfg = load(DATA / "minimal.yaml")
     assert cfg == RouterConfig(
         instances=cfg.instances,
         source=str(DATA / "minimal.yaml"),
@@ -132,7 +127,7 @@ def test_minimal_gets_defaults() -> None:
 
 
 def test_anchors_and_merge_keys() -> None:
-    cfg = load_file(DATA / "anchors.yaml", env={"ROUTER_KEY": "rk", "INSTANCE_KEY": "ik"})
+    cfg = load(DATA / "anchors.yaml", env={"ROUTER_KEY": "rk", "INSTANCE_KEY": "ik"})
     a, b, c = cfg.instances
     assert (b.name, b.url, b.max_sessions, b.api_key) == ("b", "http://10.0.0.2:3000", 40, "ik")
     assert (c.name, c.weight, c.max_sessions) == ("c", 0.5, 40)
@@ -141,7 +136,7 @@ def test_anchors_and_merge_keys() -> None:
 
 def test_redis_store_and_typed_env() -> None:
     env = {"REDIS_URL": "redis://:hunter2-" + SECRET + "@redis.internal:6379/2"}
-    cfg = load_file(DATA / "redis.yaml", env=env)
+    cfg = load(DATA / "redis.yaml", env=env)
     assert cfg.store.url == env["REDIS_URL"]
     assert cfg.store.key_prefix == "prod:"
     assert cfg.listen.port == 9090  # unquoted ${ROUTER_PORT:-9090} reads as a number
@@ -153,13 +148,13 @@ def test_redis_store_and_typed_env() -> None:
     assert ok, text
     assert SECRET not in text
     assert "redis://:***@redis.internal:6379/2" in text
-    cfg = load_file(DATA / "redis.yaml", env=dict(env, ROUTER_PORT="7000"))
+    cfg = load(DATA / "redis.yaml", env=dict(env, ROUTER_PORT="7000"))
     assert cfg.listen.port == 7000
 
 
 def test_secrets_not_in_repr() -> None:
     env = dict(EXAMPLE_ENV, ROUTER_API_KEY_NEXT="next-" + SECRET)
-    cfg = load_file(EXAMPLE, env=env)
+    cfg = load(EXAMPLE, env=env)
     assert cfg.instances[0].api_key is not None and SECRET in cfg.instances[0].api_key
     for text in (repr(cfg), str(cfg), repr(cfg.instances), repr(cfg.instances[0])):
         assert SECRET not in text
@@ -337,7 +332,7 @@ BAD: list[tuple[str, str, dict[str, str], int, str]] = [
         INSTANCES + "  - name: wa-2\n    url: HTTP://127.0.0.1:3101/\n",
         {},
         5,
-        "instances[1].url: http://127.0.0.1:3101 is already used by instances[0] (line 3)",
+        "instances[1].url: duplicate URL 'http://127.0.0.1:3101' (also instances[0] at line 3)",
     ),
     (
         "bad-instance-name",
@@ -688,7 +683,7 @@ def test_bad_config(text: str, env: dict[str, str], line: int, fragment: str) ->
 def test_duplicate_top_level_key_file() -> None:
     path = DATA / "duplicate_key.yaml"
     with pytest.raises(ConfigError) as info:
-        load_file(path)
+        load(path)
     assert info.value.line == 7
     assert str(info.value) == f"{path}:7: listen: duplicate key (first defined at line 1)"
 
@@ -771,7 +766,7 @@ def test_check_config_warns_about_keepalive(tmp_path: Path) -> None:
 def test_missing_file(tmp_path: Path) -> None:
     path = tmp_path / "nope.yaml"
     with pytest.raises(ConfigError) as info:
-        load_file(path)
+        load(path)
     assert info.value.line is None
     assert str(info.value).startswith(f"{path}: cannot read config file")
     ok, text = check_config(path)
@@ -782,7 +777,7 @@ def test_not_utf8(tmp_path: Path) -> None:
     path = tmp_path / "latin1.yaml"
     path.write_bytes(INSTANCES.encode() + b"    api_key: caf\xe9\n")
     with pytest.raises(ConfigError) as info:
-        load_file(path)
+        load(path)
     assert info.value.line == 4
     assert "not valid UTF-8" in info.value.reason
 
@@ -790,7 +785,7 @@ def test_not_utf8(tmp_path: Path) -> None:
 def test_bom_is_accepted(tmp_path: Path) -> None:
     path = tmp_path / "bom.yaml"
     path.write_bytes(b"\xef\xbb\xbf" + INSTANCES.encode())
-    assert load_file(path).instances[0].name == "wa-1"
+    assert load(path).instances[0].name == "wa-1"
 
 
 def test_recursive_alias_in_options_is_rejected() -> None:
@@ -818,7 +813,7 @@ def test_alias_bomb_in_options_is_rejected() -> None:
 
 
 def test_config_is_immutable() -> None:
-    cfg = load_file(DEMO, env={})
+    cfg = load(DEMO, env={})
     with pytest.raises(AttributeError):
         cfg.listen = cfg.listen  # type: ignore[misc]
 
@@ -840,7 +835,7 @@ def _fake_build(calls: list[AdapterConfig]) -> Callable[[AdapterConfig], object]
 
 def test_adapter_options_passed_to_build_adapter(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[AdapterConfig] = []
-    monkeypatch.setattr(config_loader, "_build_adapter_fn", lambda: _fake_build(calls))
+    monkeypatch.setattr(config_loader, "build_adapter", _fake_build(calls))
     cfg = parse_text(
         "adapter:\n"
         "  kind: generic\n"
@@ -863,7 +858,7 @@ def test_adapter_options_passed_to_build_adapter(monkeypatch: pytest.MonkeyPatch
 
 
 def test_adapter_build_error_is_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(config_loader, "_build_adapter_fn", lambda: _fake_build([]))
+    monkeypatch.setattr(config_loader, "build_adapter", _fake_build([]))
     text = "adapter:\n  kind: generic\n  options:\n    bogus: '${TOKEN}'\n" + INSTANCES
     with pytest.raises(ConfigError) as info:
         parse_text(text, "router.yaml", env={"TOKEN": SECRET})

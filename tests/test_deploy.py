@@ -552,11 +552,11 @@ def test_compose_prometheus_scrapes_both_replicas_and_finds_its_rules() -> None:
 def test_compose_router_config_passes_check_config(monkeypatch: pytest.MonkeyPatch) -> None:
     out = check_config_cli(COMPOSE_ROUTER_CONFIG)
     assert "OK" in out
-    from router.config_loader import load_file
+    from router.config_loader import load
 
     for key, value in CONFIG_ENV.items():
         monkeypatch.setenv(key, value)
-    cfg = load_file(str(COMPOSE_ROUTER_CONFIG))
+    cfg = load(str(COMPOSE_ROUTER_CONFIG))
     assert cfg.store.url == "redis://redis:6379/0"
     assert (cfg.listen.host, cfg.listen.port) == ("0.0.0.0", 8080)
     assert cfg.admin_key and cfg.api_keys
@@ -851,7 +851,7 @@ async def test_every_metric_the_rules_and_dashboard_use_moves_in_a_fleet_story(
     maintenance, a rejected then an accepted reload, webhooks dead-lettered
     and backlogged), and each series is read from the real endpoint."""
 
-    from router.config import RouterConfig
+    from router.config_loader import load
     from tests.support.webhook_target import TargetServer, free_port, waha_body
 
     fleet = sim_fleet(3, api_key=INSTANCE_KEY)
@@ -887,7 +887,7 @@ webhooks:
 
     path = tmp_path / "router.yaml"
     path.write_text(config_text(100))
-    router = await start_router(config=RouterConfig.load(str(path)))
+    router = await start_router(config=load(str(path)))
     scrapes: list[Scrape] = []
     admin = {"X-Admin-Key": "admin"}
     try:

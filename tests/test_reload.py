@@ -23,7 +23,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from router.config import RouterConfig
+from router.config_loader import load
 from router.instances import AdminState, Instance, Pools
 from router.metrics import CONFIG_LAST_RELOAD_SUCCESS, CONFIG_RELOADS
 from router.reload import Reloader
@@ -98,9 +98,7 @@ async def start_file_router() -> AsyncIterator[StartFileRouter]:
     servers: list[Server] = []
 
     async def start(path: Path, *, watch_interval: float | None = None) -> RouterHandle:
-        server = Server(
-            RouterConfig.load(str(path)), drain_timeout=5.0, watch_interval=watch_interval
-        )
+        server = Server(load(str(path)), drain_timeout=5.0, watch_interval=watch_interval)
         servers.append(server)
         await server.startup()
         assert server.reloader is not None
@@ -462,7 +460,7 @@ async def test_fleet_plan_keeps_what_it_can(tmp_path: Path) -> None:
     insts = [Inst("a", "http://127.0.0.1:1"), Inst("b", "http://127.0.0.1:2")]
     path = tmp_path / "r.yaml"
     write(path, config_text(insts))
-    cfg = RouterConfig.load(str(path))
+    cfg = load(str(path))
     from router.instances import Fleet
 
     fleet = Fleet.build(cfg)
@@ -470,7 +468,7 @@ async def test_fleet_plan_keeps_what_it_can(tmp_path: Path) -> None:
     assert a is not None and b is not None
     a.admin = AdminState.MAINTENANCE
     write(path, config_text([Inst("a", "http://127.0.0.1:9"), Inst("c", "http://127.0.0.1:3")]))
-    new_cfg = RouterConfig.load(str(path))
+    new_cfg = load(str(path))
     change = fleet.plan(new_cfg, keep=lambda inst: inst.name == "b")
     assert (change.added, change.readdressed, change.removed, change.dropped) == (
         ["c"],

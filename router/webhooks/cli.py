@@ -84,9 +84,9 @@ def _endpoint(ns: argparse.Namespace) -> tuple[str, str | None]:
     url: str | None = ns.url
     key: str | None = ns.admin_key
     if ns.config:
-        from router.config import RouterConfig
+        from router.config_loader import load
 
-        cfg = RouterConfig.load(ns.config)
+        cfg = load(ns.config)
         if url is None:
             host = cfg.listen.host
             if host in ("0.0.0.0", "::", ""):
