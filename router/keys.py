@@ -10,7 +10,7 @@ an exception (a 500).
 from __future__ import annotations
 
 import hmac
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from aiohttp import web
 
@@ -28,6 +28,24 @@ def matches(given: str | None, keys: Iterable[str]) -> bool:
     for key in keys:
         found |= hmac.compare_digest(presented, as_bytes(key))
     return found
+
+
+def which(given: str | None, keys: Sequence[bytes]) -> int:
+    """The index of ``given`` among ``keys`` (already ``as_bytes``), or -1.
+
+    Like ``matches``, every key is compared in constant time and the loop
+    never stops early nor branches on a comparison: the time says nothing
+    about which key matched (so nothing about its scope), nor how many
+    there are beyond their count.
+    """
+    if given is None:
+        return -1
+    presented = as_bytes(given)
+    found = 0
+    for index, key in enumerate(keys, 1):
+        # An int, not an if: index * 0 or index * 1, the same work either way.
+        found |= index * hmac.compare_digest(presented, key)
+    return found - 1
 
 
 def admin_key_of(request: web.BaseRequest) -> str | None:

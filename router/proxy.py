@@ -42,7 +42,7 @@ from router.idempotency import (
     scoped_key,
 )
 from router.instances import Instance
-from router.keys import matches as keys_match
+from router.listings import Listings
 from router.locks import LockBusy
 from router.metrics import (
     IDEMPOTENT_REPLAYS,
@@ -60,16 +60,17 @@ from router.probe import ProbeState
 from router.readiness import Ready
 from router.resolver import Unanswered
 from router.retry import Replays, may_replay
+from router.scoping import Client, Scope, admit, unknown_session
 from router.snapshot import Snapshot
 from router.store.base import StoreUnavailable
 from router.transport import (
     Body,
     ConnectFailed,
     InstanceDown,
-    StaleConnection,
     UpstreamError,
     UpstreamResponse,
     UpstreamTimeout,
+    error_kind,
 )
 from router.upstream import (
     add_forwarded,
@@ -108,6 +109,8 @@ class Call:
     body: bytes | None
     ext: Extraction
     websocket: bool
+    # The sessions the client's key may reach (router.scoping); None: all.
+    scope: Scope | None = None
 
     @property
     def session(self) -> str | None:
@@ -140,6 +143,7 @@ class ProxyHandler:
         # One create per session name at a time in this process (the session
         # lock covers replicas); an entry lives while a create uses it.
         self._creates: dict[str, _CreateLock] = {}
+        self.listings = Listings(runtime.smap, runtime.events)
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         request_id = request_id_of(request)
@@ -174,7 +178,10 @@ class ProxyHandler:
             return _answer_json(adapter.health_answer(path, fleet), request_id)
         call = await self._intake(request, request_id, snap)
         if call.ext.fanout and call.websocket:
-            return await proxy_websocket_fanout(self.rt, request, call.ureq, request_id)
+            allows = call.scope.allows if call.scope is not None else None
+            return await proxy_websocket_fanout(
+                self.rt, request, call.ureq, request_id, allows=allows
+            )
         idem = request.headers.get(IDEMPOTENCY_HEADER)
         if idem is not None:
             return await self._idempotent(call, idem)
@@ -203,20 +210,26 @@ class ProxyHandler:
             headers=filtered_request_headers(request),
         )
         key_in_body = adapter.key_in_body(method, path)
-        if keys and not key_in_body and not keys_match(adapter.client_key(ureq), keys):
+        client: Client | None = None
+        if keys and not key_in_body:
             # Before a byte of the body is read: an unauthenticated client
             # costs the router nothing whatever it sends.
-            raise RouterError(401, "unauthorized", "missing or invalid router API key")
+            client = _client(snap, adapter.client_key(ureq))
         body = await self._read_body(request, ureq, snap, key_in_body)
         ureq.has_body = bool(body) or (body is None and request.body_exists)
         key = ureq.client_key = adapter.client_key(ureq)
-        if keys and key_in_body and not keys_match(key, keys):
-            raise RouterError(401, "unauthorized", "missing or invalid router API key")
+        if keys and key_in_body:
+            client = _client(snap, key)
         try:
             ext = adapter.extract(ureq)
         except BadSessionId as exc:
             raise RouterError(400, "bad_session_id", str(exc)) from None
-        return Call(request, request_id, snap, ureq, body, ext, is_websocket_handshake(request))
+        websocket = is_websocket_handshake(request)
+        scope = client.scope if client is not None else None
+        if scope is not None:
+            # From the name alone, before any owner lookup (router.scoping).
+            admit(scope, ext, websocket)
+        return Call(request, request_id, snap, ureq, body, ext, websocket, scope)
 
     async def _read_body(
         self, request: web.BaseRequest, ureq: UpstreamRequest, snap: Snapshot, key_in_body: bool
@@ -355,6 +368,13 @@ class ProxyHandler:
     async def _dispatch(self, call: Call) -> web.StreamResponse:
         if call.ext.create and call.session is not None:
             return await self._create(call)
+        if call.session is None and not call.ext.create and not call.websocket:
+            # A list call: answered from every instance, not one (router.listings).
+            shape = call.snap.adapter.list_shape(call.ureq)
+            if shape is not None:
+                return await self.listings.answer(
+                    call.snap, call.request, call.ureq, shape, call.scope, call.request_id
+                )
         return await self._send(call, await self._route(call))
 
     async def _route(self, call: Call) -> Route:
@@ -370,12 +390,8 @@ class ProxyHandler:
             if inst is not None:
                 return Route(inst)
             if not call.ext.create:
-                raise RouterError(
-                    404,
-                    "unknown_session",
-                    f"session {session!r} does not run on any instance",
-                    session=session,
-                )
+                # The very answer a scoped key gets outside its scope.
+                raise unknown_session(session)
         elif not call.ext.create:
             inst = rt.placer.any_instance()
             if inst is None:
@@ -558,7 +574,7 @@ class ProxyHandler:
                     if cause is not None:
                         # The client's body failed, not the instance.
                         raise cause from exc
-                    kind = _error_kind(exc)
+                    kind = error_kind(exc)
                     UPSTREAM_ERRORS.labels(inst.name, kind).inc()
                     rt.outliers.failure(inst, kind)
                     if isinstance(exc, InstanceDown) and recoverable and not streamed:
@@ -917,6 +933,14 @@ async def _streamed(request: web.BaseRequest, progress: float, cap: int) -> Asyn
         raise
 
 
+def _client(snap: Snapshot, key: str | None) -> Client:
+    """Who presents ``key`` (every configured key compared), else 401."""
+    client = snap.clients.find(key)
+    if client is None:
+        raise RouterError(401, "unauthorized", "missing or invalid router API key")
+    return client
+
+
 def _bad_path(request: web.BaseRequest, adapter: Adapter, segment: str, reason: str) -> RouterError:
     """400 for a path the upstream would read differently (router.paths):
     ``bad_session_id`` when the odd segment is where the session id is."""
@@ -973,18 +997,6 @@ def _count(instance: str, method: str, status: int) -> None:
             method if method in _METHOD_LABELS else "OTHER",
             _STATUS_CLASS.get(status // 100, "other"),
         ).inc()
-
-
-def _error_kind(exc: UpstreamError) -> str:
-    if isinstance(exc, ConnectFailed):
-        return "connect_timeout" if exc.timeout else "connect"
-    if isinstance(exc, StaleConnection):
-        return "stale"
-    if isinstance(exc, UpstreamTimeout):
-        return "timeout"
-    if isinstance(exc, InstanceDown):
-        return "hung"
-    return "reset"
 
 
 def _transport_error(exc: UpstreamError, inst: Instance, session: str | None) -> RouterError:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from router.adapters.base import Adapter
 from router.config import RouterConfig
 from router.instances import Fleet
+from router.scoping import ClientKeys
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,10 +23,13 @@ class Snapshot:
     adapter: Adapter
     fleet: Fleet
     api_keys: frozenset[str]
+    # The same keys with the sessions each may reach (router.scoping).
+    clients: ClientKeys
 
     @classmethod
     def of(cls, config: RouterConfig, adapter: Adapter, fleet: Fleet) -> Snapshot:
-        return cls(config, adapter, fleet, frozenset(config.api_keys))
+        clients = ClientKeys(config.api_keys)
+        return cls(config, adapter, fleet, clients.keys, clients)
 
 
 class Live:

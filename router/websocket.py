@@ -2,13 +2,18 @@
 
 ``session=*`` means "events of every session": the router opens one upstream
 socket per healthy instance and merges what they send; frames from the
-client go to all of them.
+client go to all of them. For a key limited to sessions (router.scoping)
+only frames naming one of its sessions pass (WAHA events carry
+``session``); a frame that is not JSON or names no session is dropped, since
+it cannot be told to be the client's.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import aiohttp
@@ -73,14 +78,32 @@ async def _connect(
         ) from exc
 
 
+# Decides whether a session's frames may reach the client (a scope's ``allows``).
+Allows = Callable[[str], bool]
+
+
+def in_scope(text: str, allows: Allows) -> bool:
+    """True when the frame is a JSON object whose ``session`` ``allows`` admits."""
+    try:
+        event = json.loads(text)
+    except ValueError:
+        return False
+    session = event.get("session") if isinstance(event, dict) else None
+    return isinstance(session, str) and allows(session)
+
+
 async def _pump_to_client(
-    up: aiohttp.ClientWebSocketResponse, client: web.WebSocketResponse
+    up: aiohttp.ClientWebSocketResponse,
+    client: web.WebSocketResponse,
+    allows: Allows | None = None,
 ) -> None:
     async for msg in up:
         if msg.type is aiohttp.WSMsgType.TEXT:
-            await client.send_str(msg.data)
+            if allows is None or in_scope(msg.data, allows):
+                await client.send_str(msg.data)
         elif msg.type is aiohttp.WSMsgType.BINARY:
-            await client.send_bytes(msg.data)
+            if allows is None:
+                await client.send_bytes(msg.data)
         elif msg.type is aiohttp.WSMsgType.ERROR:
             break
 
@@ -100,11 +123,12 @@ async def _bridge(
     request: web.BaseRequest,
     ups: list[aiohttp.ClientWebSocketResponse],
     request_id: str,
+    allows: Allows | None = None,
 ) -> web.WebSocketResponse:
     client = web.WebSocketResponse(autoping=True)
     client.headers[REQUEST_ID_HEADER] = request_id
     await client.prepare(request)
-    tasks = [asyncio.create_task(_pump_to_client(up, client)) for up in ups]
+    tasks = [asyncio.create_task(_pump_to_client(up, client, allows)) for up in ups]
     tasks.append(asyncio.create_task(_pump_to_upstreams(client, ups)))
     try:
         # Either side closing ends the bridge (for a fan-out: the client, or
@@ -138,8 +162,15 @@ async def proxy_websocket(
 
 
 async def proxy_websocket_fanout(
-    rt: Runtime, request: web.BaseRequest, ureq: UpstreamRequest, request_id: str
+    rt: Runtime,
+    request: web.BaseRequest,
+    ureq: UpstreamRequest,
+    request_id: str,
+    *,
+    allows: Allows | None = None,
 ) -> web.StreamResponse:
+    """Every healthy instance's events on one socket; with ``allows`` (a
+    scoped key), only the frames of sessions it admits."""
     instances = rt.fleet.healthy()
     if not instances:
         raise RouterError(503, "no_healthy_instance", "no healthy instance is available")
@@ -155,4 +186,4 @@ async def proxy_websocket_fanout(
             log.warning("fan-out WebSocket skips %s: %s", inst.name, exc.message)
     if not ups:
         raise RouterError(502, "upstream_unreachable", "no instance accepted the WebSocket")
-    return await _bridge(request, ups, request_id)
+    return await _bridge(request, ups, request_id, allows)

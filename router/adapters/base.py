@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -157,6 +157,27 @@ class Answer:
 
     status: int
     body: Mapping[str, Any] | list[Any]
+
+
+@dataclass(frozen=True, slots=True)
+class ListShape:
+    """Where the sessions are in an answer to one of the API's list calls, so
+    that the router can ask every instance and merge their answers into one
+    in the API's own shape (router.listings).
+
+    The merged answer is the first answering instance's, with the sessions
+    of all of them at ``field`` (and ``total``, when named, counting them).
+    """
+
+    #: the session name of one list item (None: it names none the router reads)
+    name: Callable[[Any], str | None]
+    #: dotted paths to the array (or ``{id: ...}`` mapping), tried in order;
+    #: "" is the answer itself
+    fields: tuple[str, ...] = ("",)
+    #: a field beside the array that counts it (Blazz ``total``)
+    total: str | None = None
+    #: the sessions may come as a mapping keyed by session id (generic)
+    keyed: bool = False
 
 
 class Adapter(ABC):
@@ -324,3 +345,10 @@ class Adapter(ABC):
     def auth_headers(self, inst: InstanceConfig) -> dict[str, str]:
         """Headers for the router's own management calls (list, probe, start, health)."""
         return {}
+
+    # -- listings -------------------------------------------------------------------
+    def list_shape(self, req: UpstreamRequest) -> ListShape | None:
+        """The shape of the answer when ``req`` (about no session) is one of
+        the API's list calls, which the router answers from every instance
+        (router.listings); None for any other request. Default: none."""
+        return None

@@ -64,6 +64,7 @@ from router.adapters.base import (
     HeldElsewhere,
     InstanceHealth,
     ListFailed,
+    ListShape,
     SessionInfo,
     SessionStatus,
     UpstreamRequest,
@@ -391,6 +392,20 @@ class BlazzAdapter(JsonAdapter):
             detail=str(state) if state is not None else f"HTTP {res.status}",
             connected=_count(counts.get("connected")),
         )
+
+    # -- listings ------------------------------------------------------------------
+    def list_shape(self, req: UpstreamRequest) -> ListShape | None:
+        # GET /api/sessions?api_key=K: {"success", "sessions": [...], "total"}.
+        if req.method == "GET" and req.path.rstrip("/").lower() == "/api/sessions":
+            return _LIST_SHAPE
+        return None
+
+
+def _listed_name(item: object) -> str | None:
+    return checked_id(item.get(_FIELD)) if isinstance(item, dict) else None
+
+
+_LIST_SHAPE: Final = ListShape(_listed_name, fields=("sessions",), total="total")
 
 
 def _count(value: object) -> int | None:

@@ -34,6 +34,7 @@ from router.adapters.base import (
     Extraction,
     HealthReport,
     ListFailed,
+    ListShape,
     SessionInfo,
     SessionStatus,
     UpstreamRequest,
@@ -204,3 +205,19 @@ class EvolutionAdapter(HeaderCredentialAdapter):
     async def health(self, http: aiohttp.ClientSession, inst: InstanceConfig) -> HealthReport:
         res = await self._call(http, inst, "GET", "/")
         return HealthReport(healthy=res.status == 200, detail=f"HTTP {res.status}")
+
+    # -- listings ------------------------------------------------------------------
+    def list_shape(self, req: UpstreamRequest) -> ListShape | None:
+        # GET /instance/fetchInstances[?instanceName=]: an array (some versions
+        # wrap it in "instances" or "response"), items as ``_info`` reads them.
+        if req.method == "GET" and req.path.rstrip("/").lower() == "/instance/fetchinstances":
+            return _LIST_SHAPE
+        return None
+
+
+def _listed_name(item: object) -> str | None:
+    info = EvolutionAdapter._info(item)
+    return info.session if info is not None else None
+
+
+_LIST_SHAPE: Final = ListShape(_listed_name, fields=("", "instances", "response"))

@@ -75,6 +75,7 @@ from router.adapters.base import (
     Extraction,
     HealthReport,
     ListFailed,
+    ListShape,
     SessionInfo,
     SessionStatus,
     UpstreamRequest,
@@ -399,6 +400,7 @@ class GenericAdapter(JsonAdapter):
                     raise ValueError(f"{where}.json: must be a top-level field name")
 
         self._list = _parse_call(f"{w}.list", "list", opts["list"]) if "list" in opts else None
+        self._list_shape: ListShape | None = None  # built on first use (listings)
         self._probe = _parse_call(f"{w}.probe", "probe", opts["probe"])
         self._start = _parse_call(f"{w}.start", "start", opts["start"]) if "start" in opts else None
         self._stop = _parse_call(f"{w}.stop", "stop", opts["stop"]) if "stop" in opts else None
@@ -665,3 +667,22 @@ class GenericAdapter(JsonAdapter):
             if isinstance(n, int) and not isinstance(n, bool):
                 sessions = n
         return HealthReport(healthy=healthy, sessions=sessions, detail=detail)
+
+    # -- listings ------------------------------------------------------------------
+    def list_shape(self, req: UpstreamRequest) -> ListShape | None:
+        # The configured ``list`` call, as a client makes it.
+        spec = self._list
+        if spec is None or req.method != spec.method:
+            return None
+        if req.path.rstrip("/") != spec.path.rstrip("/"):
+            return None
+        shape = self._list_shape
+        if shape is None:
+            id_field = spec.id_field
+
+            def name(item: object) -> str | None:
+                value = dig(item, id_field) if isinstance(item, Mapping) else item
+                return checked_id(_as_id(value))
+
+            shape = self._list_shape = ListShape(name, fields=(spec.sessions_field,), keyed=True)
+        return shape

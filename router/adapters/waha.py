@@ -45,6 +45,7 @@ from router.adapters.base import (
     Extraction,
     HealthReport,
     ListFailed,
+    ListShape,
     SessionInfo,
     SessionStatus,
     UpstreamRequest,
@@ -419,3 +420,17 @@ class WahaAdapter(JsonAdapter):
         state = res.data.get("status") if isinstance(res.data, dict) else None
         detail = str(state) if state is not None else f"HTTP {res.status}"
         return HealthReport(healthy=res.status == 200, detail=detail)
+
+    # -- listings ------------------------------------------------------------------
+    def list_shape(self, req: UpstreamRequest) -> ListShape | None:
+        # GET /api/sessions[?all=true]: an array of session objects.
+        if req.method == "GET" and req.path.rstrip("/").lower() == "/api/sessions":
+            return _LIST_SHAPE
+        return None
+
+
+def _listed_name(item: object) -> str | None:
+    return checked_id(item.get("name")) if isinstance(item, dict) else None
+
+
+_LIST_SHAPE: Final = ListShape(_listed_name)

@@ -32,6 +32,7 @@ from router.adapters.base import (
     Extraction,
     HealthReport,
     ListFailed,
+    ListShape,
     SessionInfo,
     SessionStatus,
     UpstreamRequest,
@@ -174,3 +175,20 @@ class WwebjsAdapter(HeaderCredentialAdapter):
     async def health(self, http: aiohttp.ClientSession, inst: InstanceConfig) -> HealthReport:
         res = await self._call(http, inst, "GET", "/ping")
         return HealthReport(healthy=res.ok, detail=f"HTTP {res.status}")
+
+    # -- listings ------------------------------------------------------------------
+    def list_shape(self, req: UpstreamRequest) -> ListShape | None:
+        # GET /session/getSessions: {"success": true, "result": [ids]}.
+        if req.method == "GET" and req.path.rstrip("/").lower() == "/session/getsessions":
+            return _LIST_SHAPE
+        return None
+
+
+def _listed_name(item: object) -> str | None:
+    # ids, or (some versions) {"id"} / {"sessionId"} objects: as list_sessions reads them
+    if isinstance(item, dict):
+        item = item.get("id", item.get("sessionId"))
+    return checked_id(item)
+
+
+_LIST_SHAPE: Final = ListShape(_listed_name, fields=("result",))

@@ -28,6 +28,7 @@ from router.transport.base import (
     UpstreamError,
     UpstreamResponse,
     UpstreamTimeout,
+    error_kind,
 )
 from router.transport.fast import FastTransport
 
@@ -46,6 +47,7 @@ __all__ = [
     "UpstreamError",
     "UpstreamResponse",
     "UpstreamTimeout",
+    "error_kind",
     "fast_transport_for",
     "make_transport",
 ]

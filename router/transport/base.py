@@ -157,6 +157,19 @@ class BadResponse(UpstreamError):
     """The upstream sent something that is not a valid HTTP/1.x response."""
 
 
+def error_kind(exc: UpstreamError) -> str:
+    """A short name for what went wrong (metric labels, listing reasons)."""
+    if isinstance(exc, ConnectFailed):
+        return "connect_timeout" if exc.timeout else "connect"
+    if isinstance(exc, StaleConnection):
+        return "stale"
+    if isinstance(exc, UpstreamTimeout):
+        return "timeout"
+    if isinstance(exc, InstanceDown):
+        return "hung"
+    return "reset"
+
+
 class UpstreamResponse(ABC):
     """An upstream answer whose status line and headers have arrived.
 
