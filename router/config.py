@@ -82,7 +82,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Annotated, Any, ClassVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from router.backoff import exponential
 
@@ -278,7 +278,8 @@ def redact_url(url: str) -> str:
         user = "" if parts.username is None else parts.username
         host = netloc.rpartition("@")[2]
         netloc = f"{user}:***@{host}" if password is not None else f"{user}@{host}"
-    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+    # Not urlunsplit: it writes unix:///x as unix:/x.
+    return f"{parts.scheme}://{netloc}{parts.path}" if parts.scheme else parts.path
 
 
 def url_identity(url: str) -> str:

@@ -50,7 +50,7 @@ from router.store.redis_locks import RedisLocks
 from router.store.sync import MapSync
 
 if TYPE_CHECKING:
-    from router.webhooks import WebhookRelay
+    from router.webhooks.relay import WebhookRelay
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ class Server:
         if cfg.webhooks is not None:
             # Open the queue before listening: an event is never answered
             # 200 before it is stored. Redelivers what a previous run left.
-            from router.webhooks import WebhookRelay
+            from router.webhooks.relay import WebhookRelay
 
             self.webhooks = WebhookRelay(
                 cfg,

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from router import config_loader
-from router.config import AdapterConfig, ConfigError, RouterConfig, StoreConfig
+from router.config import AdapterConfig, ConfigError, RouterConfig, StoreConfig, redact_url
 from router.config_loader import check_config, load, parse_size, parse_text, setting_paths
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -891,3 +891,25 @@ def test_routes_section() -> None:
     with pytest.raises(ConfigError) as info:
         _parse("routes:\n  deny: ['api/x']\n", tail=INSTANCES)
     assert "must start with '/'" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://user:s3cret@db.local:6380/2", "redis://user:***@db.local:6380/2"),
+        ("redis://:s3cret@h:6379/0", "redis://:***@h:6379/0"),
+        ("rediss://u:p@s3cret@[::1]:6380/1", "rediss://u:***@[::1]:6380/1"),
+        ("unix:///run/redis.sock?password=s3cret", "unix:///run/redis.sock"),
+        ("redis://user@h:6379/0#s3cret", "redis://user@h:6379/0"),
+        ("http://h/path/?token=s3cret", "http://h/path/"),
+        ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
+        ("memory", "memory"),
+        ("redis://[s3cret", "<unparseable url>"),
+    ],
+)
+def test_redact_url(url: str, shown: str) -> None:
+    """One redaction for every URL the router prints (config summary, reprs,
+    redis store and webhook queue errors): the password masked, query and
+    fragment dropped, the rest kept so the URL is still recognisable."""
+    assert redact_url(url) == shown
+    assert "s3cret" not in shown

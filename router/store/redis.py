@@ -36,7 +36,6 @@ import uuid
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from itertools import islice
 from typing import Any, NoReturn, cast
-from urllib.parse import urlsplit
 
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
@@ -44,22 +43,12 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
+from router.config import redact_url
 from router.store.base import SessionStore, StoreUnavailable
 
 # Everything a redis call may raise that means "the store cannot answer".
 # (``TimeoutError`` and ``asyncio.TimeoutError`` are ``OSError`` on 3.11.)
 _ERRORS: tuple[type[BaseException], ...] = (RedisError, OSError)
-
-
-def redact_url(url: str) -> str:
-    """``url`` without credentials or query string, safe for logs and errors."""
-    try:
-        parts = urlsplit(url)
-        host = parts.hostname or ""
-        port = f":{parts.port}" if parts.port else ""
-    except ValueError:
-        return "<invalid redis url>"
-    return f"{parts.scheme}://{host}{port}{parts.path}"
 
 
 class RedisStore(SessionStore):

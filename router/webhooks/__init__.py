@@ -3,11 +3,9 @@
 Modules: ``ingest`` (endpoints, signature checks), ``signatures``,
 ``queue`` (interface), ``queue_sqlite`` / ``queue_redis`` (backends),
 ``delivery`` (routing, re-signing, one delivery round), ``relay`` (lifecycle,
-scheduling), ``admin`` (dead-letter API), ``cli``, ``metrics``.
+scheduling: ``WebhookRelay``), ``admin`` (dead-letter API), ``cli``, ``metrics``.
+
+Nothing is imported here: importers name the module they use
+(``router.webhooks.relay``), so no module of the package imports the package
+that imports it.
 """
-
-from __future__ import annotations
-
-from router.webhooks.relay import WebhookRelay, build_queue
-
-__all__ = ["WebhookRelay", "build_queue"]

@@ -82,6 +82,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
+from router.config import redact_url
 from router.webhooks.queue import (
     Appended,
     BacklogStats,
@@ -397,8 +398,6 @@ class RedisQueue(EventQueue):
         client: Redis | None = None,
         sort_interval: float = SORT_INTERVAL,
     ) -> None:
-        from router.store.redis import redact_url
-
         self.where = redact_url(url)
         p = f"{key_prefix}wh:"
         self.k_in = p + "in"
