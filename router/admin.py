@@ -58,7 +58,7 @@ from router.instances import Instance
 from router.keys import admin_key_of, matches
 from router.locks import LockBusy
 from router.openapi import Operation, Param, bounded, describe, document
-from router.placement import load_ratio
+from router.placement import labels_of, load_ratio
 from router.probe import RUNNING
 from router.reload import ReloadUnavailable
 from router.store.base import StoreUnavailable
@@ -115,6 +115,7 @@ def instance_summary(rt: Runtime, inst: Instance) -> m.Instance:
         load=round(load_ratio(inst, n), 4),
         # Gone from the config; leaves the fleet once its sessions have moved.
         removed=reloader is not None and inst.name in reloader.retiring,
+        labels=dict(labels_of(inst)),
     )
 
 
@@ -538,6 +539,7 @@ async def get_session(api: AdminAPI, request: web.BaseRequest, p: Params) -> web
         except (aiohttp.ClientError, TimeoutError, OSError):
             status = "unreachable"
     discovery, migration = rt.discovery, rt.migration
+    choice = await rt.placer.choice_of(session)
     return json_response(
         m.Session(
             session=session,
@@ -551,6 +553,10 @@ async def get_session(api: AdminAPI, request: web.BaseRequest, p: Params) -> web
             moving=migration.active(session),
             recovering=rt.failover.recovering(session),
             pinned=session in rt.pins,
+            selector=str(choice.selector),
+            selector_source=choice.source,
+            selector_strict=choice.strict,
+            within_selector=choice.selector.matches(labels_of(inst)) if inst is not None else None,
         )
     )
 

@@ -76,6 +76,7 @@ class Instance(Model):
     weight: float
     load: Annotated[float, _d("sessions / (capacity * weight)")]
     removed: Annotated[bool, _d("Gone from the config; leaves the fleet once its sessions moved.")]
+    labels: Annotated[dict[str, str], _d("Its labels, which placement selectors match.")]
 
 
 class Fleet(Model):
@@ -147,6 +148,17 @@ class Session(Model):
     moving: bool
     recovering: bool
     pinned: bool
+    selector: Annotated[
+        str, _d("The labels its instance should have (key=value,...; * for any instance).")
+    ]
+    selector_source: Annotated[
+        Literal["header", "rule", "none"],
+        _d("Where the selector came from: the create's placement header, a rule, or neither."),
+    ]
+    selector_strict: Annotated[bool, _d("Never placed outside the selector.")]
+    within_selector: Annotated[
+        bool | None, _d("Its instance matches the selector (null: not an instance of the fleet).")
+    ]
 
 
 class Forgotten(Model):

@@ -263,7 +263,11 @@ class Failover:
                 moved = await self._moved_by_other(session, exclude, failed_name)
                 if moved is not None:
                     return moved
-                target = self.placer.place(exclude)
+                # Within the session's selector when an instance in it has
+                # room; outside it (soft) or nowhere (strict) otherwise, which
+                # the placer records (router.placement).
+                choice = await self.placer.choice_of(session)
+                target = self.placer.place(exclude, choice, action="failover", session=session)
                 if target is None:
                     log.warning("no healthy instance with capacity to restore %s", session)
                     return None

@@ -12,6 +12,7 @@ whatever the transport does not cover.
 from __future__ import annotations
 
 import enum
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -90,7 +91,8 @@ class Instance:
         self.failures = 0
         self.ejections = 0
         self.ejected_until = 0.0
-        # monotonic time it last came back; 0 = healthy since start (no slow start).
+        # monotonic time it last came back, or joined by a reload; 0 = healthy
+        # since start (no slow start).
         self.healthy_since = 0.0
         # What its last active health check said (None: none answered yet).
         self.last_health: HealthReport | None = None
@@ -264,12 +266,17 @@ class Fleet:
             old = self._by_name.get(cfg.name)
             if old is None:
                 pools = Pools.build(config, cfg)
-                by_name[cfg.name] = Instance(cfg, pools.http, pools.transport)
+                inst = Instance(cfg, pools.http, pools.transport)
+                # A new process joining a running fleet takes new sessions with
+                # slow start (router.placement), not every create at once.
+                inst.healthy_since = time.monotonic()
+                by_name[cfg.name] = inst
                 change.added.append(cfg.name)
             elif old.config.url != cfg.url:
                 pools = Pools.build(config, cfg)
                 inst = Instance(cfg, pools.http, pools.transport)
                 inst.admin = old.admin
+                inst.healthy_since = time.monotonic()
                 by_name[cfg.name] = inst
                 change.readdressed.append(cfg.name)
                 change.retired.append(old.pools)

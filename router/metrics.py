@@ -151,6 +151,18 @@ IN_FLIGHT = FastGauge(
     registry=REGISTRY,
 )
 
+# Placement by labels (router.placement): a session placed outside its
+# selector, or refused a place because its selector is strict. ``action``:
+# create, failover, drain, move, rebalance.
+SELECTOR_MISSES = Counter(
+    "wa_router_placement_selector_misses_total",
+    "Placements where no instance matching the session's selector had room, by action "
+    "(create, failover, drain, move, rebalance) and outcome (outside: placed on another "
+    "instance; refused: strict selector, not placed).",
+    ["action", "outcome"],
+    registry=REGISTRY,
+)
+
 ADMIN_STATES = ("active", "draining", "maintenance")
 
 
@@ -202,6 +214,53 @@ class FleetCollector(Collector):
         mapped = GaugeMetricFamily("wa_router_mapped_sessions", "Entries in the session map.")
         mapped.add_metric([], len(smap))
         yield from (sessions, capacity, healthy, admin, lookups, mapped)
+        yield from _selector_capacity(rt)
+
+
+def _selector_capacity(rt: Runtime) -> Iterator[Metric]:
+    """Free capacity per label selector, the autoscaling signal
+    (deploy/kubernetes/autoscaling). ``selector`` values come from the config
+    (``*``, the placement rules' selectors, the instances' label sets)."""
+    families = {
+        field: GaugeMetricFamily(name, text, labels=["selector"])
+        for field, name, text in _SELECTOR_FAMILIES
+    }
+    for pool in rt.placer.capacity():
+        label = [str(pool.selector)]
+        for field, family in families.items():
+            family.add_metric(label, getattr(pool, field))
+    yield from families.values()
+
+
+# (router.placement.PoolCapacity field, metric, help) of the capacity families.
+_SELECTOR_FAMILIES = (
+    (
+        "instances",
+        "wa_router_selector_instances",
+        "Healthy, active instances matching the selector.",
+    ),
+    (
+        "capacity",
+        "wa_router_selector_capacity_sessions",
+        "max_sessions summed over the healthy, active instances matching the selector.",
+    ),
+    (
+        "sessions",
+        "wa_router_selector_sessions",
+        "Sessions mapped to instances matching the selector (any health or state).",
+    ),
+    (
+        "free",
+        "wa_router_selector_free_sessions",
+        "Room for new sessions on the healthy, active instances matching the selector.",
+    ),
+    (
+        "instance_max_sessions",
+        "wa_router_selector_instance_max_sessions",
+        "Largest max_sessions of an instance matching the selector (what one more instance "
+        "of that pool adds).",
+    ),
+)
 
 
 _collector: FleetCollector | None = None

@@ -32,6 +32,13 @@ all its sessions to the least-loaded placeable instances, at most
 opt-in: while the load spread of the placeable instances exceeds
 ``rebalance_threshold``, it moves sessions from the most to the least
 loaded, a bounded number per round.
+
+Labels (``router.placement``): a drained session goes to an instance
+matching its selector when one has room, else outside it (its MoveResult's
+``detail`` says so) or, for a strict selector, nowhere (``no_capacity``).
+An operator's move to an instance outside a strict selector is refused
+(409 ``target_outside_selector``). Rebalancing moves sessions only between
+instances with the same labels.
 """
 
 from __future__ import annotations
@@ -52,8 +59,9 @@ from router.errors import RouterError
 from router.events import EventLog
 from router.failover import Failover
 from router.instances import AdminState, Instance
+from router.labels import Selector
 from router.locks import LockBusy, SessionLocks
-from router.placement import Placer, load_ratio
+from router.placement import Placer, labels_of, load_ratio
 from router.probe import RUNNING
 from router.resolver import Resolver
 from router.restore import RUNS, start_and_wait, with_notes
@@ -331,6 +339,17 @@ class Migration:
         counts = self.placer.counts()
         if counts.get(target.name, 0) >= target.config.max_sessions:
             raise MoveError(409, "target_full", f"instance {to!r} is at its max_sessions")
+        choice = await self.placer.choice_of(session)
+        if not choice.selector.matches(labels_of(target)):
+            if choice.strict:
+                raise MoveError(
+                    409,
+                    "target_outside_selector",
+                    f"instance {to!r} does not match the session's strict selector "
+                    f"{choice.selector}",
+                )
+            # An operator's explicit choice; recorded like any placement outside.
+            self.placer.note_outside(choice, session, "move", target)
         return await self.migrate(session, source, target, reason="move")
 
     async def migrate(
@@ -364,7 +383,7 @@ class Migration:
             )
         self._active.add(session)
         try:
-            result = await self._locked_move(session, source, target)
+            result = await self._locked_move(session, source, target, reason)
         except LockBusy:
             result = MoveResult(
                 session, source.name, None, "failed", "busy", "locked by a failover or a move"
@@ -402,7 +421,7 @@ class Migration:
         return result
 
     async def _locked_move(
-        self, session: str, source: Instance, target: Instance | None
+        self, session: str, source: Instance, target: Instance | None, reason: str
     ) -> MoveResult:
         snap = self.live.snap
         async with self.locks.hold(session, snap.config.failover.lock_ttl):
@@ -411,8 +430,15 @@ class Migration:
                 return MoveResult(
                     session, source.name, owner, "failed", "moved_meanwhile", f"now on {owner}"
                 )
+            outside: Selector | None = None
             if target is None:
-                target = self.placer.place(frozenset({source.name}))
+                # Within the session's selector when possible (router.placement
+                # records a placement outside it, or a strict refusal).
+                choice = await self.placer.choice_of(session)
+                placed = self.placer.place_for(
+                    choice, frozenset({source.name}), action=reason, session=session
+                )
+                target = placed.instance
                 if target is None:
                     return MoveResult(
                         session,
@@ -420,10 +446,18 @@ class Migration:
                         None,
                         "failed",
                         "no_capacity",
-                        "no healthy active instance has room",
+                        f"no healthy active instance matching {choice.selector} has room "
+                        "and the selector is strict"
+                        if placed.refused
+                        else "no healthy active instance has room",
                     )
+                if placed.outside:
+                    outside = choice.selector
             with self.placer.reserved(target):
-                return await self._stop_start(session, source, target)
+                result = await self._stop_start(session, source, target)
+            if outside is not None and result.outcome == "moved":
+                result.detail = f"outside its selector {outside}: no instance matching it had room"
+            return result
 
     async def _stop_start(self, session: str, source: Instance, target: Instance) -> MoveResult:
         snap = self.live.snap
@@ -576,25 +610,20 @@ class Migration:
         snap = self.live.snap
         cfg = snap.config.discovery
         limit = max_moves if max_moves is not None else max(1, cfg.migrate_concurrency)
-        insts = [i for i in snap.fleet if i.placeable]
-        if len(insts) < 2 or limit <= 0:
+        if limit <= 0:
             return []
+        # Only between instances with the same labels: a selector matches all
+        # of such a pool or none of it, so no move takes a session out of its
+        # selector, and pools of different sizes are not "imbalanced".
+        pools: dict[tuple[tuple[str, str], ...], list[Instance]] = {}
+        for inst in snap.fleet:
+            if inst.placeable:
+                pools.setdefault(tuple(sorted(labels_of(inst).items())), []).append(inst)
         counts = dict(self.placer.counts())
         plan: list[tuple[Instance, Instance]] = []
-        for _ in range(limit):
-            ratios = {i.name: load_ratio(i, counts.get(i.name, 0)) for i in insts}
-            hi = max(insts, key=lambda i: ratios[i.name])
-            lo = min(insts, key=lambda i: ratios[i.name])
-            gap = ratios[hi.name] - ratios[lo.name]
-            if gap <= cfg.rebalance_threshold:
-                break
-            n_hi, n_lo = counts.get(hi.name, 0), counts.get(lo.name, 0)
-            if n_hi == 0 or n_lo + 1 > lo.config.max_sessions:
-                break
-            if abs(load_ratio(hi, n_hi - 1) - load_ratio(lo, n_lo + 1)) >= gap:
-                break  # one session is too coarse to narrow the gap
-            counts[hi.name], counts[lo.name] = n_hi - 1, n_lo + 1
-            plan.append((hi, lo))
+        for insts in pools.values():
+            if len(insts) >= 2:
+                plan += _plan(insts, counts, limit - len(plan), cfg.rebalance_threshold)
         if not plan:
             return []
 
@@ -639,3 +668,27 @@ class Migration:
         for task in late:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+
+
+def _plan(
+    insts: list[Instance], counts: dict[str, int], limit: int, threshold: float
+) -> list[tuple[Instance, Instance]]:
+    """Up to ``limit`` (from, to) moves among ``insts`` that narrow the
+    spread of load ratios while it exceeds ``threshold`` (``counts`` is
+    updated as if they were made)."""
+    plan: list[tuple[Instance, Instance]] = []
+    for _ in range(limit):
+        ratios = {i.name: load_ratio(i, counts.get(i.name, 0)) for i in insts}
+        hi = max(insts, key=lambda i: ratios[i.name])
+        lo = min(insts, key=lambda i: ratios[i.name])
+        gap = ratios[hi.name] - ratios[lo.name]
+        if gap <= threshold:
+            break
+        n_hi, n_lo = counts.get(hi.name, 0), counts.get(lo.name, 0)
+        if n_hi == 0 or n_lo + 1 > lo.config.max_sessions:
+            break
+        if abs(load_ratio(hi, n_hi - 1) - load_ratio(lo, n_lo + 1)) >= gap:
+            break  # one session is too coarse to narrow the gap
+        counts[hi.name], counts[lo.name] = n_hi - 1, n_lo + 1
+        plan.append((hi, lo))
+    return plan

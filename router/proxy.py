@@ -42,6 +42,7 @@ from router.idempotency import (
     scoped_key,
 )
 from router.instances import Instance
+from router.labels import NO_CHOICE, PLACEMENT_NOTE, Choice, SelectorError
 from router.listings import Listings
 from router.locks import LockBusy
 from router.metrics import (
@@ -56,6 +57,7 @@ from router.metrics import (
     UPSTREAM_ERRORS,
 )
 from router.paths import path_problem
+from router.placement import labels_of
 from router.probe import ProbeState
 from router.readiness import Ready
 from router.resolver import Unanswered
@@ -111,6 +113,9 @@ class Call:
     websocket: bool
     # The sessions the client's key may reach (router.scoping); None: all.
     scope: Scope | None = None
+    # A create's selector (router.labels), once placed: kept with the session
+    # when the client's header chose it, and kept to by a re-placement.
+    placement: Choice | None = None
 
     @property
     def session(self) -> str | None:
@@ -399,15 +404,7 @@ class ProxyHandler:
             return Route(inst)
         inst = rt.placer.place()
         if inst is None:
-            raise RouterError(
-                503,
-                "fleet_full" if fleet.healthy() else "no_healthy_instance",
-                "no instance has capacity for a new session"
-                if fleet.healthy()
-                else "no healthy instance is available",
-                session=session,
-                headers={"Retry-After": "30"},
-            )
+            raise _no_room(snap, session)
         return Route(inst, placed=True)
 
     async def _create(self, call: Call) -> web.StreamResponse:
@@ -481,8 +478,11 @@ class ProxyHandler:
 
     async def _create_route(self, call: Call, session: str) -> Route:
         """Under the session lock: where a create goes. Every instance is asked
-        first (healthy or not); one that cannot answer blocks the placement."""
+        first (healthy or not); one that cannot answer blocks the placement.
+        A new session goes to an instance matching its selector (the create's
+        placement header, else the rules: router.labels)."""
         rt = self.rt
+        choice = self._placement_choice(call, session)
         try:
             running = await rt.resolver.confirm_absent(session, call.snap.fleet, call.snap.adapter)
         except Unanswered as exc:
@@ -496,13 +496,51 @@ class ProxyHandler:
             ) from None
         if running is not None:
             return Route(running)
+        call.placement = choice
         where = await rt.removals.removed_from(session)
         if isinstance(where, str):
             # Created again after a removal: where its stopped copy may still be.
             inst = call.snap.fleet.get(where)
-            if inst is not None and inst.placeable:
+            if inst is not None and inst.placeable and choice.selector.matches(labels_of(inst)):
                 return Route(inst, placed=True)
-        return await self._route(call)
+        placed = rt.placer.place_for(choice, action="create", session=session)
+        if placed.instance is not None:
+            return Route(placed.instance, placed=True)
+        if placed.refused:
+            raise RouterError(
+                503,
+                "selector_full",
+                f"no healthy instance matching {choice.selector} has room for a new session "
+                "(the selector is strict)",
+                session=session,
+                headers={"Retry-After": "30"},
+            )
+        raise _no_room(call.snap, session)
+
+    def _placement_choice(self, call: Call, session: str) -> Choice:
+        """The new session's selector; a placement header that does not parse,
+        or that no instance of the fleet matches, is the client's error (400)."""
+        policy = self.rt.placer.policy(call.snap.config)
+        header = policy.header
+        value: str | None = None
+        if header is not None:
+            value = call.request.headers.get(header)
+            # An instruction to the router, not to the instance.
+            call.ureq.headers.popall(header, None)
+        try:
+            choice = policy.for_create(session, value)
+        except SelectorError as exc:
+            raise RouterError(400, "bad_placement", f"{header}: {exc}", session=session) from None
+        if choice.source == "header" and not any(
+            choice.selector.matches(labels_of(i)) for i in call.snap.fleet
+        ):
+            raise RouterError(
+                400,
+                "bad_placement",
+                f"{header}: no instance has the labels {choice.selector}",
+                session=session,
+            )
+        return choice
 
     # -- 4. send: attempts, recovery and replays ---------------------------------------
 
@@ -754,7 +792,7 @@ class ProxyHandler:
         # A placement or a session-less request: any other instance will do.
         placer = rt.placer
         other = (
-            placer.place(frozenset({failed.name}))
+            placer.place(frozenset({failed.name}), call.placement or NO_CHOICE, session=session)
             if route.placed
             else placer.any_instance(exclude=failed)
         )
@@ -889,7 +927,10 @@ class ProxyHandler:
 
     async def _keep_notes(self, call: Call, session: str) -> None:
         """Remember what the create said that the upstream's listings forget."""
-        notes = call.snap.adapter.create_notes(call.ureq)
+        notes = dict(call.snap.adapter.create_notes(call.ureq))
+        if call.placement is not None and call.placement.source == "header":
+            # Nothing but this note can tell failover and drain the selector later.
+            notes[PLACEMENT_NOTE] = call.placement.note()
         store = self.rt.smap.store
         try:
             # A create also ends a removal (router.removals): its note goes.
@@ -905,6 +946,20 @@ class ProxyHandler:
 class _CreateLock:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     users: int = 0
+
+
+def _no_room(snap: Snapshot, session: str | None) -> RouterError:
+    """The error for a create no instance can take."""
+    healthy = bool(snap.fleet.healthy())
+    return RouterError(
+        503,
+        "fleet_full" if healthy else "no_healthy_instance",
+        "no instance has capacity for a new session"
+        if healthy
+        else "no healthy instance is available",
+        session=session,
+        headers={"Retry-After": "30"},
+    )
 
 
 def _scrub(payload: bytes, key: str, up: UpstreamResponse) -> bytes:

@@ -73,7 +73,7 @@ class Runtime:
         events = EventLog()
         removals = Removals(smap, events)
         resolver = Resolver(smap, Probe(config.timeouts.connect + config.health.timeout), removals)
-        placer = Placer(live, smap)
+        placer = Placer(live, smap, events)
         failover = Failover(live, smap, resolver, locks, placer, removals, events)
         pins: set[str] = set()
         migration = Migration(live, smap, resolver, locks, placer, failover, events, pins=pins)

@@ -229,6 +229,7 @@ async def test_instances_listing_shows_state_and_load_but_no_secret(
         "weight": 1.0,
         "load": 0.3,
         "removed": False,
+        "labels": {},
     }
     assert (two["healthy"], two["placeable"], two["sessions"]) == (False, False, 0)
     assert body["sessions"] == 3

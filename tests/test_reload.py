@@ -253,13 +253,15 @@ async def test_reloads_under_load_add_reweight_retime_remove_and_reject_bad_file
     traffic.start()
     await traffic.pace()
 
-    # 1. Add an instance: new sessions go to it (it is the least loaded).
+    # 1. Add an instance: it takes new sessions, ramping up from 10 % of its
+    #    capacity (slow start; tests/test_autoscaling.py measures the ramp).
     write(path, config_text([*insts, Inst("wa-4", four.url)]))
     status, body = await admin(url, "POST", "/admin/reload")
     assert status == 200, body
     assert (body["ok"], body["added"], body["changed"]) == (True, ["wa-4"], True)
     assert rt.fleet.names() == ["wa-1", "wa-2", "wa-3", "wa-4"]
-    assert await create(router, "fresh-1") == "wa-4"
+    assert rt.fleet.get("wa-4").placeable  # type: ignore[union-attr]
+    await create(router, "fresh-1")
     await traffic.pace()
 
     # 2. Re-weight and resize in place: the same objects, health and pools kept.
