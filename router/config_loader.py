@@ -15,7 +15,7 @@ and markers say how its value is read and checked (see the note at the top of
 run reports every problem of the file, sorted by line.
 
 Public API: ``load`` (the one entry point), ``parse_text``, ``check_config``,
-``summarize``, ``parse_size``, ``setting_paths``.
+``summarize``, ``parse_size``, ``setting_paths``, ``read_text``.
 """
 
 from __future__ import annotations
@@ -67,6 +67,7 @@ __all__ = [
     "load",
     "parse_size",
     "parse_text",
+    "read_text",
     "setting_paths",
     "summarize",
 ]
@@ -131,8 +132,15 @@ def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> 
 
 def parse_text(text: str, filename: str, env: Mapping[str, str] | None = None) -> RouterConfig:
     """Validate YAML ``text``; ``filename`` is used in error messages only."""
-    parser = _Parser(filename, os.environ if env is None else env)
-    return parser.parse(text)
+    return read_text(RouterConfig, text, filename, env)
+
+
+def read_text(
+    cls: type[_D], text: str, filename: str = "<text>", env: Mapping[str, str] | None = None
+) -> _D:
+    """YAML ``text`` read as any dataclass declared like ``RouterConfig``'s
+    sections (tests of a new section's shape, tools)."""
+    return _Parser(filename, os.environ if env is None else env).parse(text, cls)
 
 
 def check_config(
@@ -452,7 +460,7 @@ class _Parser:
 
     # -- document -------------------------------------------------------
 
-    def parse(self, text: str) -> RouterConfig:
+    def parse(self, text: str, cls: type[_D]) -> _D:
         try:
             root = yaml.compose(text, Loader=yaml.SafeLoader)
         except yaml.MarkedYAMLError as exc:
@@ -485,10 +493,11 @@ class _Parser:
 
         self._check_structure(root)
         self._check_env(root)
-        _, got = self._collecting(lambda: self._object(root, RouterConfig, "", root)[0])
-        cfg: RouterConfig | None = got
+        _, got = self._collecting(lambda: self._object(root, cls, "", root)[0])
+        cfg: _D | None = got
         if cfg is not None and not self._errors:
-            cfg = dataclasses.replace(cfg, source=self.file)
+            if isinstance(cfg, RouterConfig):
+                cfg = dataclasses.replace(cfg, source=self.file)
             self._check_refs(cfg)
         if self._errors:
             ordered = sorted(self._errors, key=lambda e: (e.line or 0, e.column or 0))
@@ -1019,7 +1028,7 @@ class _Parser:
         form = t.get(TextForm)
         if form is not None and isinstance(node, yaml.ScalarNode) and node.tag == _STR:
             value: Any = self._list(self._text_entries(node, path, form), t, path, defaults)
-        elif t.is_list:
+        elif t.is_list and not t.optional:  # an optional one: null is None (_read)
             value = self._list(node, t, path, defaults)
         else:
             value = self._read(node, t, path, key_node)
@@ -1055,7 +1064,7 @@ class _Parser:
             items.append(yaml.MappingNode(_MAP, pairs, node.start_mark, node.end_mark))
         return yaml.SequenceNode(_SEQ, items, node.start_mark, node.end_mark)
 
-    def _check_refs(self, cfg: RouterConfig) -> None:
+    def _check_refs(self, cfg: object) -> None:
         for ref, value, node, path in self._refs:
             known = tuple(str(item.name) for item in getattr(cfg, ref.collection))
             if value not in known:

@@ -4,15 +4,36 @@ from __future__ import annotations
 
 import re
 import textwrap
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, ClassVar
 
 import pytest
 
 from router import config_loader
-from router.config import AdapterConfig, ConfigError, RouterConfig, StoreConfig, redact_url
-from router.config_loader import check_config, load, parse_size, parse_text, setting_paths
+from router.config import (
+    AdapterConfig,
+    Check,
+    ConfigError,
+    Count,
+    Regex,
+    RouterConfig,
+    Seconds,
+    Secret,
+    Shorthand,
+    StoreConfig,
+    Unique,
+    redact_url,
+)
+from router.config_loader import (
+    check_config,
+    load,
+    parse_size,
+    parse_text,
+    read_text,
+    setting_paths,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).resolve().parent / "data" / "config"
@@ -913,3 +934,91 @@ def test_redact_url(url: str, shown: str) -> None:
     fragment dropped, the rest kept so the URL is still recognisable."""
     assert redact_url(url) == shown
     assert "s3cret" not in shown
+
+
+# --------------------------------------------------------------------------
+# the declaration machinery, on shapes RouterConfig may not use (yet)
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Rule:
+    sessions: Annotated[str, Regex, Unique("sessions pattern")]
+    per_minute: Annotated[int, Count(lo=1)] = 20
+
+
+@dataclass(frozen=True, slots=True)
+class _Key:
+    key: Annotated[str, Secret, Shorthand] = field(repr=False)
+    sessions: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Shapes:
+    rules: tuple[_Rule, ...] = ()
+    keys: tuple[_Key, ...] = field(default=(), repr=False)
+    labels: Mapping[str, str] = field(default_factory=dict, hash=False)
+    burst: Annotated[int, Count(lo=1)] = 5
+    window: Annotated[float, Seconds] = 60.0
+
+    CHECKS: ClassVar[tuple[Check, ...]] = (
+        Check(
+            ("burst", "window"),
+            lambda s: s.burst <= s.window,
+            "{path}burst ({burst}) must be <= window ({window})",
+        ),
+    )
+
+
+def test_declared_shapes_are_read() -> None:
+    """A list of dataclasses, an entry that is a string or a mapping, a
+    str -> str mapping, an optional list, as the note in router/config.py says."""
+    shapes = read_text(
+        _Shapes,
+        "rules:\n"
+        "  - {sessions: 'webjs_.*', per_minute: 3}\n"
+        "  - sessions: '.*'\n"
+        "keys: ['${K}', {key: k2, sessions: [a, b]}, '${NEXT:-}', {key: k3, sessions: null}]\n"
+        "labels: {zone: eu-1, tier: '2'}\n",
+        env={"K": SECRET},
+    )
+    assert shapes.rules == (_Rule("webjs_.*", 3), _Rule(".*", 20))
+    assert [(k.key, k.sessions) for k in shapes.keys] == [
+        (SECRET, None),
+        ("k2", ("a", "b")),
+        ("k3", None),
+    ]
+    assert shapes.labels == {"zone": "eu-1", "tier": "2"}
+
+
+def test_declared_shapes_report_every_problem_at_its_line() -> None:
+    with pytest.raises(ConfigError) as info:
+        read_text(
+            _Shapes,
+            "rules:\n"
+            "  - {sessions: '(', per_minute: 0}\n"
+            "  - sessions: a\n"
+            "  - sessions: a\n"
+            "keys: [{key: '${K}', sesions: [a]}]\n"
+            "labels: {zone: [1]}\n",
+            "x.yaml",
+            env={"K": SECRET},
+        )
+    assert str(info.value) == (
+        "x.yaml:2: rules[0].sessions: not a valid regular expression:"
+        " missing ), unterminated subpattern at position 0, got '('\n"
+        "x.yaml:2: rules[0].per_minute: must be an integer >= 1, got 0\n"
+        "x.yaml:5: keys[0].sesions: unknown key; did you mean 'sessions'?\n"
+        "x.yaml:6: labels.zone: must be a single value, got a list"
+    )
+    with pytest.raises(ConfigError) as info:
+        read_text(_Shapes, "rules: [{sessions: a}, {sessions: a}]\n", "x.yaml")
+    assert str(info.value) == (
+        "x.yaml:1: rules[1].sessions: duplicate sessions pattern 'a' (also rules[0] at line 1)"
+    )
+    with pytest.raises(ConfigError) as info:
+        read_text(_Shapes, "window: 5\nburst: 9\n", "x.yaml")
+    assert str(info.value) == "x.yaml:2: burst (9) must be <= window (5)"
+    with pytest.raises(ConfigError) as info:
+        read_text(_Shapes, "burst: 90\n", "x.yaml")
+    assert str(info.value) == "x.yaml:1: burst (90) must be <= window (default 60)"
