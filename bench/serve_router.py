@@ -17,6 +17,7 @@ from typing import Any
 
 from router.config import (
     AdapterConfig,
+    ClientKey,
     HealthConfig,
     InstanceConfig,
     ListenConfig,
@@ -41,7 +42,7 @@ def bench_config(port: int, sessions: int) -> RouterConfig:
         listen=ListenConfig("127.0.0.1", port),
         adapter=AdapterConfig("waha"),
         health=HealthConfig(interval=5.0, timeout=1.0),
-        api_keys=("k",),
+        api_keys=(ClientKey("k"),),
     )
 
 

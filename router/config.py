@@ -657,6 +657,49 @@ class RoutesConfig:
         return not any(fnmatchcase(low, p) for p in self.deny)
 
 
+_SESSION_ID = re.compile(SESSION_ID_PATTERN)
+# What a pattern of session ids may hold: their characters and fnmatch's.
+_SESSION_GLOB = re.compile(r"[A-Za-z0-9_.@\-*?\[\]!]{1,128}")
+
+
+def _session_entry_problem(s: str) -> str | None:
+    """A session name, or an fnmatch pattern of them (``webjs_12_*``)."""
+    if any(c in s for c in "*?["):
+        ok = _SESSION_GLOB.fullmatch(s) is not None
+    else:
+        ok = _SESSION_ID.fullmatch(s) is not None
+    return None if ok else "must be a session name or an fnmatch pattern of session names"
+
+
+@dataclass(frozen=True, slots=True)
+class ClientKey:
+    """One entry of ``api_keys``: a key (a plain string in the file), or a
+    key limited to some sessions (router.scoping)."""
+
+    key: Annotated[str, Secret, Shorthand] = field(repr=False)
+    # Session names or fnmatch patterns (``webjs_12_*``) the key may reach,
+    # create, list and receive events of; not set: every session.
+    sessions: tuple[Annotated[str, Valid(_session_entry_problem)], ...] | None = None
+
+    CHECKS: ClassVar[tuple[Check, ...]] = (
+        Check(
+            ("sessions",),
+            lambda k: k.sessions is None or bool(k.sessions),
+            "{path}.sessions: names no session, so the key could reach none;"
+            " leave sessions out for a key that reaches every session",
+        ),
+    )
+
+
+def _keys_agree(cfg: RouterConfig) -> bool:
+    """No key is listed twice with different sessions (which would apply?)."""
+    seen: dict[str, tuple[str, ...] | None] = {}
+    for entry in cfg.api_keys:
+        if seen.setdefault(entry.key, entry.sessions) != entry.sessions:
+            return False
+    return True
+
+
 @dataclass(frozen=True, slots=True)
 class RouterConfig:
     # At least one; also one string of NAME=URL entries; ``instance_defaults``
@@ -676,15 +719,24 @@ class RouterConfig:
     idempotency: IdempotencyConfig = IdempotencyConfig()
     # Key for /admin (separate from client keys). None disables the admin API.
     admin_key: Annotated[str | None, Secret] = field(default=None, repr=False)
-    # Keys clients (the main app) present to the router. Empty means the
-    # router does not authenticate clients (only sensible on a private net).
-    api_keys: tuple[Annotated[str, Secret], ...] = field(default=(), repr=False)
+    # Keys clients (the main app) present to the router, each maybe limited
+    # to some sessions. Empty means the router does not authenticate clients
+    # (only sensible on a private net).
+    api_keys: tuple[ClientKey, ...] = field(default=(), repr=False)
     # The durable webhook relay (router/webhooks); None = disabled.
     webhooks: WebhookConfig | None = None
     # Upstream paths clients may reach.
     routes: RoutesConfig = RoutesConfig()
     # Where this config came from, for error messages and reload.
     source: Annotated[str | None, Internal] = None
+
+    CHECKS: ClassVar[tuple[Check, ...]] = (
+        Check(
+            ("api_keys",),
+            _keys_agree,
+            "api_keys: a key is listed twice with different sessions",
+        ),
+    )
 
     def instance(self, name: str) -> InstanceConfig | None:
         for inst in self.instances:

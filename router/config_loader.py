@@ -167,6 +167,9 @@ def summarize(cfg: RouterConfig) -> str:
     lines.append(f"  store:       {redact_url(cfg.store.url)} (prefix {cfg.store.key_prefix!r})")
     n_keys = len(cfg.api_keys)
     auth = f"{n_keys} client key(s)" if n_keys else "DISABLED (no api_keys: anyone may call)"
+    scoped = sum(1 for k in cfg.api_keys if k.sessions is not None)
+    if scoped:
+        auth += f", {scoped} limited to some sessions"
     lines.append(f"  client auth: {auth}")
     total = sum(i.max_sessions for i in cfg.instances)
     lines.append(f"  instances:   {len(cfg.instances)} (capacity {total} sessions)")
@@ -971,7 +974,9 @@ class _Parser:
         fields = {f.name: f for f in _fields(cls)}
         short = _shorthand(cls)
         given: Mapping[str, tuple[yaml.Node, yaml.Node]]
-        if short is not None and isinstance(node, yaml.ScalarNode) and not _is_null(node):
+        scalar = short is not None and isinstance(node, yaml.ScalarNode) and not _is_null(node)
+        if scalar:
+            assert short is not None
             given = {short: (node, node)}
         else:
             keys = [n for n, f in fields.items() if not (partial and f.required)]
@@ -996,9 +1001,9 @@ class _Parser:
             field = fields.get(key)
             if field is None:
                 continue  # an item defaults key, read above
-            read = functools.partial(
-                self._field, field, k, v, _join(path, key), item_defaults.get(key)
-            )
+            # A plain string in place of the mapping is reported as itself.
+            where = path if scalar else _join(path, key)
+            read = functools.partial(self._field, field, k, v, where, item_defaults.get(key))
             ok, value = self._collecting(read)
             if ok:
                 values[key], nodes[key] = value, v
@@ -1171,7 +1176,12 @@ def _shape(form: TextForm) -> str:
 
 def _list_of(base: Any) -> str:
     noun = {str: "string", int: "integer", float: "number", bool: "boolean"}.get(base)
-    return f"a list of {noun}s or one {noun}" if noun else "a list of mappings"
+    if noun:
+        return f"a list of {noun}s or one {noun}"
+    if isinstance(base, type) and dataclasses.is_dataclass(base) and _shorthand(base):
+        # Entries that may be plain strings (api_keys: a key, or {key, sessions}).
+        return "a list of strings or mappings, or one string"
+    return "a list of mappings"
 
 
 def _one_of(values: tuple[str, ...]) -> str:

@@ -160,7 +160,7 @@ def _story(
     pids: dict[str, int],
     record: Path,
 ) -> str:
-    key = config.api_keys[0] if config.api_keys else None
+    key = config.api_keys[0].key if config.api_keys else None
     body = json.dumps({"session": DEMO_SESSION, "chatId": "123@c.us", "text": "hello"})
     key_header = f" -H {shlex.quote('X-Api-Key: ' + key)}" if key else ""
     rows = "\n".join(
@@ -221,7 +221,7 @@ async def run_demo(
             )
         await server.startup()
         base = f"http://{config.listen.host}:{server.port}"
-        await _create_demo_session(base, config.api_keys[0] if config.api_keys else None)
+        await _create_demo_session(base, config.api_keys[0].key if config.api_keys else None)
         owner = server.runtime.smap.cached(DEMO_SESSION) if server.runtime else None
         pids = {name: proc.pid for name, proc in procs.items()}
         print(_story(config, base, owner, pids, record), flush=True)

@@ -27,10 +27,11 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from fnmatch import translate
 
 from router.adapters.base import Extraction
+from router.config import ClientKey
 from router.errors import RouterError
 from router.keys import as_bytes, which
 
@@ -38,18 +39,9 @@ from router.keys import as_bytes, which
 _WILDCARDS = frozenset("*?[")
 
 
-@dataclass(frozen=True, slots=True)
-class ClientKey:
-    """One entry of ``api_keys``: a key, and the sessions it may reach
-    (None: every session)."""
-
-    key: str = field(repr=False)
-    # Exact names or fnmatch patterns (case-sensitive, as session ids are).
-    sessions: tuple[str, ...] | None = None
-
-
 class Scope:
-    """The sessions one key may reach: exact names and fnmatch patterns."""
+    """The sessions one key may reach: exact names and fnmatch patterns
+    (case-sensitive, as session ids are)."""
 
     __slots__ = ("_names", "_regex", "entries")
 
@@ -86,17 +78,17 @@ class ClientKeys:
 
     __slots__ = ("_clients", "_keys", "keys")
 
-    def __init__(self, entries: Iterable[str | ClientKey]) -> None:
+    def __init__(self, entries: Iterable[ClientKey]) -> None:
         found: dict[str, Client] = {}
-        for entry in entries:
-            item = entry if isinstance(entry, ClientKey) else ClientKey(entry)
+        for item in entries:
             client = Client(
                 Scope(item.sessions) if item.sessions is not None else None,
                 fingerprint(item.key),
             )
             prior = found.get(item.key)
             if prior is not None and _entries(prior) != _entries(client):
-                # Which scope would apply is undecidable: the config is refused.
+                # Which scope would apply is undecidable (the config check
+                # refuses such a file: router.config._keys_agree).
                 raise ValueError("the same key is listed twice with different sessions")
             found[item.key] = client
         # The plain keys (a cheap "may a key be in this body?" scan).

@@ -13,18 +13,20 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import signal
 import time
 from typing import Any
 
 import aiohttp
+import pytest
 from multidict import CIMultiDict, MultiDict
 
 from router.adapters import build_adapter
 from router.adapters.base import Adapter, ListShape, UpstreamRequest
-from router.config import AdapterConfig
-from router.listings import PARTIAL_HEADER, merge, read_answer
-from router.scoping import ClientKey, Scope
+from router.config import AdapterConfig, ClientKey
+from router.listings import PARTIAL_HEADER, _decode, _encode, merge, read_answer
+from router.scoping import Scope
 from tests.support.router import (
     INSTANCE_KEY,
     ROUTER_KEY,
@@ -204,6 +206,19 @@ def test_generic_merge_of_lists_and_id_keyed_mappings() -> None:
     assert merged(shape, answers, scope=Scope(["s2"])) == {"sessions": {"s2": {}}}
 
 
+def test_answers_the_fast_json_codec_refuses_are_read_and_written_as_json_reads_them() -> None:
+    # A lone surrogate escape and an out-of-range number: JSON.parse reads
+    # both; msgspec does not, so the json module takes over for them.
+    raw = b'[{"name": "s1", "pushName": "\\ud83d", "n": 1e400}]'
+    data = _decode(raw)
+    assert data == [{"name": "s1", "pushName": "\ud83d", "n": None}]
+    out = _encode(data)
+    assert json.loads(out) == data
+    assert _encode({"a": "é"}) == '{"a":"é"}'.encode()
+    with pytest.raises(ValueError):
+        _decode(b"<html>")
+
+
 # -- end to end: real simulators behind a real router ----------------------------------
 
 
@@ -307,7 +322,7 @@ BLAZZ_KEYS = ["key-of-b1", "key-of-b2", "key-of-b3"]
 async def blazz_fleet(
     sim_fleet: SimFleetFactory,
     start_router: StartRouter,
-    api_keys: tuple[str | ClientKey, ...] | None = None,
+    api_keys: tuple[ClientKey, ...] | None = None,
 ) -> tuple[SimFleet, RouterHandle]:
     fleet = sim_fleet(3, dialect="blazz", api_keys=BLAZZ_KEYS)
     await bulk(fleet[0], names=["webjs_12_1_a", "webjs_7_1_x"], workspace_id=12)
@@ -364,7 +379,9 @@ async def test_blazz_list_with_a_key_limited_to_a_workspace(
 ) -> None:
     scoped = "tenant-12-key"
     _fleet, router = await blazz_fleet(
-        sim_fleet, start_router, api_keys=(ROUTER_KEY, ClientKey(scoped, ("webjs_12_*",)))
+        sim_fleet,
+        start_router,
+        api_keys=(ClientKey(ROUTER_KEY), ClientKey(scoped, ("webjs_12_*",))),
     )
     async with aiohttp.ClientSession() as http:
         status, body, _ = await list_call(http, f"{router.url}/api/sessions", api_key=scoped)

@@ -14,16 +14,19 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
 from router.adapters.base import Extraction
+from router.config import ClientKey
+from router.config_loader import check_config, load
 from router.errors import RouterError
 from router.instances import Fleet
 from router.keys import which
-from router.scoping import ClientKey, ClientKeys, Scope, admit
+from router.scoping import ClientKeys, Scope, admit
 from router.websocket import in_scope
 from tests.support.router import (
     INSTANCE_KEY,
@@ -60,7 +63,7 @@ def test_a_scope_is_names_and_fnmatch_patterns() -> None:
 
 
 def test_keys_are_found_with_their_scope() -> None:
-    keys = ClientKeys(["plain", TENANT, "plain"])
+    keys = ClientKeys([ClientKey("plain"), TENANT, ClientKey("plain")])
     assert len(keys) == 2 and keys.keys == {"plain", TENANT_KEY}
     plain, tenant = keys.find("plain"), keys.find(TENANT_KEY)
     assert plain is not None and plain.scope is None
@@ -161,7 +164,7 @@ async def test_a_scoped_key_on_two_replicas(
     cfg = router_config(
         fleet.urls, names=[p.name for p in fleet], store=redis_url, key_prefix=redis_prefix
     )
-    cfg = dataclasses.replace(cfg, api_keys=(ROUTER_KEY, TENANT))
+    cfg = dataclasses.replace(cfg, api_keys=(ClientKey(ROUTER_KEY), TENANT))
     a = await start_router(config=cfg)
     b = await start_router(config=cfg)
     lookups = {r.url: count_owner_lookups(r, monkeypatch) for r in (a, b)}
@@ -235,3 +238,72 @@ async def test_a_scoped_key_on_two_replicas(
         finally:
             await scoped.close()
             await everything.close()
+
+
+# -- the config: api_keys entries with sessions ------------------------------------------
+
+SECRET = "tenant-s3cr3t-never-printed"
+INSTANCES = "instances:\n  - name: wa-1\n    url: http://127.0.0.1:3101\n"
+
+
+def test_config_reads_plain_and_scoped_keys(tmp_path: Path) -> None:
+    path = tmp_path / "router.yaml"
+    path.write_text(
+        INSTANCES
+        + "api_keys:\n"
+        + "  - plain-key\n"
+        + "  - key: ${TENANT}\n"
+        + "    sessions: ['webjs_12_*', support-line]\n"
+        + "  - {key: one-pattern, sessions: 'q?'}\n"
+    )
+    ok, text = check_config(path, env={"TENANT": SECRET})
+    assert ok, text
+    assert "3 client key(s), 2 limited to some sessions" in text and SECRET not in text
+    cfg = load(path, env={"TENANT": SECRET})
+    assert cfg.api_keys == (
+        ClientKey("plain-key"),
+        ClientKey(SECRET, ("webjs_12_*", "support-line")),
+        ClientKey("one-pattern", ("q?",)),
+    )
+    assert SECRET not in repr(cfg)
+
+
+@pytest.mark.parametrize(
+    ("entries", "line", "reason"),
+    [
+        (
+            "  - key: k\n    sessions: []\n",
+            3,
+            "api_keys[0].sessions: names no session, so the key could reach none;"
+            " leave sessions out for a key that reaches every session",
+        ),
+        (
+            "  - key: k\n    sessions: [ok, 'no spaces']\n",
+            3,
+            "api_keys[0].sessions[1]: must be a session name or an fnmatch pattern of"
+            " session names, got 'no spaces'",
+        ),
+        ("  - sessions: [a]\n", 2, "api_keys[0]: missing required key 'key'"),
+        (
+            "  - key: k\n    session: [a]\n",
+            3,
+            "api_keys[0].session: unknown key; did you mean 'sessions'?",
+        ),
+        (
+            f"  - {SECRET}\n  - key: {SECRET}\n    sessions: [a]\n",
+            2,
+            "api_keys: a key is listed twice with different sessions",
+        ),
+        ("  - ''\n", 2, "api_keys[0]: must be a non-empty string, got an empty string"),
+    ],
+)
+def test_check_config_reports_bad_scoped_keys(
+    tmp_path: Path, entries: str, line: int, reason: str
+) -> None:
+    path = tmp_path / "router.yaml"
+    path.write_text("api_keys:\n" + entries + INSTANCES)
+    ok, text = check_config(path, env={})
+    assert not ok
+    first = text.splitlines()[0]
+    assert first.startswith(f"{path}:{line}: {reason}"), text
+    assert SECRET not in text

@@ -19,6 +19,7 @@ import pytest
 
 from router.config import (
     AdapterConfig,
+    ClientKey,
     DiscoveryConfig,
     FailoverConfig,
     HealthConfig,
@@ -91,7 +92,7 @@ def router_config(
         timeouts=timeouts or Timeouts(connect=1.0, read=5.0, idle_keepalive=4.0),
         limits=limits or Limits(),
         health=health or HealthConfig(interval=0.2, timeout=0.5, rise=1, fall=2),
-        api_keys=(router_key,) if router_key else (),
+        api_keys=(ClientKey(router_key),) if router_key else (),
         admin_key=admin_key,
         # No periodic reconcile unless a test asks: rounds are driven explicitly.
         discovery=discovery or DiscoveryConfig(interval=0),
@@ -114,7 +115,8 @@ async def start_router() -> AsyncIterator[StartRouter]:
         server = Server(cfg, drain_timeout=2.0)
         servers.append(server)
         await server.startup()
-        return RouterHandle(server, f"http://127.0.0.1:{server.port}", (cfg.api_keys or (None,))[0])
+        key = cfg.api_keys[0].key if cfg.api_keys else None
+        return RouterHandle(server, f"http://127.0.0.1:{server.port}", key)
 
     yield start
     for server in servers:
