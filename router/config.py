@@ -85,6 +85,7 @@ from typing import Annotated, Any, ClassVar
 from urllib.parse import urlsplit
 
 from router.backoff import exponential
+from router.labels import LABEL_KEY_PATTERN, LABEL_VALUE_PATTERN
 
 # Session ids travel into upstream URLs; anything outside this pattern is
 # rejected with a 400 before a byte reaches an instance.
@@ -282,6 +283,28 @@ def redact_url(url: str) -> str:
     return f"{parts.scheme}://{netloc}{parts.path}" if parts.scheme else parts.path
 
 
+LABEL_KEY = matches(
+    LABEL_KEY_PATTERN,
+    "a label key: up to 63 of [A-Za-z0-9_.-] starting and ending with a letter or digit, "
+    "optionally after a DNS prefix and '/'",
+)
+LABEL_VALUE = matches(
+    LABEL_VALUE_PATTERN,
+    "a label value: up to 63 of [A-Za-z0-9_.-] starting and ending with a letter or digit",
+)
+# Instance labels, and a selector (the labels an instance must have).
+Labels = Mapping[Annotated[str, LABEL_KEY], Annotated[str, LABEL_VALUE]]
+HEADER_NAME = matches(r"[A-Za-z0-9][A-Za-z0-9-]{0,63}", "an HTTP header name (letters, digits, -)")
+
+
+def _rules_select_instances(cfg: RouterConfig) -> bool:
+    labels = [inst.labels for inst in cfg.instances]
+    return all(
+        any(all(lab.get(k) == v for k, v in rule.select.items()) for lab in labels)
+        for rule in cfg.placement.rules
+    )
+
+
 def url_identity(url: str) -> str:
     """Two instance URLs that reach the same place compare equal."""
     parts = urlsplit(url)
@@ -366,6 +389,8 @@ class InstanceConfig:
     max_sessions: Annotated[int, Count(lo=1)] = 100
     weight: Annotated[float, Number(gt=0)] = 1.0
     api_key: Annotated[str | None, Secret] = field(default=None, repr=False)
+    # What placement selectors match (router.labels): {region: eu, engine: webjs}.
+    labels: Labels = field(default_factory=dict, hash=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -701,6 +726,40 @@ def _keys_agree(cfg: RouterConfig) -> bool:
 
 
 @dataclass(frozen=True, slots=True)
+class PlacementRule:
+    """Sessions whose id matches ``sessions`` (an fnmatch pattern, case
+    sensitive) go to instances whose labels match ``select``; ``weight``
+    percent of them (chosen by a hash of the id), the others fall through to
+    the next rule (router.labels)."""
+
+    select: Labels = field(hash=False)
+    sessions: str = "*"
+    weight: Annotated[float, Number(ge=0.01, le=100)] = 100.0
+    # Never outside the selector: no room in it fails a create (503), a
+    # failover or a drain of the session, rather than place it elsewhere.
+    strict: bool = False
+
+    CHECKS: ClassVar[tuple[Check, ...]] = (
+        Check(
+            ("select",), lambda rule: bool(rule.select), "{path}.select: name at least one label"
+        ),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class PlacementConfig:
+    """Placement by labels (router.labels, router.placement)."""
+
+    # Request header of a create naming the new session's selector
+    # ("region=eu"); None: clients cannot choose.
+    header: Annotated[str | None, HEADER_NAME] = None
+    # A header-chosen selector is strict (never placed outside it).
+    header_strict: bool = True
+    # In order; the first that matches (and whose weight takes the session) applies.
+    rules: tuple[PlacementRule, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class RouterConfig:
     # At least one; also one string of NAME=URL entries; ``instance_defaults``
     # holds fields every instance gets unless it sets them.
@@ -727,6 +786,8 @@ class RouterConfig:
     webhooks: WebhookConfig | None = None
     # Upstream paths clients may reach.
     routes: RoutesConfig = RoutesConfig()
+    # Placement by labels: rules and a create header giving sessions a selector.
+    placement: PlacementConfig = PlacementConfig()
     # Where this config came from, for error messages and reload.
     source: Annotated[str | None, Internal] = None
 
@@ -735,6 +796,11 @@ class RouterConfig:
             ("api_keys",),
             _keys_agree,
             "api_keys: a key is listed twice with different sessions",
+        ),
+        Check(
+            ("placement",),
+            _rules_select_instances,
+            "placement.rules: a rule selects labels no instance has (a typo?)",
         ),
     )
 

@@ -283,7 +283,7 @@ class Fleet:
             else:
                 fields = [
                     f
-                    for f in ("max_sessions", "weight", "api_key")
+                    for f in ("max_sessions", "weight", "api_key", "labels")
                     if getattr(old.config, f) != getattr(cfg, f)
                 ]
                 if fields:

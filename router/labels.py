@@ -31,7 +31,10 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from fnmatch import translate
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from router.config import PlacementConfig
 
 # Kubernetes-style: a key is a name with an optional DNS-prefix ("example.com/tier"),
 # a value is short and plain. Both travel into metric labels and headers.
@@ -124,31 +127,6 @@ def bucket(salt: str, session: str) -> float:
     a stable hash (never Python's per-process ``hash``)."""
     digest = hashlib.blake2b(f"{salt}\0{session}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") * 100.0 / 2**64
-
-
-@dataclass(frozen=True, slots=True)
-class PlacementRule:
-    """Sessions whose name matches ``sessions`` (an fnmatch pattern, case
-    sensitive) are placed on instances matching ``select``; ``weight`` percent
-    of them (100: all), the rest fall through to the next rule. ``strict``:
-    never placed outside the selector (a create fails with 503, a failover or
-    drain of it fails) rather than on another instance when none in it has
-    room."""
-
-    select: Mapping[str, str]
-    sessions: str = "*"
-    weight: float = 100.0
-    strict: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class PlacementConfig:
-    # Request header of a create that names the session's selector
-    # (``region=eu``); None: clients cannot choose.
-    header: str | None = None
-    # A header-chosen selector is strict (the client asked for it explicitly).
-    header_strict: bool = True
-    rules: tuple[PlacementRule, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,7 +30,6 @@ from router.instances import Instance
 from router.labels import (
     NO_CHOICE,
     Choice,
-    PlacementConfig,
     Policy,
     Selector,
     exported_selectors,
@@ -42,19 +41,10 @@ from router.store.base import StoreUnavailable
 
 log = logging.getLogger(__name__)
 
-_NO_LABELS: Mapping[str, str] = {}
-
 
 def labels_of(inst: Instance) -> Mapping[str, str]:
     """An instance's labels (``instances[].labels`` in the config)."""
-    labels: Mapping[str, str] | None = getattr(inst.config, "labels", None)
-    return labels if labels is not None else _NO_LABELS
-
-
-def placement_config(config: RouterConfig) -> PlacementConfig:
-    """The ``placement`` section of ``config``."""
-    cfg: PlacementConfig | None = getattr(config, "placement", None)
-    return cfg if cfg is not None else PlacementConfig()
+    return inst.config.labels
 
 
 def load_ratio(inst: Instance, sessions: int) -> float:
@@ -176,7 +166,7 @@ class Placer:
             config = self.live.snap.config
         cached = self._policy
         if cached is None or cached[0] is not config:
-            cached = self._policy = (config, Policy.of(placement_config(config)))
+            cached = self._policy = (config, Policy.of(config.placement))
         return cached[1]
 
     async def choice_of(self, session: str) -> Choice:

@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from router.labels import PlacementConfig, PlacementRule, Selector
+from router.config import PlacementConfig, PlacementRule
+from router.labels import Selector
 from tests.support.metrics import Scrape, scrape
 from tests.support.router import INSTANCE_KEY, StartRouter, router_config
 from tests.support.simulator import SimFleetFactory

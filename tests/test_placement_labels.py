@@ -16,10 +16,16 @@ from typing import Any
 import aiohttp
 import pytest
 
-from router.config import DiscoveryConfig, FailoverConfig, InstanceConfig, RouterConfig
-from router.labels import (
+from router.config import (
+    ConfigError,
+    DiscoveryConfig,
+    FailoverConfig,
     PlacementConfig,
     PlacementRule,
+    RouterConfig,
+)
+from router.config_loader import parse_text
+from router.labels import (
     Policy,
     Selector,
     SelectorError,
@@ -36,30 +42,15 @@ ADMIN_KEY = "labels-admin"
 # -- config ------------------------------------------------------------------------
 
 
-# TODO(loader): until InstanceConfig / RouterConfig have these fields.
-@dataclasses.dataclass(frozen=True, slots=True)
-class _Labelled(InstanceConfig):
-    labels: Mapping[str, str] = dataclasses.field(default_factory=dict)
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class _Placed(RouterConfig):
-    placement: PlacementConfig = dataclasses.field(default_factory=PlacementConfig)
-
-
-def _fields(obj: Any) -> dict[str, Any]:
-    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
-
-
 def labelled(
     base: RouterConfig, labels: Sequence[Mapping[str, str]], placement: PlacementConfig
 ) -> RouterConfig:
     """``base`` with labels on its instances (in order) and placement rules."""
     insts = tuple(
-        _Labelled(**_fields(inst), labels=dict(lab))
+        dataclasses.replace(inst, labels=dict(lab))
         for inst, lab in zip(base.instances, labels, strict=True)
     )
-    return _Placed(**(_fields(base) | {"instances": insts}), placement=placement)
+    return dataclasses.replace(base, instances=insts, placement=placement)
 
 
 async def start(
@@ -387,3 +378,62 @@ async def test_drain_keeps_sessions_within_their_selector_when_it_can(
     outside = rt.events.recent(kind="placement_outside")
     assert sorted(e["session"] for e in outside) == soft
     assert {e["action"] for e in outside} == {"drain"}
+
+
+# -- the config file -------------------------------------------------------------------
+
+GOOD = """\
+instance_defaults:
+  labels: {engine: waha}
+instances:
+  - {name: wa-1, url: "http://127.0.0.1:3101", labels: {region: eu}}
+  - {name: wa-2, url: "http://127.0.0.1:3102", labels: {region: us, engine: webjs}}
+  - {name: wa-3, url: "http://127.0.0.1:3103"}
+placement:
+  header: X-Placement
+  rules:
+    - {sessions: "eu_*", select: {region: eu}, strict: true}
+    - {select: {engine: webjs}, weight: 5}
+"""
+
+
+def test_labels_and_rules_load_from_yaml_with_instance_defaults() -> None:
+    cfg = parse_text(GOOD, "router.yaml")
+    # An instance's own labels replace the defaults' (no merge).
+    assert [dict(i.labels) for i in cfg.instances] == [
+        {"region": "eu"},
+        {"region": "us", "engine": "webjs"},
+        {"engine": "waha"},
+    ]
+    rules = cfg.placement.rules
+    assert (rules[0].sessions, dict(rules[0].select), rules[0].strict) == (
+        "eu_*",
+        {"region": "eu"},
+        True,
+    )
+    assert (rules[1].sessions, rules[1].weight, rules[1].strict) == ("*", 5.0, False)
+    assert cfg.placement.header == "X-Placement" and cfg.placement.header_strict is True
+
+
+@pytest.mark.parametrize(
+    ("edit", "line", "fragment"),
+    [
+        (("{region: eu}}", "{region: e u}}"), 4, "labels.region: must be a label value"),
+        (("{region: eu}}", "{re gion: eu}}"), 4, "labels.re gion: must be a label key"),
+        (("{region: eu}}", "{region: true}}"), 4, "must be a string, got true"),
+        (("weight: 5", "weight: 150"), 11, "weight: must be a number in 0.01..100"),
+        (("select: {engine: webjs}", "select: {}"), 11, "select: name at least one label"),
+        (("{engine: webjs}, weight", "{engine: node}, weight"), 8, "selects labels no instance"),
+        (("header: X-Placement", "header: X Placement"), 8, "an HTTP header name"),
+        (("strict: true", "strict: yes please"), 10, "true or false"),
+    ],
+)
+def test_check_config_says_where_a_label_or_rule_is_wrong(
+    edit: tuple[str, str], line: int, fragment: str
+) -> None:
+    text = GOOD.replace(*edit)
+    assert text != GOOD
+    with pytest.raises(ConfigError) as info:
+        parse_text(text, "router.yaml")
+    err = info.value
+    assert (err.line, fragment in err.reason) == (line, True), str(err)
