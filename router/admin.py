@@ -799,6 +799,25 @@ async def reload_status(api: AdminAPI, request: web.BaseRequest, p: Params) -> w
 
 @route(
     "GET",
+    "/admin/keys",
+    Operation(
+        "The client keys in force: a fingerprint each, and the sessions it may reach",
+        {200: ("The keys, in config order (never a key itself).", m.ClientKeys)},
+        tag="config",
+        operation_id="listClientKeys",
+    ),
+)
+async def client_keys(api: AdminAPI, request: web.BaseRequest, p: Params) -> web.Response:
+    clients = api.rt.snap.clients.clients
+    keys = [
+        m.ClientKeyInfo(c.fingerprint, list(c.scope.entries) if c.scope is not None else None)
+        for c in clients
+    ]
+    return json_response(m.ClientKeys(bool(clients), keys))
+
+
+@route(
+    "GET",
     "/admin/openapi.json",
     Operation(
         "This document",

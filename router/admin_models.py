@@ -275,6 +275,23 @@ class ReloadStatus(Model):
     last: Reload | None
 
 
+class ClientKeyInfo(Model):
+    """One entry of ``api_keys``, without the key."""
+
+    fingerprint: Annotated[
+        str, _d("The first 12 hex digits of the key's SHA-256: tells keys apart, reveals none.")
+    ]
+    sessions: Annotated[
+        Names | None,
+        _d("The session names / fnmatch patterns it is limited to; null: every session."),
+    ]
+
+
+class ClientKeys(Model):
+    authentication: Annotated[bool, _d("False: no api_keys, anyone may call the router.")]
+    keys: list[ClientKeyInfo]
+
+
 # -- the webhook relay (router.webhooks.admin) ------------------------------------------
 
 

@@ -671,6 +671,7 @@ async def _sweep(router: RouterHandle, fleet: SimFleet, path: Path, text: str) -
     await ok("GET", "/admin/instances/", key=None, expect=401)
     await ok("GET", "/admin/instances/")  # a trailing slash is ignored
     await ok("GET", "/admin/events?limit=5")
+    assert (await ok("GET", "/admin/keys")) == {"authentication": False, "keys": []}
     await ok("GET", "/admin/events?limit=x", expect=400)
     await ok("GET", "/healthz", key=None)
     await ok("GET", "/readyz", key=None)

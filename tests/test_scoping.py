@@ -164,7 +164,9 @@ async def test_a_scoped_key_on_two_replicas(
     cfg = router_config(
         fleet.urls, names=[p.name for p in fleet], store=redis_url, key_prefix=redis_prefix
     )
-    cfg = dataclasses.replace(cfg, api_keys=(ClientKey(ROUTER_KEY), TENANT))
+    cfg = dataclasses.replace(
+        cfg, api_keys=(ClientKey(ROUTER_KEY), TENANT), admin_key="admin-key-for-scoping"
+    )
     a = await start_router(config=cfg)
     b = await start_router(config=cfg)
     lookups = {r.url: count_owner_lookups(r, monkeypatch) for r in (a, b)}
@@ -218,6 +220,18 @@ async def test_a_scoped_key_on_two_replicas(
             ]
             status, listed = await call(http, "GET", f"{router.url}/api/sessions", ROUTER_KEY)
             assert {"t2_b", "t2_c"} <= {s["name"] for s in listed}
+
+        # The admin API shows each key's scope, never a key.
+        async with http.get(
+            f"{a.url}/admin/keys", headers={"X-Admin-Key": "admin-key-for-scoping"}
+        ) as resp:
+            assert resp.status == 200
+            text = await resp.text()
+        assert ROUTER_KEY not in text and TENANT_KEY not in text
+        shown = json.loads(text)
+        assert shown["authentication"] is True
+        assert [k["sessions"] for k in shown["keys"]] == [None, ["t1_*", "support-line"]]
+        assert all(len(k["fingerprint"]) == 12 for k in shown["keys"])
 
         # WebSockets: out of scope is the same 404, before any upgrade.
         with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
