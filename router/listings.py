@@ -137,7 +137,7 @@ class Listings:
     def __init__(self, smap: SessionMap, events: EventLog) -> None:
         self.smap = smap
         self.events = events
-        # frozenset of failing instance names -> when last reported (monotonic)
+        # (event kind, the failing instances) -> when last reported (monotonic)
         self._reported: dict[tuple[str, frozenset[str]], float] = {}
 
     async def answer(
