@@ -233,7 +233,7 @@ class ProxyHandler:
         scope = client.scope if client is not None else None
         if scope is not None:
             # From the name alone, before any owner lookup (router.scoping).
-            admit(scope, ext, websocket)
+            admit(scope, ext, websocket, adapter.list_shape(ureq) is not None)
         return Call(request, request_id, snap, ureq, body, ext, websocket, scope)
 
     async def _read_body(

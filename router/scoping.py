@@ -18,8 +18,11 @@ Decisions where the scope cannot be read from the name:
   400 ``session_name_required``: the invented name could fall outside;
 - a non-WebSocket fan-out (a generic adapter's ``fanout`` value over HTTP)
   reaches every session at once: refused, 403 ``route_denied``;
-- other requests about no session (server status, version, ping) pass;
-  list calls are answered from the whole fleet, filtered.
+- list calls are answered from the whole fleet, filtered;
+- every other request about no session (server status, API keys, server
+  stop...) is refused, 403 ``route_denied``: those act on or describe whole
+  instances, which a key limited to sessions has no business with (the
+  router answers the upstream's health paths itself, for everyone).
 """
 
 from __future__ import annotations
@@ -133,7 +136,7 @@ def unknown_session(session: str) -> RouterError:
     )
 
 
-def admit(scope: Scope, ext: Extraction, websocket: bool) -> None:
+def admit(scope: Scope, ext: Extraction, websocket: bool, listing: bool) -> None:
     """Raise unless a key limited to ``scope`` may make this request.
 
     Decided from the request alone (no owner lookup): see the module doc.
@@ -149,5 +152,6 @@ def admit(scope: Scope, ext: Extraction, websocket: bool) -> None:
             "session_name_required",
             "this key may create only sessions it names (the name must match its sessions)",
         )
-    if ext.fanout and not websocket:
-        raise RouterError(403, "route_denied", "this path is not open to keys limited to sessions")
+    if (ext.fanout and websocket) or listing:
+        return  # filtered to the scope (router.websocket, router.listings)
+    raise RouterError(403, "route_denied", "this path is not open to keys limited to sessions")

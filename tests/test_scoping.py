@@ -87,20 +87,21 @@ def test_which_compares_every_key() -> None:
 def test_what_a_scoped_key_may_ask_for() -> None:
     scope = TENANT.sessions and Scope(TENANT.sessions)
     assert scope is not None
-    admit(scope, Extraction("t1_a"), False)
-    admit(scope, Extraction("t1_new", create=True), False)
-    admit(scope, Extraction(None), False)  # server status, version, a list call
-    admit(scope, Extraction(None, fanout=True), True)  # /ws?session=*: filtered
+    admit(scope, Extraction("t1_a"), False, False)
+    admit(scope, Extraction("t1_new", create=True), False, False)
+    admit(scope, Extraction(None), False, True)  # a list call: filtered
+    admit(scope, Extraction(None, fanout=True), True, False)  # /ws?session=*: filtered
     cases: list[tuple[Extraction, bool, int, str]] = [
         (Extraction("t2_b"), False, 404, "unknown_session"),
         (Extraction("t2_b"), True, 404, "unknown_session"),
         (Extraction("t3_x", create=True), False, 404, "unknown_session"),
         (Extraction(None, create=True), False, 400, "session_name_required"),
         (Extraction(None, fanout=True), False, 403, "route_denied"),
+        (Extraction(None), False, 403, "route_denied"),  # server stop, API keys, version
     ]
     for ext, websocket, status, code in cases:
         with pytest.raises(RouterError) as info:
-            admit(scope, ext, websocket)
+            admit(scope, ext, websocket, False)
         assert (info.value.status, info.value.error) == (status, code), ext
 
 
@@ -200,8 +201,10 @@ async def test_a_scoped_key_on_two_replicas(
             # A create WAHA would name itself could fall outside: refused.
             status, answer = await call(http, "POST", f"{url}/api/sessions", TENANT_KEY, {})
             assert (status, answer["error"]) == (400, "session_name_required")
-            # Session-less calls pass.
-            assert (await call(http, "GET", f"{url}/api/server/status", TENANT_KEY))[0] == 200
+            # Calls about whole instances are not for a key limited to sessions.
+            status, answer = await call(http, "GET", f"{url}/api/server/status", TENANT_KEY)
+            assert (status, answer["error"]) == (403, "route_denied")
+            assert (await call(http, "GET", f"{url}/api/server/status", ROUTER_KEY))[0] == 200
 
         # Creates of matching names, through either replica.
         for router, name in ((a, "t1_new_a"), (b, "t1_new_b")):
