@@ -58,6 +58,7 @@ from router.instances import Instance
 from router.keys import admin_key_of, matches
 from router.locks import LockBusy
 from router.openapi import Operation, Param, bounded, describe, document
+from router.pacing import plan_of
 from router.placement import labels_of, load_ratio
 from router.probe import RUNNING
 from router.reload import ReloadUnavailable
@@ -688,6 +689,58 @@ async def unpin_session(api: AdminAPI, request: web.BaseRequest, p: Params) -> w
     if was:
         rt.events.add("unpin", session=session)
     return json_response(m.Unpin(session, False, was))
+
+
+@route(
+    "GET",
+    "/admin/sessions/{session}/pacing",
+    Operation(
+        "A session's send pacing: its rule, the sends in each window, its next slot",
+        {
+            200: ("Its pacing state.", m.Pacing),
+            400: _BAD_SESSION,
+            503: "The pacing store is out of reach (pacing_unavailable).",
+        },
+        tag="sessions",
+        operation_id="getSessionPacing",
+        description=(
+            "Counts include slots reserved ahead of now (sends still waiting, on any "
+            "replica). Asking reserves nothing; the session need not be mapped."
+        ),
+    ),
+)
+async def session_pacing(api: AdminAPI, request: web.BaseRequest, p: Params) -> web.Response:
+    rt = api.rt
+    session = _session_param(p)
+    cfg = rt.config.pacing
+    rule = cfg.rule_for(session)
+    answer = m.Pacing(session, cfg.enabled, cfg.max_wait, None, None, None, None, 0, 0.0, None)
+    if rule is None:
+        return json_response(answer)
+    answer.rule = msgspec.convert(rule, m.PacingRule, from_attributes=True)
+    if not rule.limits_anything:
+        return json_response(answer)
+    try:
+        usage = await rt.pacer.usage(session, plan_of(rule))
+    except StoreUnavailable:
+        raise RouterError(
+            503,
+            "pacing_unavailable",
+            "the pacing store is unreachable",
+            session=session,
+            headers={"Retry-After": "5"},
+        ) from None
+
+    def count(limit: int, used: int) -> m.PacingCount | None:
+        return m.PacingCount(limit, used) if limit else None
+
+    answer.per_minute = count(rule.per_minute, usage.counts.get("per_minute", 0))
+    answer.per_hour = count(rule.per_hour, usage.counts.get("per_hour", 0))
+    answer.recipients_per_day = count(rule.recipients_per_day, usage.recipients)
+    answer.queued = usage.queued
+    answer.next_slot_in = round(usage.next_slot_in, 3)
+    answer.held_by = usage.held_by
+    return json_response(answer)
 
 
 async def _probe(rt: Runtime, inst: Instance, session: str) -> SessionInfo | None:

@@ -161,6 +161,46 @@ class Session(Model):
     ]
 
 
+class PacingRule(Model):
+    """The pacing rule that applies to a session, as configured (0: no such limit)."""
+
+    sessions: Annotated[str, _d("fnmatch pattern of session ids.")]
+    per_minute: int
+    per_hour: int
+    recipients_per_day: int
+    min_gap: float
+    jitter: float
+
+
+class PacingCount(Model):
+    limit: Annotated[int, _d("The rule's limit.")]
+    used: Annotated[
+        int,
+        _d(
+            "Messages (distinct recipients) in the window ending now, slots reserved ahead"
+            " included."
+        ),
+    ]
+
+
+class Pacing(Model):
+    """A session's send pacing (router.pacing), as every replica shares it on redis."""
+
+    session: str
+    enabled: Annotated[bool, _d("pacing.enabled")]
+    max_wait: Annotated[float, _d("pacing.max_wait, seconds.")]
+    rule: Annotated[PacingRule | None, _d("The first rule matching the session (null: not paced).")]
+    per_minute: Annotated[PacingCount | None, _d("null when the rule sets no such limit.")]
+    per_hour: PacingCount | None
+    recipients_per_day: PacingCount | None
+    queued: Annotated[int, _d("Slots reserved ahead of now: sends waiting, on any replica.")]
+    next_slot_in: Annotated[float, _d("Seconds until a new send would have its slot.")]
+    held_by: Annotated[
+        str | None,
+        _d("The limit setting that slot: min_gap, per_minute or per_hour (null: none)."),
+    ]
+
+
 class Forgotten(Model):
     session: str
     forgotten: bool

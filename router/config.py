@@ -506,6 +506,77 @@ class IdempotencyConfig:
     max_body_bytes: int = MIB
 
 
+def _session_glob(p: str) -> str | None:
+    if re.fullmatch(r"[A-Za-z0-9_.@*?\[\]!-]+", p) is None:
+        return "must be an fnmatch pattern of session ids (letters, digits, _.@- and *?[]!)"
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class PacingRule:
+    """Send pacing limits of the sessions whose id matches ``sessions``
+    (router.pacing). A rule setting no limit exempts its sessions."""
+
+    # fnmatch pattern of session ids, case-sensitive ("webjs_*", "*").
+    sessions: Annotated[str, Valid(_session_glob), Unique("sessions pattern")] = "*"
+    # Messages per rolling minute / hour; 0: no such limit.
+    per_minute: int = 0
+    per_hour: int = 0
+    # Distinct recipients per rolling 24 hours; 0: no such limit.
+    recipients_per_day: int = 0
+    # Seconds between two messages of a session, plus a random 0..jitter more.
+    min_gap: Annotated[float, Number(ge=0, le=3600)] = 0.0
+    jitter: Annotated[float, Number(ge=0, le=3600)] = 0.0
+
+    @property
+    def limits_anything(self) -> bool:
+        return bool(
+            self.per_minute
+            or self.per_hour
+            or self.recipients_per_day
+            or self.min_gap
+            or self.jitter
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class PacingConfig:
+    """Per-session send pacing across every replica (router.pacing)."""
+
+    enabled: bool = False
+    # Longest a send waits for its slot, seconds; a send whose slot is
+    # further away is refused (429 send_paced with Retry-After).
+    max_wait: Annotated[float, Number(ge=0, le=3600)] = 10.0
+    # The first rule whose ``sessions`` matches a session applies; none: not paced.
+    rules: tuple[PacingRule, ...] = ()
+
+    CHECKS: ClassVar[tuple[Check, ...]] = (
+        Check(
+            ("enabled", "rules"),
+            lambda p: not p.enabled or any(r.limits_anything for r in p.rules),
+            "{path}.enabled: no rule sets a limit, so nothing would be paced",
+        ),
+        Check(
+            ("rules",),
+            lambda p: all(r.sessions != "*" for r in p.rules[:-1]),
+            "{path}.rules: a rule for sessions '*' matches every session: the rules after"
+            " it would never apply (put it last)",
+        ),
+    )
+
+    def rule_for(self, session: str) -> PacingRule | None:
+        """The first rule matching ``session``, if any."""
+        for rule in self.rules:
+            if fnmatchcase(session, rule.sessions):
+                return rule
+        return None
+
+    @property
+    def counts_recipients(self) -> bool:
+        """Some rule limits recipients: the proxy reads sends' bodies for them."""
+        return self.enabled and any(r.recipients_per_day > 0 for r in self.rules)
+
+
 WEBHOOK_FORMATS: tuple[str, ...] = ("auto", "blazz", "waha", "raw")
 
 
@@ -786,6 +857,8 @@ class RouterConfig:
     webhooks: WebhookConfig | None = None
     # Upstream paths clients may reach.
     routes: RoutesConfig = RoutesConfig()
+    # Per-session send pacing (router.pacing); off by default.
+    pacing: PacingConfig = PacingConfig()
     # Placement by labels: rules and a create header giving sessions a selector.
     placement: PlacementConfig = PlacementConfig()
     # Where this config came from, for error messages and reload.

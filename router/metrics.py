@@ -163,6 +163,30 @@ SELECTOR_MISSES = Counter(
     registry=REGISTRY,
 )
 
+# -- send pacing (router.pacing); recorded for paced sessions' sends only,
+# lock-free (router.hotmetrics) like the other per-request metrics --
+PACING_SENDS = FastCounter(
+    "wa_router_pacing_sends",
+    "Sends of paced sessions by outcome (passed: at once, paced: waited for their slot, "
+    "refused) and the limit that held or refused them (none, min_gap, per_minute, per_hour, "
+    "recipients_per_day; unavailable: the pacing store could not answer).",
+    ["outcome", "limit"],
+    registry=REGISTRY,
+)
+PACING_DELAY = FastHistogram(
+    "wa_router_pacing_delay_seconds",
+    "Delay pacing added to each send it let through (0 for those that passed at once).",
+    [],
+    buckets=(0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120),
+    registry=REGISTRY,
+)
+# Moved twice per waiting send.
+PACING_WAITING = FastGauge(
+    "wa_router_pacing_waiting",
+    "Sends waiting for their pacing slot right now (this replica).",
+    registry=REGISTRY,
+)
+
 ADMIN_STATES = ("active", "draining", "maintenance")
 
 

@@ -56,6 +56,7 @@ from router.metrics import (
     UPSTREAM_DURATION,
     UPSTREAM_ERRORS,
 )
+from router.pacing import pace
 from router.paths import path_problem
 from router.placement import labels_of
 from router.probe import ProbeState
@@ -253,7 +254,13 @@ class ProxyHandler:
             )
         budget = self.budget
         budget.cap = limits.max_buffered_bytes
-        if adapter.needs_body(method, ureq.path):
+        pacing = snap.config.pacing
+        if adapter.needs_body(method, ureq.path) or (
+            # A send's recipient, in a body read only while pacing counts them.
+            pacing.enabled
+            and pacing.counts_recipients
+            and adapter.recipient_in_body(method, ureq.path)
+        ):
             body = await body_io.read(
                 request, cap=limits.max_body_bytes, budget=budget, progress=limits.body_timeout
             )
@@ -552,6 +559,13 @@ class ProxyHandler:
             call.snap.adapter.apply_credential(call.ureq, inst.config)
             return await proxy_websocket(rt, call.request, call.ureq, inst, call.request_id)
         if not route.placed:
+            pacing = call.snap.config.pacing
+            if pacing.enabled and call.session is not None:
+                # A send waits for its session's slot (router.pacing), once:
+                # the replays of _attempts take none.
+                await pace(
+                    rt.pacer, pacing, call.snap.adapter, call.ureq, call.session, call.request
+                )
             return await self._attempts(call, route)
         with rt.placer.reserved(inst):
             try:

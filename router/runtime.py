@@ -22,6 +22,7 @@ from router.idempotency import IdempotencyStore
 from router.instances import Fleet
 from router.locks import SessionLocks
 from router.migration import Migration
+from router.pacing import MemoryPacer, Pacer
 from router.placement import Placer
 from router.probe import Probe
 from router.removals import Removals
@@ -57,6 +58,8 @@ class Runtime:
     # Live config reload (SIGHUP, POST /admin/reload, file watch); set by the
     # server, since it needs the runtime it reloads.
     reloader: Reloader | None = field(default=None)
+    # Send pacing slots (router.pacing): in memory, or in redis for every replica.
+    pacer: Pacer = field(default_factory=MemoryPacer)
 
     @classmethod
     def build(
@@ -68,6 +71,7 @@ class Runtime:
         smap: SessionMap,
         locks: SessionLocks,
         idempotency: IdempotencyStore,
+        pacer: Pacer | None = None,
     ) -> Runtime:
         live = Live(Snapshot.of(config, adapter, fleet))
         events = EventLog()
@@ -103,6 +107,7 @@ class Runtime:
             idempotency=idempotency,
             budget=RetryBudget(config.failover.retry_budget),
             pins=pins,
+            pacer=pacer or MemoryPacer(),
         )
 
     # The snapshot in force and its parts, for the edges that act on the

@@ -39,6 +39,7 @@ from router.instances import Fleet
 from router.locks import LocalLocks, LockBusy, SessionLocks
 from router.metrics import CONFIG_LAST_RELOAD_TIME, metrics_exposition, register_runtime
 from router.migration import Migration
+from router.pacing import MemoryPacer, Pacer, RedisPacer
 from router.proxy import ProxyHandler
 from router.reload import Reloader
 from router.runtime import Runtime
@@ -115,6 +116,7 @@ class Server:
             smap=smap,
             locks=locks,
             idempotency=_idempotency_store(store, cfg),
+            pacer=_pacer(store),
         )
         register_runtime(runtime)
         self.health = HealthChecker(runtime.live, runtime.events)
@@ -350,6 +352,14 @@ def _idempotency_store(store: SessionStore, cfg: RouterConfig) -> IdempotencySto
     if isinstance(store, RedisStore):
         return RedisIdempotency(store.client, cfg.store.key_prefix)
     return MemoryIdempotency()
+
+
+def _pacer(store: SessionStore) -> Pacer:
+    """Pacing slots live beside the session map: on redis every replica shares
+    them and they outlive restarts (router.pacing)."""
+    if isinstance(store, RedisStore):
+        return RedisPacer.for_store(store)
+    return MemoryPacer()
 
 
 def _metrics_response(request: web.BaseRequest) -> web.Response:

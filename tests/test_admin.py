@@ -698,6 +698,8 @@ async def _sweep(router: RouterHandle, fleet: SimFleet, path: Path, text: str) -
     await ok("POST", "/admin/sessions/zz/pin", expect=404)
     assert (await ok("DELETE", "/admin/sessions/a/pin"))["was_pinned"] is True
     await ok("DELETE", "/admin/sessions/bad%20id/pin", expect=400)
+    await ok("GET", "/admin/sessions/a/pacing")  # (router.pacing: tests/test_pacing.py)
+    await ok("GET", "/admin/sessions/bad%20id/pacing", expect=400)
     await ok("DELETE", "/admin/sessions/b")
     await ok("DELETE", "/admin/sessions/b", expect=404)
 

@@ -76,6 +76,31 @@ def valid_session_id(value: object) -> str:
     raise BadSessionId(str(value))
 
 
+@dataclass(frozen=True, slots=True)
+class Send:
+    """A request that sends WhatsApp messages, as ``router.pacing`` paces it.
+
+    ``recipients`` are as the request names them (a phone number, a chat id);
+    empty when the request names none the router can read. ``messages`` is
+    how many messages the one request sends (a bulk send: one per
+    recipient), ``spacing`` the seconds the upstream itself waits between
+    them (Blazz's bulk-send pauses 1 s after each recipient).
+    """
+
+    recipients: tuple[str, ...] = ()
+    messages: int = 1
+    spacing: float = 0.0
+
+
+def recipient_of(value: object) -> tuple[str, ...]:
+    """A recipient field's value as ``Send.recipients`` (a string or a number; else none)."""
+    if isinstance(value, str) and value:
+        return (value,)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (str(value),)
+    return ()
+
+
 @dataclass(slots=True)
 class UpstreamRequest:
     """A request on its way upstream, as the adapter may read and rewrite it.
@@ -216,6 +241,23 @@ class Adapter(ABC):
     @abstractmethod
     def extract(self, req: UpstreamRequest) -> Extraction:
         """Find the session of a request. Raise ``BadSessionId`` on a malformed id."""
+
+    # -- sends (router.pacing) -------------------------------------------------------
+    def send_of(self, req: UpstreamRequest) -> Send | None:
+        """The messages this request sends to WhatsApp contacts, or None when
+        it sends none (reads, session management, typing, read receipts).
+        Only sends are paced; called only while pacing is enabled, before
+        ``apply_credential``, on the body ``needs_body`` had parsed. Keep
+        the "is it a send" test to string tests. Default: nothing is a send."""
+        return None
+
+    def recipient_in_body(self, method: str, path: str) -> bool:
+        """True when this is a send whose recipient is in a body that
+        ``needs_body`` does not ask for (the session is in the path): the
+        proxy then reads and parses it, but only while pacing counts
+        recipients, so that otherwise such bodies still stream untouched.
+        Called on the hot path then: string tests only. Default: False."""
+        return False
 
     # -- 2. / 3. / 4. sessions on an instance ----------------------------------
     @abstractmethod

@@ -65,9 +65,11 @@ from router.adapters.base import (
     InstanceHealth,
     ListFailed,
     ListShape,
+    Send,
     SessionInfo,
     SessionStatus,
     UpstreamRequest,
+    recipient_of,
     valid_session_id,
 )
 from router.config import InstanceConfig
@@ -76,6 +78,9 @@ _NO_SESSION: Final = Extraction(None)
 # /api/messages/{x}: these x are actions with the session in the body.
 _BODY_ACTIONS: Final = frozenset({"send", "send-media", "bulk-send"})
 
+# Seconds Blazz's bulk-send waits after each recipient it sent to
+# (MessageController.js: a fixed 1 s pause), for router.pacing.
+BULK_SEND_PAUSE: Final = 1.0
 _STATUSES: Final[Mapping[str, SessionStatus]] = {
     "connected": SessionStatus.READY,
     "ready": SessionStatus.READY,
@@ -197,6 +202,23 @@ class BlazzAdapter(JsonAdapter):
         if value is None:
             value = req.query.get(_FIELD)
         return _NO_SESSION if value is None else self._ids.get(value)
+
+    # -- sends (router.pacing) -------------------------------------------------------
+    def send_of(self, req: UpstreamRequest) -> Send | None:
+        # send / send-media: recipient_phone; bulk-send: one message per
+        # entry of recipients, 1 s apart (Blazz's own pause).
+        if req.method != "POST" or req.path[:14].lower() != "/api/messages/":
+            return None
+        action = req.path[14:].rstrip("/").lower()
+        body = req.json or {}
+        if action in ("send", "send-media"):
+            return Send(recipient_of(body.get("recipient_phone")))
+        if action == "bulk-send":
+            listed = body.get("recipients")
+            items = listed if isinstance(listed, list) else []
+            recipients = tuple(r for item in items for r in recipient_of(item))
+            return Send(recipients, messages=max(1, len(items)), spacing=BULK_SEND_PAUSE)
+        return None
 
     # -- 5. credentials ----------------------------------------------------------
     def client_key(self, req: UpstreamRequest) -> str | None:

@@ -35,9 +35,11 @@ from router.adapters.base import (
     HealthReport,
     ListFailed,
     ListShape,
+    Send,
     SessionInfo,
     SessionStatus,
     UpstreamRequest,
+    recipient_of,
     valid_session_id,
 )
 from router.config import InstanceConfig
@@ -107,6 +109,28 @@ class EvolutionAdapter(HeaderCredentialAdapter):
         if root in self._reserved or root.lower() in self._reserved:
             return _NO_SESSION
         return self._ids.get(parts[-1])
+
+    # -- sends (router.pacing) -------------------------------------------------------
+    @staticmethod
+    def _is_send(method: str, path: str) -> bool:
+        # POST /message/send{Text,Media,WhatsAppAudio,Location,Poll,...}/{instance};
+        # not sendReaction (a reaction to a message, not a message).
+        if method != "POST":
+            return False
+        parts = path.rstrip("/").split("/", 4)
+        if len(parts) != 4 or parts[1].lower() != "message":
+            return False
+        action = parts[2].lower()
+        return action.startswith("send") and action != "sendreaction"
+
+    def send_of(self, req: UpstreamRequest) -> Send | None:
+        if not self._is_send(req.method, req.path):
+            return None
+        body = req.json
+        return Send(recipient_of(body.get("number")) if body is not None else ())
+
+    def recipient_in_body(self, method: str, path: str) -> bool:
+        return self._is_send(method, path)
 
     # -- 5. credentials ----------------------------------------------------------
     # -- answers -----------------------------------------------------------------

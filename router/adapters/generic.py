@@ -76,9 +76,11 @@ from router.adapters.base import (
     HealthReport,
     ListFailed,
     ListShape,
+    Send,
     SessionInfo,
     SessionStatus,
     UpstreamRequest,
+    recipient_of,
     valid_session_id,
 )
 from router.config import InstanceConfig
@@ -335,6 +337,42 @@ def _parse_rule(where: str, raw: Any) -> _Rule:
     return _Rule(kind, name, regex, methods, when, default, fanout, none)
 
 
+@dataclass(frozen=True, slots=True)
+class _SendRule:
+    """A configured send (``adapter.options.sends``), for router.pacing."""
+
+    regex: re.Pattern[str]
+    methods: frozenset[str]
+    recipient: str | None  # dotted JSON path of the one recipient
+    recipients: str | None  # dotted JSON path of an array: one message each
+    spacing: float
+
+    def applies(self, method: str, path: str) -> bool:
+        return method in self.methods and self.regex.search(path) is not None
+
+
+def _parse_send(where: str, raw: Any) -> _SendRule:
+    opts = check_keys(where, raw, {"path", "methods", "recipient", "recipients", "spacing"})
+    if "path" not in opts:
+        raise ValueError(f"{where}.path: required")
+    recipient = opt_str(f"{where}.recipient", opts["recipient"]) if "recipient" in opts else None
+    recipients = (
+        opt_str(f"{where}.recipients", opts["recipients"]) if "recipients" in opts else None
+    )
+    if recipient is not None and recipients is not None:
+        raise ValueError(f"{where}: name recipient or recipients, not both")
+    spacing = opts.get("spacing", 0.0)
+    if not isinstance(spacing, int | float) or isinstance(spacing, bool) or not 0 <= spacing <= 60:
+        raise ValueError(f"{where}.spacing: must be a number of seconds from 0 to 60")
+    return _SendRule(
+        regex=_regex(f"{where}.path", opts["path"]),
+        methods=_methods(f"{where}.methods", opts.get("methods", ["POST"])),
+        recipient=recipient,
+        recipients=recipients,
+        spacing=float(spacing),
+    )
+
+
 class GenericAdapter(JsonAdapter):
     """Any JSON HTTP API, described by ``adapter.options`` (see module doc)."""
 
@@ -350,6 +388,7 @@ class GenericAdapter(JsonAdapter):
             | {"session_rules", "create", "credential", "list", "probe", "start", "stop"}
             | {"health"}
             | {"missing"}
+            | {"sends"}
             | set(_STATUS_LISTS),
         )
         for required in ("session_rules", "probe", "health"):
@@ -406,6 +445,13 @@ class GenericAdapter(JsonAdapter):
         self._stop = _parse_call(f"{w}.stop", "stop", opts["stop"]) if "stop" in opts else None
         self.can_stop = self._stop is not None
         self._health = _parse_call(f"{w}.health", "health", opts["health"])
+
+        sends_raw = opts.get("sends", [])
+        if not isinstance(sends_raw, list | tuple):
+            raise ValueError(f"{w}.sends: must be a list of sends")
+        self._sends: tuple[_SendRule, ...] = tuple(
+            _parse_send(f"{w}.sends[{i}]", r) for i, r in enumerate(sends_raw)
+        )
 
         self._missing_status: frozenset[int] = frozenset({404})
         self._missing_body: tuple[bytes, ...] = ()
@@ -482,6 +528,31 @@ class GenericAdapter(JsonAdapter):
             if found is not None:
                 return found
         return _NO_SESSION
+
+    # -- sends (router.pacing) -------------------------------------------------------
+    def _send_rule(self, method: str, path: str) -> _SendRule | None:
+        for rule in self._sends:
+            if rule.applies(method, path):
+                return rule
+        return None
+
+    def send_of(self, req: UpstreamRequest) -> Send | None:
+        rule = self._send_rule(req.method, req.path)
+        if rule is None:
+            return None
+        body = req.json
+        if rule.recipients is not None:
+            listed = dig(body, rule.recipients) if body is not None else None
+            items = listed if isinstance(listed, list) else []
+            found = tuple(r for item in items for r in recipient_of(_as_id(item)))
+            return Send(found, messages=max(1, len(items)), spacing=rule.spacing)
+        if rule.recipient is not None and body is not None:
+            return Send(recipient_of(dig(body, rule.recipient)), spacing=rule.spacing)
+        return Send(spacing=rule.spacing)
+
+    def recipient_in_body(self, method: str, path: str) -> bool:
+        rule = self._send_rule(method, path)
+        return rule is not None and (rule.recipient or rule.recipients) is not None
 
     # -- 5. credentials ----------------------------------------------------------
     def key_in_body(self, method: str, path: str) -> bool:

@@ -46,9 +46,11 @@ from router.adapters.base import (
     HealthReport,
     ListFailed,
     ListShape,
+    Send,
     SessionInfo,
     SessionStatus,
     UpstreamRequest,
+    recipient_of,
     valid_session_id,
 )
 from router.config import InstanceConfig
@@ -95,6 +97,15 @@ DEFAULT_GLOBAL_ROOTS: Final = (
     "ping",
     "health",
     "metrics",
+)
+
+# Roots of the calls that send a message to a chat (router.pacing), lower case:
+# not sendSeen, typing, reactions or stars. ``send`` is /api/send/link-custom-preview
+# and /api/send/buttons/reply.
+SEND_ROOTS: Final = frozenset(
+    root.lower()
+    for root in DEFAULT_BODY_ROOTS
+    if (root.startswith("send") and root != "sendSeen") or root in ("reply", "forwardMessage")
 )
 
 _FIELD: Final = 1
@@ -314,6 +325,18 @@ class WahaAdapter(JsonAdapter):
         if req.method == "POST":
             return parts[-1].lower() in ("stop", "logout") and len(parts) <= 2
         return False
+
+    # -- sends (router.pacing) -------------------------------------------------------
+    def send_of(self, req: UpstreamRequest) -> Send | None:
+        # POST /api/sendText etc.: the chat is the body's chatId.
+        path = req.path
+        if req.method != "POST" or path[:5].lower() != "/api/":
+            return None
+        slash = path.find("/", 5)
+        if (path[5:] if slash < 0 else path[5:slash]).lower() not in SEND_ROOTS:
+            return None
+        body = req.json
+        return Send(recipient_of(body.get("chatId")) if body is not None else ())
 
     # -- 5. credentials ----------------------------------------------------------
     def client_key(self, req: UpstreamRequest) -> str | None:

@@ -33,9 +33,11 @@ from router.adapters.base import (
     HealthReport,
     ListFailed,
     ListShape,
+    Send,
     SessionInfo,
     SessionStatus,
     UpstreamRequest,
+    recipient_of,
     valid_session_id,
 )
 from router.config import InstanceConfig
@@ -60,6 +62,14 @@ _STATES: Final[Mapping[str, SessionStatus]] = {
     "TOS_BLOCK": SessionStatus.FAILED,
     # wwebjs-api's own answer when the page does not answer getState() in time
     "unresponsive": SessionStatus.FAILED,
+}
+# The calls that send a message ((root, action), lower case) and the body
+# field naming where it goes, for router.pacing.
+_SENDS: Final[Mapping[tuple[str, str], str]] = {
+    ("client", "sendmessage"): "chatId",
+    ("message", "reply"): "chatId",
+    ("message", "forward"): "destinationChatId",
+    ("channel", "sendmessage"): "channelId",
 }
 _NOT_FOUND: Final = b"session_not_found"
 
@@ -101,6 +111,27 @@ class WwebjsAdapter(HeaderCredentialAdapter):
         if root == "session" and parts[2].lower() == "start":
             return Extraction(valid_session_id(seg), create=True)
         return self._ids.get(seg)
+
+    # -- sends (router.pacing) -------------------------------------------------------
+    @staticmethod
+    def _send_field(method: str, path: str) -> str | None:
+        if method != "POST":
+            return None
+        # "/client/sendMessage/{id}[/]" -> ["", root, action, id]
+        parts = path.rstrip("/").split("/", 4)
+        if len(parts) != 4:
+            return None
+        return _SENDS.get((parts[1].lower(), parts[2].lower()))
+
+    def send_of(self, req: UpstreamRequest) -> Send | None:
+        name = self._send_field(req.method, req.path)
+        if name is None:
+            return None
+        body = req.json
+        return Send(recipient_of(body.get(name)) if body is not None else ())
+
+    def recipient_in_body(self, method: str, path: str) -> bool:
+        return self._send_field(method, path) is not None
 
     # -- 5. credentials ----------------------------------------------------------
     # -- answers -----------------------------------------------------------------
