@@ -105,6 +105,14 @@ class Window:
     seconds: float
     limit: int
 
+    @property
+    def reach(self) -> float:
+        """How long a slot holds its place in the window when new slots are
+        placed: the window and a margin (1 %, at most 1 s), so that the
+        limit also holds as the upstream sees the sends, which the router
+        forwards a few ms after their slots, some later than others."""
+        return self.seconds + min(self.seconds / 100, 1.0)
+
 
 @dataclass(frozen=True, slots=True)
 class Plan:
@@ -116,7 +124,7 @@ class Plan:
     keep: float = field(init=False, compare=False)
 
     def __post_init__(self) -> None:
-        keep = max([w.seconds for w in self.windows] + [self.min_gap + self.jitter, 1.0])
+        keep = max([w.reach for w in self.windows] + [self.min_gap + self.jitter, 1.0])
         object.__setattr__(self, "keep", keep)
 
 
@@ -239,7 +247,7 @@ def _earliest(
         lo = k - w.limit
         for i in range(messages):
             if lo + i >= 0:
-                bound = slots[lo + i] + w.seconds - i * step
+                bound = slots[lo + i] + w.reach - i * step
                 if bound > at:
                     at, held = bound, w.name
     if slots:
@@ -353,7 +361,8 @@ class MemoryPacer(Pacer):
 # ARGV: mode ("reserve" | "peek"), messages, step ms, gap ms (min_gap + jitter),
 #       max_wait ms, recipient window ms (0: no limit), recipient limit,
 #       keep ms (slot history the windows need), token (unique per request),
-#       number of windows, then (window ms, limit) per window, then recipient keys.
+#       number of windows, then (window ms, limit, reach ms: the window and its
+#       margin, see Window.reach) per window, then recipient keys.
 # Returns {granted 0|1, held, retry ms (-1: never), delay ms} for "reserve"
 # and {2, held, 0, delay ms, queued, recipients, count per window} for "peek";
 # held: -1 nothing, -2 min_gap, -3 recipients, j >= 0 window j.
@@ -368,7 +377,7 @@ local rwin, rlimit = tonumber(ARGV[6]), tonumber(ARGV[7])
 local keep = tonumber(ARGV[8])
 local token = ARGV[9]
 local w = tonumber(ARGV[10])
-local first = 11 + 2 * w
+local first = 11 + 3 * w
 
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
@@ -395,7 +404,7 @@ end
 local at, held = now, -1
 local k = redis.call('ZCARD', slots)
 for j = 0, w - 1 do
-  local win, lim = tonumber(ARGV[11 + 2 * j]), tonumber(ARGV[12 + 2 * j])
+  local lim, reach = tonumber(ARGV[12 + 3 * j]), tonumber(ARGV[13 + 3 * j])
   if n > lim then return {0, j, -1, 0} end
   local lo = k - lim
   local hi = lo + n - 1
@@ -405,7 +414,7 @@ for j = 0, w - 1 do
     for i = 0, n - 1 do
       local a = lo + i
       if a >= 0 then
-        local bound = tonumber(pts[2 * (a - base) + 2]) + win - i * step
+        local bound = tonumber(pts[2 * (a - base) + 2]) + reach - i * step
         if bound > at then at, held = bound, j end
       end
     end
@@ -422,7 +431,7 @@ if peek then
   local out = {2, held, 0, delay, redis.call('ZCOUNT', slots, '(' .. now, '+inf'), 0}
   if rwin > 0 then out[6] = redis.call('ZCARD', rcpt) end
   for j = 0, w - 1 do
-    out[7 + j] = redis.call('ZCOUNT', slots, '(' .. (now - tonumber(ARGV[11 + 2 * j])), '+inf')
+    out[7 + j] = redis.call('ZCOUNT', slots, '(' .. (now - tonumber(ARGV[11 + 3 * j])), '+inf')
   end
   return out
 end
@@ -483,7 +492,7 @@ class RedisPacer(Pacer):
             len(plan.windows),
         ]
         for w in plan.windows:
-            args += [_ms(w.seconds), w.limit]
+            args += [_ms(w.seconds), w.limit, _ms(w.reach)]
         if rwin is not None:
             args += list(ask.recipients)
         return args

@@ -106,6 +106,17 @@ async def test_a_full_window_holds_sends_then_refuses_beyond_max_wait(pacer: Pac
     assert all(near(d, 0.6) for d in delays[:3]) and near(delays[3], 1.2), delays
 
 
+async def test_a_window_keeps_a_margin_for_forwarding_jitter(pacer: Pacer) -> None:
+    """A slot leaves the window 1 % later than its time (at most 1 s): sends
+    are forwarded a few ms after their slots, not all equally late, and the
+    upstream must still never see limit + 1 in one window."""
+    plan = Plan(windows=(Window("per_minute", 10, 1),))
+    assert (await pacer.reserve("s1", plan, Ask(0))).granted
+    refused = await pacer.reserve("s1", plan, Ask(0))
+    assert not refused.granted and near(refused.delay, 10.1)
+    assert Window("per_hour", 3600, 1).reach == 3601
+
+
 async def test_the_tighter_of_two_windows_holds(pacer: Pacer) -> None:
     plan = Plan(windows=(Window("per_minute", 0.3, 2), Window("per_hour", 1.0, 3)))
     slots = [await pacer.reserve("s1", plan, Ask(5)) for _ in range(4)]
