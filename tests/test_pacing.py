@@ -300,7 +300,7 @@ SEND_CASES: list[tuple[Adapter, UpstreamRequest, Send | None]] = [
     (
         BlazzAdapter(),
         req("POST", "/api/messages/bulk-send", {"recipients": ["1", "2", "3"]}),
-        Send(("1", "2", "3"), messages=3, spacing=1.0),
+        Send(("1", "2", "3"), messages=3, spacing=1.5),
     ),
     (BlazzAdapter(), req("GET", "/api/messages/w/status", None), None),
     (BlazzAdapter(), req("POST", "/api/sessions", {"session_id": "w"}), None),

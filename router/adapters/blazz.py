@@ -78,9 +78,12 @@ _NO_SESSION: Final = Extraction(None)
 # /api/messages/{x}: these x are actions with the session in the body.
 _BODY_ACTIONS: Final = frozenset({"send", "send-media", "bulk-send"})
 
-# Seconds Blazz's bulk-send waits after each recipient it sent to
-# (MessageController.js: a fixed 1 s pause), for router.pacing.
-BULK_SEND_PAUSE: Final = 1.0
+# Seconds between the messages of one bulk-send, as router.pacing counts
+# them: Blazz pauses 1 s after each recipient (MessageController.js) on top
+# of the send itself. Counted later than they go, never earlier: that errs
+# on the safe side of every window.
+BULK_SEND_SPACING: Final = 1.5
+
 _STATUSES: Final[Mapping[str, SessionStatus]] = {
     "connected": SessionStatus.READY,
     "ready": SessionStatus.READY,
@@ -206,7 +209,7 @@ class BlazzAdapter(JsonAdapter):
     # -- sends (router.pacing) -------------------------------------------------------
     def send_of(self, req: UpstreamRequest) -> Send | None:
         # send / send-media: recipient_phone; bulk-send: one message per
-        # entry of recipients, 1 s apart (Blazz's own pause).
+        # entry of recipients, sent one after the other by Blazz.
         if req.method != "POST" or req.path[:14].lower() != "/api/messages/":
             return None
         action = req.path[14:].rstrip("/").lower()
@@ -217,7 +220,7 @@ class BlazzAdapter(JsonAdapter):
             listed = body.get("recipients")
             items = listed if isinstance(listed, list) else []
             recipients = tuple(r for item in items for r in recipient_of(item))
-            return Send(recipients, messages=max(1, len(items)), spacing=BULK_SEND_PAUSE)
+            return Send(recipients, messages=max(1, len(items)), spacing=BULK_SEND_SPACING)
         return None
 
     # -- 5. credentials ----------------------------------------------------------
