@@ -83,16 +83,22 @@ async def read(
         )
     if length:
         _hold(request, budget, length)
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in chunks_of(request, progress=progress):
-        size += len(chunk)
-        if size > cap:
-            raise RouterError(413, "body_too_large", f"request body exceeds the {cap} byte cap")
-        if length is None:
-            _hold(request, budget, len(chunk))
-        chunks.append(chunk)
-    raw = b"".join(chunks)
+    content = request.content
+    if length is not None and content.is_eof() and content.exception() is None:
+        # All of it came with the head (a small body usually does): no
+        # progress timer to arm per chunk.
+        raw = content.read_nowait(-1)
+    else:
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in chunks_of(request, progress=progress):
+            size += len(chunk)
+            if size > cap:
+                raise RouterError(413, "body_too_large", f"request body exceeds the {cap} byte cap")
+            if length is None:
+                _hold(request, budget, len(chunk))
+            chunks.append(chunk)
+        raw = b"".join(chunks)
     encoding = request.headers.get("Content-Encoding", "").strip().lower()
     if decoded and encoding and encoding != "identity" and raw:
         plain = decode(raw, encoding, cap)
