@@ -154,6 +154,7 @@ class ProxyHandler:
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         request_id = request_id_of(request)
         request[_STARTED] = time.monotonic()
+        body_io.begin(request)
         IN_FLIGHT.value += 1
         try:
             return await self._handle(request, request_id)

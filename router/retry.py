@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
-from collections.abc import Iterator
 
 from router.transport.base import IDEMPOTENT_METHODS
 
@@ -52,17 +51,11 @@ class RetryBudget:
         self._retrying = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
 
-    @contextlib.contextmanager
-    def request(self) -> Iterator[Replays]:
+    def request(self) -> Replays:
         """One request in flight (it widens the budget) and the replay slot it
-        may hold, given back however the request ends."""
-        self._active += 1
-        replays = Replays(self)
-        try:
-            yield replays
-        finally:
-            replays.done()
-            self._active -= 1
+        may hold, given back however the request ends: ``with budget.request()
+        as replays``. A class, not a generator: it runs on every request."""
+        return Replays(self)
 
     def _allowed(self) -> int:
         return max(self.min_retries, int(self._active * self.ratio))
@@ -126,6 +119,14 @@ class Replays:
     def __init__(self, budget: RetryBudget) -> None:
         self._budget = budget
         self._held = False
+
+    def __enter__(self) -> Replays:
+        self._budget._active += 1
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.done()
+        self._budget._active -= 1
 
     async def take(self, wait: float) -> bool:
         """A slot for the next attempt, within ``wait`` seconds."""
