@@ -36,7 +36,6 @@ from router.config import Limits
 log = logging.getLogger(__name__)
 
 # Set on a request whose line had no HTTP version (see ``_make_request``).
-OBSOLETE_HTTP: web.RequestKey[bool] = web.RequestKey("wa_router.obsolete_http", bool)
 _QUIET_FOR = 60.0  # seconds between two log lines of the same kind
 LINGER = 2.0
 
@@ -65,6 +64,10 @@ class GuardedHandler(RequestHandler):
         self.last_seen = self.opened
         # When the first byte of a request head in progress arrived.
         self.head_started: float | None = None
+        # Its request line had no HTTP version (the dispatcher answers 400).
+        # On the connection, not the request: a request-key lookup that
+        # misses raises KeyError inside Mapping, on every request.
+        self.obsolete_http = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -132,9 +135,9 @@ class GuardedServer(web.Server):
         # protocol at all. A request line without a version is malformed in
         # HTTP/1.1 (RFC 9112 section 3): refused (400) in HTTP/1.0, then closed.
         message = message._replace(version=HttpVersion10, should_close=True)
-        request = super()._make_request(message, payload, protocol, writer, task)
-        request[OBSOLETE_HTTP] = True
-        return request
+        if isinstance(protocol, GuardedHandler):
+            protocol.obsolete_http = True  # should_close: its only request
+        return super()._make_request(message, payload, protocol, writer, task)
 
     # -- bookkeeping ---------------------------------------------------------------------
 

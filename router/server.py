@@ -25,7 +25,6 @@ from router.adapters.base import BadSessionId, valid_session_id
 from router.admin import AdminAPI
 from router.config import RouterConfig
 from router.connections import (
-    OBSOLETE_HTTP,
     GuardedHandler,
     GuardedServer,
     raise_nofile_limit,
@@ -302,11 +301,11 @@ class Server:
             conn = request.protocol
             if type(conn) is GuardedHandler:
                 conn.head_started = None  # the head is complete
-            if OBSOLETE_HTTP in request:
-                return error_response(
-                    RouterError(400, "bad_request", "the request line has no HTTP/1.x version"),
-                    request_id_of(request),
-                )
+                if conn.obsolete_http:
+                    return error_response(
+                        RouterError(400, "bad_request", "the request line has no HTTP/1.x version"),
+                        request_id_of(request),
+                    )
             path = request.path
             if path == "/healthz":
                 return web.Response(body=b'{"status":"ok"}', content_type=_JSON)
