@@ -506,8 +506,13 @@ class IdempotencyConfig:
     max_body_bytes: int = MIB
 
 
+# What a pattern of session ids may hold: their characters and fnmatch's
+# (pacing rules, key scopes).
+_SESSION_GLOB = re.compile(r"[A-Za-z0-9_.@\-*?\[\]!]{1,128}")
+
+
 def _session_glob(p: str) -> str | None:
-    if re.fullmatch(r"[A-Za-z0-9_.@*?\[\]!-]+", p) is None:
+    if _SESSION_GLOB.fullmatch(p) is None:
         return "must be an fnmatch pattern of session ids (letters, digits, _.@- and *?[]!)"
     return None
 
@@ -754,8 +759,6 @@ class RoutesConfig:
 
 
 _SESSION_ID = re.compile(SESSION_ID_PATTERN)
-# What a pattern of session ids may hold: their characters and fnmatch's.
-_SESSION_GLOB = re.compile(r"[A-Za-z0-9_.@\-*?\[\]!]{1,128}")
 
 
 def _session_entry_problem(s: str) -> str | None:
