@@ -15,7 +15,10 @@ the sessions of all of them.
   status, an answer that is not a list) is named in ``X-Router-Partial``
   and in an admin event (``listing_partial``, at most one per set of
   instances every 30 s): the client is told, not silently given fewer.
-  None answering: 502 ``listing_failed``; none healthy: 503.
+  None answering: 502 ``listing_failed``; none healthy: 503. When every
+  instance refused the request alike with a client error (a 417 for an
+  ``Expect`` header, a 400 for a query the API rejects), that answer is
+  relayed, as a pass-through would: the request is at fault, not the fleet.
 - Each instance gets ``timeouts.connect + timeouts.read``, the same bound
   as discovery's list calls.
 """
@@ -41,8 +44,8 @@ from router.instances import Instance
 from router.scoping import Scope
 from router.sessionmap import SessionMap
 from router.snapshot import Snapshot
-from router.transport import UpstreamError, error_kind
-from router.upstream import add_forwarded, upstream_path_qs
+from router.transport import UpstreamError, UpstreamResponse, error_kind
+from router.upstream import add_forwarded, response_headers, upstream_path_qs
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +58,12 @@ MAX_LIST_BYTES = 16 * 1024 * 1024
 REPORT_EVERY = 30.0
 
 Container = list[Any] | dict[str, Any]
+
+# A refusal's body is relayed only when small: an error, not a listing.
+MAX_REFUSAL_BYTES = 64 * 1024
+# Client errors that speak of the instance, not of the request (its
+# credential, its load, its patience): never relayed as the request's fault.
+_INSTANCE_SIDE = frozenset({401, 403, 407, 408, 429})
 
 # msgspec parses and writes JSON several times faster than the json module
 # (3,000 WAHA sessions: 4 ms instead of 9 to parse, 1 instead of 8 to
@@ -131,6 +140,32 @@ def merge(
     return data
 
 
+async def _bounded(up: UpstreamResponse, cap: int) -> bytes | None:
+    """The answer's body, or None when it is larger than ``cap``."""
+    if up.content_length is not None and up.content_length > cap:
+        return None
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in up.iter_chunks():
+        size += len(chunk)
+        if size > cap:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """An instance's client-error answer to the list call, kept to relay."""
+
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes
+
+    def __str__(self) -> str:
+        return f"HTTP {self.status}"
+
+
 class Listings:
     """Answers list calls from the whole fleet (see the module doc)."""
 
@@ -160,7 +195,7 @@ class Listings:
             raise RouterError(503, "no_healthy_instance", "no healthy instance is available")
         raw_path = request.rel_url.raw_path
         results = await asyncio.gather(
-            *(self._ask(inst, snap, ureq, raw_path, shape, bound) for inst in asked)
+            *(self._ask(inst, snap, ureq, raw_path, shape, bound, request_id) for inst in asked)
         )
         failed = {i.name: "down" for i in instances if not i.healthy}
         answers: list[Listed] = []
@@ -168,7 +203,14 @@ class Listings:
             if isinstance(result, Listed):
                 answers.append(result)
             else:
-                failed[inst.name] = result
+                failed[inst.name] = str(result)
+        first = results[0]
+        if (
+            not answers
+            and isinstance(first, Refused)
+            and all(isinstance(r, Refused) and r.status == first.status for r in results)
+        ):
+            return web.Response(status=first.status, body=first.body, headers=first.headers)
         if not answers:
             self._report("listing_failed", failed, request.path)
             raise RouterError(
@@ -205,8 +247,9 @@ class Listings:
         raw_path: str,
         shape: ListShape,
         bound: float,
-    ) -> Listed | str:
-        """The instance's list answer, or why it has none."""
+        request_id: str,
+    ) -> Listed | Refused | str:
+        """The instance's list answer, its client-error answer, or why it has none."""
         per = UpstreamRequest(ureq.method, ureq.path, ureq.query.copy(), ureq.headers.copy())
         # The instance's own credential (Blazz: its api_key in the query).
         snap.adapter.apply_credential(per, inst.config)
@@ -217,19 +260,18 @@ class Listings:
                     per.method, path_qs, per.headers, None, read_timeout=bound
                 )
                 try:
+                    if 400 <= up.status < 500 and up.status not in _INSTANCE_SIDE:
+                        body = await _bounded(up, MAX_REFUSAL_BYTES)
+                        if body is None:
+                            return f"HTTP {up.status}"
+                        return Refused(up.status, response_headers(up, request_id), body)
                     if not 200 <= up.status < 300:
                         return f"HTTP {up.status}"
                     if any(k.lower() == "content-encoding" for k, _ in up.headers):
                         return "encoded answer"
-                    if up.content_length is not None and up.content_length > MAX_LIST_BYTES:
-                        return "answer too large"
-                    chunks: list[bytes] = []
-                    size = 0
-                    async for chunk in up.iter_chunks():
-                        size += len(chunk)
-                        if size > MAX_LIST_BYTES:
-                            return "answer too large"  # release() drops the connection
-                        chunks.append(chunk)
+                    raw = await _bounded(up, MAX_LIST_BYTES)
+                    if raw is None:
+                        return "answer too large"  # release() drops the connection
                 finally:
                     up.release()
         except TimeoutError:
@@ -237,7 +279,7 @@ class Listings:
         except UpstreamError as exc:
             return error_kind(exc)
         try:
-            data = _decode(b"".join(chunks))
+            data = _decode(raw)
         except ValueError:
             return "not JSON"
         listed = read_answer(inst.name, shape, data)

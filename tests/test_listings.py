@@ -316,6 +316,34 @@ async def test_no_instance_answering_is_a_502_and_an_event(
     assert [e["instances"] for e in await events(router, "listing_failed")] == [["wa-1", "wa-2"]]
 
 
+async def test_a_client_error_every_instance_gives_is_relayed_not_a_502(
+    sim_fleet: SimFleetFactory, start_router: StartRouter
+) -> None:
+    """Found by bench/hostile's fuzz: ``Expect: 200-ok`` on a list call made
+    every instance answer 417 (as Node's HTTP server does), and the router
+    answered 502 ``listing_failed``, blaming the fleet for the request. A
+    pass-through would relay the 417; so does the listing. An instance that
+    refuses the router's own credential is the fleet's problem: still 502."""
+    fleet = sim_fleet(2, api_key=INSTANCE_KEY)
+    await bulk(fleet[0], names=["e1"])
+    router = await start_router(fleet.urls, names=[p.name for p in fleet])
+    url = f"{router.url}/api/sessions"
+    async with router.client() as http:
+        async with http.get(url, headers={"Expect": "200-ok"}) as resp:
+            assert resp.status == 417, await resp.text()
+            assert resp.headers["X-Request-Id"]
+        status, body, _ = await list_call(http, url)
+        assert status == 200 and [s["name"] for s in body] == ["e1"]
+    wrong_keys = router_config(
+        fleet.urls, names=[p.name for p in fleet], instance_keys=["wrong", "wrong"]
+    )
+    router2 = await start_router(config=wrong_keys)
+    async with router2.client() as http:
+        status, body, _ = await list_call(http, f"{router2.url}/api/sessions")
+    assert status == 502, body
+    assert body["instances"] == {"wa-1": "HTTP 401", "wa-2": "HTTP 401"}
+
+
 BLAZZ_KEYS = ["key-of-b1", "key-of-b2", "key-of-b3"]
 
 
