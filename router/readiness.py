@@ -105,15 +105,17 @@ class Readiness:
     def auth_needed(self, session: str, instance: str) -> None:
         """An event from ``instance`` says ``session`` asks for a QR (webhook)."""
         watch = self._watches.get(session)
-        if watch is None:
-            now = time.monotonic()
-            if len(self._recent_qr) > 10_000:  # bounded: keep only the last minute
-                self._recent_qr = {
-                    s: v for s, v in self._recent_qr.items() if now - v[1] < _QR_KEPT
-                }
-            self._recent_qr[session] = (instance, now)
-        elif watch.instance == instance:
+        if watch is not None and watch.instance == instance:
             self._needs_auth(session, watch)
+            return
+        # Not tracked yet, or tracked on another instance: an older copy's
+        # watch, which the create about to be answered replaces (the webhook
+        # can beat that answer). Kept for ``track``, which takes it only from
+        # the copy it tracks and only if it came after recovery began.
+        now = time.monotonic()
+        if len(self._recent_qr) > 10_000:  # bounded: keep only the last minute
+            self._recent_qr = {s: v for s, v in self._recent_qr.items() if now - v[1] < _QR_KEPT}
+        self._recent_qr[session] = (instance, now)
 
     def forget(self, session: str) -> None:
         watch = self._watches.pop(session, None)

@@ -128,6 +128,12 @@ class RealBlazz:
                 os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(10)
 
+    def tail(self, n: int = 40) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+        except FileNotFoundError:
+            return ""
+
 
 def kill_browsers(profile_prefix: Path) -> int:
     """SIGKILL every Chromium whose --user-data-dir is under ``profile_prefix``
@@ -147,12 +153,6 @@ def kill_browsers(profile_prefix: Path) -> int:
                 os.kill(int(entry.name), signal.SIGKILL)
                 killed += 1
     return killed
-
-    def tail(self, n: int = 40) -> str:
-        try:
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
-        except FileNotFoundError:
-            return ""
 
 
 @pytest.fixture
