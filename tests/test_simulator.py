@@ -279,6 +279,14 @@ async def test_blazz_body_parsing_like_express(
         ) as resp:
             assert resp.status == 400 and resp.content_type == "text/html"
             assert "SyntaxError" in await resp.text()
+    # JSON nested 20,000 deep is parsed, as V8's iterative JSON.parse does
+    # (Python's recursion limit stops at ~1,000: this was a 500).
+    deep = b'{"api_key": "' + KEY.encode() + b'", "x": ' + b"[" * 20_000 + b"]" * 20_000 + b"}"
+    async with http.post(
+        blazz[0].url + "/api/messages/send", data=deep, headers={"Content-Type": "application/json"}
+    ) as resp:
+        assert resp.status == 400, await resp.text()
+        assert (await resp.json())["error"] == "Missing required fields"
     # A DELETE whose key is in a text/plain body: no key.
     status, body = await call(
         http, "DELETE", url + "/nope", data=json.dumps({"api_key": KEY}),
@@ -291,6 +299,11 @@ async def test_blazz_body_parsing_like_express(
     status, body = await call(
         http, "POST", wurl + "/api/sendText", data=json.dumps(send_text("nestjs")),
         headers={**AUTH, "Content-Type": "text/plain"},
+    )  # fmt: skip
+    assert (status, body["session"]) == (404, "default")
+    status, body = await call(
+        http, "POST", wurl + "/api/sendText", data=b'{"x": ' + b"[" * 20_000 + b"]" * 20_000 + b"}",
+        headers={**AUTH, "Content-Type": "application/json"},
     )  # fmt: skip
     assert (status, body["session"]) == (404, "default")
     status, body = await call(

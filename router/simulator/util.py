@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import secrets
 from typing import Any
 
 from aiohttp import web
 
-from router.simulator.express import FORM_TYPE, JSON_TYPE, qs_parse
+from router.simulator.express import FORM_TYPE, JSON_TYPE, qs_parse, v8_loads
 
 # The echo returns at most this much of the body as text (all of it is hashed).
 ECHO_BODY_LIMIT = 64 * 1024
@@ -21,7 +20,7 @@ async def json_object(request: web.Request) -> dict[str, Any] | None:
     if not raw.strip():
         return {}
     try:
-        data = json.loads(raw)
+        data = v8_loads(raw)
     except ValueError:
         return None
     return data if isinstance(data, dict) else None
