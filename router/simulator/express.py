@@ -381,21 +381,25 @@ def v8_loads(text: str | bytes, **kw: Any) -> Any:
     return out[0]
 
 
-def _syntax_error(text: str) -> web.Response:
+def _syntax_error(text: str, exc: ValueError | None = None) -> web.Response:
+    """body-parser's 400 for ``text``: ``exc`` is the parse's own error, None
+    when the text is not JSON from its first character on."""
     stripped = text.lstrip(_JSON_SPACE)
     if not stripped:
         message = "Unexpected end of JSON input"
-    elif stripped[0] not in "{[":
+    elif exc is None:
         message = f"Unexpected token '{stripped[0]}', \"{stripped[:10]}\" is not valid JSON"
+    elif isinstance(exc, json.JSONDecodeError):
+        message = f"{exc.msg} in JSON at position {exc.pos}"
     else:
-        try:
-            v8_loads(text, parse_constant=_reject_constant)
-            message = "Unexpected token in JSON"
-        except json.JSONDecodeError as exc:
-            message = f"{exc.msg} in JSON at position {exc.pos}"
-        except ValueError as exc:
-            message = str(exc)
+        message = str(exc)
     return html_error(400, "SyntaxError", message, _BODY_STACK)
+
+
+def _unsupported_charset(charset: str) -> web.Response:
+    return html_error(
+        415, "UnsupportedMediaTypeError", f'unsupported charset "{charset.upper()}"', _TYPE_STACK
+    )
 
 
 async def parse_body(request: web.Request) -> tuple[Any, web.Response | None]:
@@ -408,22 +412,11 @@ async def parse_body(request: web.Request) -> tuple[Any, web.Response | None]:
     if media not in (JSON_TYPE, FORM_TYPE) or not request.body_exists:
         return {}, None
     charset = params.get("charset", "utf-8").lower()
-    if media == JSON_TYPE and not charset.startswith("utf-"):
+    # express.json() takes any UTF, express.urlencoded() only UTF-8.
+    readable = charset.startswith("utf-") if media == JSON_TYPE else charset == "utf-8"
+    if not readable:
         await request.read()
-        return None, html_error(
-            415,
-            "UnsupportedMediaTypeError",
-            f'unsupported charset "{charset.upper()}"',
-            _TYPE_STACK,
-        )
-    if media == FORM_TYPE and charset != "utf-8":
-        await request.read()
-        return None, html_error(
-            415,
-            "UnsupportedMediaTypeError",
-            f'unsupported charset "{charset.upper()}"',
-            _TYPE_STACK,
-        )
+        return None, _unsupported_charset(charset)
     raw = await request.read()
     if len(raw) > BODY_LIMIT:
         return None, html_error(413, "PayloadTooLargeError", "request entity too large", [])
@@ -432,12 +425,7 @@ async def parse_body(request: web.Request) -> tuple[Any, web.Response | None]:
     try:
         text = raw.decode(charset, errors="replace")
     except LookupError:
-        return None, html_error(
-            415,
-            "UnsupportedMediaTypeError",
-            f'unsupported charset "{charset.upper()}"',
-            _TYPE_STACK,
-        )
+        return None, _unsupported_charset(charset)
     if media == FORM_TYPE:
         count = text.count("&") + 1
         if count > 1000:
@@ -448,8 +436,8 @@ async def parse_body(request: web.Request) -> tuple[Any, web.Response | None]:
         return None, _syntax_error(text)
     try:
         body = v8_loads(text, parse_float=_number, parse_constant=_reject_constant)
-    except ValueError:
-        return None, _syntax_error(text)
+    except ValueError as exc:
+        return None, _syntax_error(text, exc)
     return body, None
 
 
