@@ -72,7 +72,7 @@ from yarl import URL
 from router.admin import public_url
 from router.dashboard.stats import StatsSampler
 from router.errors import RouterError, error_response, request_id_of
-from router.keys import as_bytes, matches
+from router.keys import admin_key_of, as_bytes, matches
 from router.placement import load_ratio
 
 if TYPE_CHECKING:
@@ -278,15 +278,6 @@ def request_is_https(request: web.BaseRequest) -> bool:
     return proto is not None and proto.strip().lower() == "https"
 
 
-def header_key(request: web.BaseRequest) -> str | None:
-    """The admin key a script sent (``X-Admin-Key`` or ``Authorization: Bearer``)."""
-    given = request.headers.get("X-Admin-Key")
-    if given is not None:
-        return given
-    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-    return token.strip() if scheme.lower() == "bearer" else None
-
-
 # -- the handler ------------------------------------------------------------------------
 
 
@@ -364,7 +355,7 @@ class Dashboard:
     # -- authentication ---------------------------------------------------------------
 
     def _auth(self, request: web.BaseRequest, key: str) -> str | None:
-        given = header_key(request)
+        given = admin_key_of(request)
         if given is not None:
             return "header" if matches(given, (key,)) else None
         return "cookie" if self._cookie(request, key) is not None else None
