@@ -47,9 +47,12 @@ class BodyBudget:
         self.cap = cap
         self.held = 0
 
+    def fits(self, n: int) -> bool:
+        return self.held + n <= self.cap
+
     def take(self, n: int) -> None:
         """Count ``n`` more bytes, or raise the 503 that says the router is full."""
-        if self.held + n > self.cap:
+        if not self.fits(n):
             raise RouterError(
                 503,
                 "router_busy",

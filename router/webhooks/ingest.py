@@ -127,7 +127,7 @@ class _Held:
 
     def check(self, n: int) -> None:
         """429 unless ``n`` more bytes fit in the budget now (nothing is taken)."""
-        if self.budget.held + n > self.budget.cap:
+        if not self.budget.fits(n):
             metrics.RECEIVED.labels(self.dialect, "busy").inc()
             raise RouterError(
                 429,
