@@ -35,7 +35,6 @@ from router.config import Limits
 
 log = logging.getLogger(__name__)
 
-# Set on a request whose line had no HTTP version (see ``_make_request``).
 _QUIET_FOR = 60.0  # seconds between two log lines of the same kind
 LINGER = 2.0
 

@@ -144,9 +144,8 @@ class Discovery:
         removals: Removals,
         events: EventLog,
         *,
-        busy: Callable[[str], bool] = lambda session: False,
-        rebalance: Callable[[], Awaitable[object]] | None = None,
-        list_timeout: float = 30.0,
+        busy: Callable[[str], bool],
+        rebalance: Callable[[], Awaitable[object]],
     ) -> None:
         self.live = live
         self.smap = smap
@@ -158,7 +157,6 @@ class Discovery:
         self._busy = busy
         # Run after each periodic round when ``discovery.rebalance`` is on.
         self._rebalance = rebalance
-        self.list_timeout = list_timeout
         # Mapped sessions listed nowhere: session -> consecutive rounds.
         self._orphans: dict[str, int] = {}
         # Sessions running on several instances -> those instances (reported once).
@@ -201,7 +199,7 @@ class Discovery:
             await asyncio.sleep(cfg.interval)
             try:
                 await self.reconcile_now()
-                if self.live.snap.config.discovery.rebalance and self._rebalance is not None:
+                if self.live.snap.config.discovery.rebalance:
                     await self._rebalance()
             except Exception:
                 log.exception("reconcile round failed")
@@ -342,7 +340,7 @@ class Discovery:
         await self._apply(changes, before, result)
         await self._forget(forget, result)
         for session, instance in stopped:
-            if self.smap.cached(session) == instance:
+            if self.smap.peek(session) == instance:
                 await self.removals.mark(session, by="discovery", instance=instance)
         if extra_copies and snap.config.discovery.stop_duplicates:
             await self._stop_extras(extra_copies)
@@ -350,8 +348,9 @@ class Discovery:
     async def _list(self, inst: Instance) -> list[SessionInfo] | str:
         """The instance's sessions, or why they could not be listed."""
         snap = self.live.snap
+        timeouts = snap.config.timeouts
         try:
-            async with asyncio.timeout(self.list_timeout):
+            async with asyncio.timeout(timeouts.connect + timeouts.read):
                 return await snap.adapter.list_sessions(inst.http, inst.config, strict=True)
         except ListFailed as exc:
             detail = exc.detail

@@ -29,7 +29,7 @@ from router.probe import ProbeState
 from router.readiness import Readiness
 from router.removals import Removals
 from router.resolver import Resolver
-from router.restore import RUNS, start_and_wait, with_notes
+from router.restore import start_and_wait, with_notes
 from router.sessionmap import SessionMap
 from router.singleflight import SingleFlight
 from router.snapshot import Live
@@ -105,7 +105,7 @@ class Failover:
         async def one(session: str) -> bool:
             async with gate:
                 # Stop if the instance came back or the session moved meanwhile.
-                if inst.healthy or self.smap.cached(session) != inst.name:
+                if inst.healthy or self.smap.peek(session) != inst.name:
                     return False
                 # Wait for the restore itself, not for a client's bounded wait:
                 # the gate must bound restores actually running.
@@ -215,7 +215,7 @@ class Failover:
         gate = asyncio.Semaphore(8)
 
         async def stop(session: str) -> bool:
-            if self.smap.cached(session) == inst.name:
+            if self.smap.peek(session) == inst.name:
                 return True  # it was moved back here since: nothing to fence
             if not adapter.can_stop:
                 self.events.add("fence_impossible", session=session, instance=inst.name)
@@ -235,7 +235,7 @@ class Failover:
                     stopped = False
             if stopped:
                 self.events.add(
-                    "fenced", session=session, instance=inst.name, owner=self.smap.cached(session)
+                    "fenced", session=session, instance=inst.name, owner=self.smap.peek(session)
                 )
                 log.warning("fenced %s off %s (it runs elsewhere now)", session, inst.name)
             return stopped
@@ -279,13 +279,11 @@ class Failover:
                         session,
                         known,
                         cfg.ready_timeout,
-                        until=RUNS,
                         events=self.events,
                     )
                 if info is None:
                     return await self._settle_failed_start(session, target, started)
-                await self.resolver.record(session, target)
-                self.readiness.track(session, target, started=started, status=info.status)
+                await self.adopt(session, target, started, info.status)
                 return target
         except LockBusy:
             return await self._await_other_replica(session, exclude, failed_name)
@@ -295,6 +293,15 @@ class Failover:
             log.warning("cannot lock %s (store unavailable): not restoring", session)
             return None
 
+    async def adopt(
+        self, session: str, inst: Instance, started: float, status: SessionStatus
+    ) -> None:
+        """The copy the router started on ``inst`` is the session's: mapped,
+        and requests held until it is READY (router.readiness). ``started``:
+        when the recovery or move began; ``status``: what ``inst`` reports."""
+        await self.resolver.record(session, inst)
+        self.readiness.track(session, inst, started=started, status=status)
+
     async def _settle_failed_start(
         self, session: str, target: Instance, started: float
     ) -> Instance | None:
@@ -303,8 +310,7 @@ class Failover:
         snap = self.live.snap
         state = await self._owner_state(target, session)
         if state is ProbeState.RUNNING:
-            await self.resolver.record(session, target)
-            self.readiness.track(session, target, started=started, status=SessionStatus.STARTING)
+            await self.adopt(session, target, started, SessionStatus.STARTING)
             return target
         if state is not ProbeState.UNREACHABLE:
             try:

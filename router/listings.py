@@ -225,7 +225,7 @@ class Listings:
         for ans in [a for a in answers if isinstance(a.container, dict) != keyed]:
             answers.remove(ans)
             failed[ans.instance] = "not a list of the same kind"
-        merged = merge(shape, answers, owner_of=self.smap.cached, scope=scope)
+        merged = merge(shape, answers, owner_of=self.smap.peek, scope=scope)
         headers = {REQUEST_ID_HEADER: request_id}
         if failed:
             names = [i.name for i in instances if i.name in failed]

@@ -64,7 +64,7 @@ from router.locks import LockBusy, SessionLocks
 from router.placement import Placer, labels_of, load_ratio
 from router.probe import RUNNING
 from router.resolver import Resolver
-from router.restore import RUNS, start_and_wait, with_notes
+from router.restore import start_and_wait, with_notes
 from router.sessionmap import SessionMap
 from router.snapshot import Live
 from router.store.base import StoreUnavailable
@@ -494,13 +494,10 @@ class Migration:
             session,
             known,
             snap.config.failover.ready_timeout,
-            until=RUNS,
             events=self.events,
         )
         if state is not None:
-            await self.resolver.record(session, target)
-            # Requests wait for the new copy to be ready (router.readiness).
-            self.failover.readiness.track(session, target, started=started, status=state.status)
+            await self.failover.adopt(session, target, started, state.status)
             return MoveResult(session, source.name, target.name, "moved")
         return await self._roll_back(session, source, target, known, started)
 
@@ -565,8 +562,7 @@ class Migration:
                 there = None  # unreachable: a crashed target holds no copy
             if there is not None and there.status in RUNNING:
                 # It did start, late: keep it there rather than make two.
-                await self.resolver.record(session, target)
-                self.failover.readiness.track(session, target, started=started, status=there.status)
+                await self.failover.adopt(session, target, started, there.status)
                 return MoveResult(session, source.name, target.name, "moved", detail="late start")
         back = await start_and_wait(
             adapter,
@@ -574,12 +570,10 @@ class Migration:
             session,
             info,
             snap.config.failover.ready_timeout,
-            until=RUNS,
             events=self.events,
         )
         if back is not None:
-            await self.resolver.record(session, source)
-            self.failover.readiness.track(session, source, started=started, status=back.status)
+            await self.failover.adopt(session, source, started, back.status)
             return MoveResult(
                 session,
                 source.name,

@@ -146,10 +146,10 @@ class PoolCapacity:
 class Placer:
     """Where the proxy, failover and moves put sessions, for the fleet in force."""
 
-    def __init__(self, live: Live, smap: SessionMap, events: EventLog | None = None) -> None:
+    def __init__(self, live: Live, smap: SessionMap, events: EventLog) -> None:
         self.live = live
         self.smap = smap
-        self.events = events if events is not None else EventLog()
+        self.events = events
         self.reservations = Reservations()
         self._rr = itertools.count()
         # The placement policy compiled for the config it came from.

@@ -17,6 +17,7 @@ import logging
 import aiohttp
 
 from router.adapters.base import Adapter, SessionInfo, SessionStatus
+from router.config import RouterConfig
 from router.instances import Instance
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,10 @@ class Probe:
 
     def __init__(self, timeout: float = 2.0) -> None:
         self.timeout = timeout
+
+    def configure(self, config: RouterConfig) -> None:
+        """The timeout ``config`` gives (at start and on every reload)."""
+        self.timeout = config.timeouts.connect + config.health.timeout
 
     async def info(self, adapter: Adapter, inst: Instance, session: str) -> SessionInfo | None:
         """``session`` as ``inst`` reports it; None when absent or unanswered."""

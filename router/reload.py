@@ -374,9 +374,8 @@ class Reloader:
         # -- the switch: no await from here to the end of the block -------------
         change.commit()
         rt.live.snap = Snapshot.of(cfg, adapter, change.fleet)
-        rt.resolver.probe.timeout = cfg.timeouts.connect + cfg.health.timeout
+        rt.resolver.probe.configure(cfg)
         rt.budget.ratio = cfg.failover.retry_budget
-        rt.discovery.list_timeout = cfg.timeouts.connect + cfg.timeouts.read
         if self._on_apply is not None:
             self._on_apply(cfg)
         for name in change.removed:

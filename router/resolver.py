@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 
 class Resolver:
-    def __init__(self, smap: SessionMap, probe: Probe, removals: Removals | None = None) -> None:
+    def __init__(self, smap: SessionMap, probe: Probe, removals: Removals) -> None:
         self.smap = smap
         self.probe = probe
         # Sessions removed on purpose are not looked for (router.removals).
@@ -49,7 +49,7 @@ class Resolver:
             inst = fleet.get(name)
             if inst is not None:
                 return inst
-        if self.removals is not None and await self.removals.is_removed(session):
+        if await self.removals.is_removed(session):
             return None
         found = await self.locate(session, fleet, adapter)
         if found is not None:

@@ -1,10 +1,9 @@
 """Start a session on a chosen instance and wait (bounded) until it reports in.
 
 Used by failover (restore after a crash), migration (drain, move) and
-rebalancing. The caller holds the session's lock. Failover and moves map the
-new copy as soon as the instance runs it (``RUNS``: starting, ready or asking
-for a QR) and let ``router.readiness`` hold requests until it is READY;
-``SETTLED`` (ready, or asking for a QR) is there for callers that must wait.
+rebalancing. The caller holds the session's lock. The new copy is mapped as
+soon as the instance runs it (``probe.RUNNING``: starting, ready or asking
+for a QR); ``router.readiness`` holds requests until it is READY.
 
 A start answered "held elsewhere" (``HeldElsewhere``: a browser of a crashed
 instance still holds the session's profile in the shared storage) is tried
@@ -23,12 +22,11 @@ from router.adapters.base import Adapter, HeldElsewhere, SessionInfo, SessionSta
 from router.events import EventLog
 from router.instances import Instance
 from router.metrics import RESTORE_HELD
+from router.probe import RUNNING
 from router.store.base import SessionStore, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
-RUNS = frozenset({SessionStatus.READY, SessionStatus.STARTING, SessionStatus.NEEDS_AUTH})
-SETTLED = frozenset({SessionStatus.READY, SessionStatus.NEEDS_AUTH})
 _POLL = 0.05
 # First wait after "held elsewhere"; doubles up to _HELD_MAX.
 _HELD_FIRST = 0.25
@@ -58,10 +56,9 @@ async def start_and_wait(
     info: SessionInfo | None,
     ready_timeout: float,
     *,
-    until: frozenset[SessionStatus] = SETTLED,
     events: EventLog | None = None,
 ) -> SessionInfo | None:
-    """The session's state on ``inst`` once in ``until``, or None if it failed or timed out."""
+    """The session's state on ``inst`` once it runs there, or None if it failed or timed out."""
     deadline = time.monotonic() + ready_timeout
     try:
         async with asyncio.timeout(ready_timeout):
@@ -69,7 +66,7 @@ async def start_and_wait(
             delay = _POLL
             while True:
                 state = await adapter.probe(inst.http, inst.config, session)
-                if state is not None and state.status in until:
+                if state is not None and state.status in RUNNING:
                     return state
                 if state is not None and state.status is SessionStatus.FAILED:
                     return None

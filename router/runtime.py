@@ -76,7 +76,9 @@ class Runtime:
         live = Live(Snapshot.of(config, adapter, fleet))
         events = EventLog()
         removals = Removals(smap, events)
-        resolver = Resolver(smap, Probe(config.timeouts.connect + config.health.timeout), removals)
+        probe = Probe()
+        probe.configure(config)
+        resolver = Resolver(smap, probe, removals)
         placer = Placer(live, smap, events)
         failover = Failover(live, smap, resolver, locks, placer, removals, events)
         pins: set[str] = set()
@@ -90,7 +92,6 @@ class Runtime:
             events,
             busy=lambda session: migration.active(session) or failover.recovering(session),
             rebalance=migration.rebalance,
-            list_timeout=config.timeouts.connect + config.timeouts.read,
         )
         return cls(
             live=live,
