@@ -786,6 +786,41 @@ async def test_blazz_reaching_a_timeout_crashes_the_process(
     assert await asyncio.to_thread(b1.wait_exit) == 1
 
 
+async def test_blazz_timeout_starts_after_the_body_is_parsed(
+    sim_fleet: SimFleetFactory, http: aiohttp.ClientSession
+) -> None:
+    """express.json() runs before TimeoutHandler: a slow upload spends no budget."""
+    fleet = sim_fleet(
+        1, dialect="blazz", api_key=KEY, extra_args=["--request-timeouts", "health=0.3"]
+    )
+    b1 = fleet[0]
+    url = yarl.URL(b1.url)
+
+    async def slow_upload(method: str, body: bytes) -> bytes:
+        """Headers and half the body, a pause past the budget, then the rest."""
+        reader, writer = await asyncio.open_connection(url.host, url.port)
+        head = (
+            f"{method} /health HTTP/1.1\r\nHost: {url.host}\r\nConnection: close\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        )
+        writer.write(head.encode() + body[:1])
+        await writer.drain()
+        await asyncio.sleep(0.8)
+        writer.write(body[1:])
+        await writer.drain()
+        try:
+            return await asyncio.wait_for(reader.read(), 5)
+        finally:
+            writer.close()
+
+    # A body-parse error answers 400 and never starts the timer.
+    assert (await slow_upload("POST", b'{"a":')).startswith(b"HTTP/1.1 400 ")
+    # Upload time does not count toward the route's budget.
+    assert (await slow_upload("GET", b"{}")).startswith(b"HTTP/1.1 200 ")
+    assert (await call(http, "GET", b1.url + "/health"))[0] == 200
+    assert "winston.warning" not in b1.log_tail()
+
+
 class FakeLaravel:
     """The main app: records every request; ``answer`` sets a status per path."""
 

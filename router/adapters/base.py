@@ -101,6 +101,13 @@ def recipient_of(value: object) -> tuple[str, ...]:
     return ()
 
 
+def bulk_send(listed: object, spacing: float = 0.0) -> Send:
+    """A bulk send over ``listed`` (a list, else none): one message per entry."""
+    items = listed if isinstance(listed, list) else []
+    recipients = tuple(r for item in items for r in recipient_of(item))
+    return Send(recipients, messages=max(1, len(items)), spacing=spacing)
+
+
 @dataclass(slots=True)
 class UpstreamRequest:
     """A request on its way upstream, as the adapter may read and rewrite it.

@@ -69,6 +69,7 @@ from router.adapters.base import (
     SessionInfo,
     SessionStatus,
     UpstreamRequest,
+    bulk_send,
     recipient_of,
     valid_session_id,
 )
@@ -217,10 +218,7 @@ class BlazzAdapter(JsonAdapter):
         if action in ("send", "send-media"):
             return Send(recipient_of(body.get("recipient_phone")))
         if action == "bulk-send":
-            listed = body.get("recipients")
-            items = listed if isinstance(listed, list) else []
-            recipients = tuple(r for item in items for r in recipient_of(item))
-            return Send(recipients, messages=max(1, len(items)), spacing=BULK_SEND_SPACING)
+            return bulk_send(body.get("recipients"), BULK_SEND_SPACING)
         return None
 
     # -- 5. credentials ----------------------------------------------------------

@@ -80,6 +80,7 @@ from router.adapters.base import (
     SessionInfo,
     SessionStatus,
     UpstreamRequest,
+    bulk_send,
     recipient_of,
     valid_session_id,
 )
@@ -543,9 +544,7 @@ class GenericAdapter(JsonAdapter):
         body = req.json
         if rule.recipients is not None:
             listed = dig(body, rule.recipients) if body is not None else None
-            items = listed if isinstance(listed, list) else []
-            found = tuple(r for item in items for r in recipient_of(_as_id(item)))
-            return Send(found, messages=max(1, len(items)), spacing=rule.spacing)
+            return bulk_send(listed, rule.spacing)
         if rule.recipient is not None and body is not None:
             return Send(recipient_of(dig(body, rule.recipient)), spacing=rule.spacing)
         return Send(spacing=rule.spacing)

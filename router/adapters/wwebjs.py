@@ -162,9 +162,7 @@ class WwebjsAdapter(HeaderCredentialAdapter):
             return []
         out: list[SessionInfo] = []
         for item in items:
-            if isinstance(item, dict):
-                item = item.get("id", item.get("sessionId"))
-            name = checked_id(item)
+            name = _listed_name(item)
             if name is not None:
                 # The list names ids only: STARTING says "known here, not
                 # claimed ready" until a probe tells more.

@@ -621,7 +621,8 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
     ctx = sim(request)
     if not ctx.port and request.url.port:
         ctx.port = request.url.port
-    body, failed = await parse_body(request)
+    parsed = request.get(_PARSED)
+    body, failed = parsed if parsed is not None else await parse_body(request)
     if failed is not None:
         return failed
     path = request.raw_path.split("?", 1)[0]
@@ -670,8 +671,17 @@ def budget_for(path: str, budgets: dict[str, float]) -> float:
     return budgets["default"]
 
 
+# ``parse_body``'s answer, taken before the TimeoutHandler starts (dispatch uses it).
+_PARSED: web.RequestKey[tuple[Any, web.Response | None]] = web.RequestKey("sim.blazz_body")
+
+
 def timeout_middleware(ctx: SimContext) -> Middleware:
-    """Outermost: the budget covers injected delays too, like a slow handler."""
+    """Outermost: the budget covers injected delays too, like a slow handler.
+
+    As in server.js, ``express.json()`` / ``express.urlencoded()`` come first:
+    the body is read and parsed before the timer starts (upload time spends
+    no budget), and a body-parse error never starts it.
+    """
     budgets = dict(ctx.options.request_timeouts)
 
     def crash(path: str) -> None:
@@ -688,6 +698,9 @@ def timeout_middleware(ctx: SimContext) -> Middleware:
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path.startswith("/_sim"):
             return await handler(request)
+        request[_PARSED] = parsed = await parse_body(request)
+        if parsed[1] is not None:
+            return await handler(request)  # next(err): only the error handler runs
         path = request.raw_path.split("?", 1)[0]
         timer = asyncio.get_running_loop().call_later(budget_for(path, budgets), crash, path)
         try:

@@ -286,9 +286,8 @@ class BlazzSessions:
         half = self.opts.start_delay / 2
         await asyncio.sleep(half)
         self._authenticated(client)
-        await asyncio.sleep(half)
         phone = auth.get("phone_number")
-        await self._ready(client, phone if isinstance(phone, str) else None)
+        await self._connect(client, phone if isinstance(phone, str) else None)
 
     def _show_qr(self, client: Client) -> None:
         count = int(client.metadata.get("qrCount") or 0) + 1
@@ -327,7 +326,7 @@ class BlazzSessions:
         self._authenticated(client)
         self._spawn(client, self._connect(client, phone))
 
-    async def _connect(self, client: Client, phone: str) -> None:
+    async def _connect(self, client: Client, phone: str | None) -> None:
         await asyncio.sleep(self.opts.start_delay / 2)
         await self._ready(client, phone)
 

@@ -169,26 +169,24 @@ class Browser:
     def kill(self) -> None:
         """SIGKILL (puppeteer's exit hook, or "the browser crashed"): the lock stays."""
         self.alive = False
-        proc, self.proc = self.proc, None
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-        elif proc is None:
+        if self._reap() is None:
             # No process stands in for Chromium: what it leaves is a stale lock.
             release_lock(self.profile, self.holder)
 
     def close(self) -> None:
         """``browser.close()``: the process exits and removes its lock."""
         self.alive = False
-        proc, self.proc = self.proc, None
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
+        self._reap()
         release_lock(self.profile, self.holder)
 
     def orphan_kill(self) -> None:
         """Kill at exit without touching the lock (puppeteer's exit handler)."""
+        self._reap()
+
+    def _reap(self) -> subprocess.Popen[bytes] | None:
+        """Drop the process (SIGKILL and wait if it still runs); the old one or None."""
         proc, self.proc = self.proc, None
         if proc is not None and proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             proc.wait()
+        return proc

@@ -23,7 +23,7 @@ import time
 
 from aiohttp import web
 
-from router.simulator.blazz_sessions import BLAZZ_STATUSES, Client
+from router.simulator.blazz_sessions import BLAZZ_STATUSES, BlazzSessions, Client
 from router.simulator.context import sim
 from router.simulator.faults import Fault, crash
 from router.simulator.sessions import SimSession, Status, phone_for, valid_name
@@ -94,20 +94,23 @@ async def set_fault(request: web.Request) -> web.StreamResponse:
     return web.json_response({"instance": ctx.name, "fault": fault.as_dict()})
 
 
-def _blazz_client(request: web.Request) -> Client:
+def _blazz_client(request: web.Request) -> tuple[BlazzSessions, Client]:
+    """The Blazz sessions and the path's client, or a 404 JSON answer."""
     blazz = sim(request).blazz
-    client = blazz.get(request.match_info["session"]) if blazz is not None else None
+    if blazz is None:
+        raise web.HTTPNotFound(
+            text=json.dumps({"error": "Blazz dialect only"}), content_type="application/json"
+        )
+    client = blazz.get(request.match_info["session"])
     if client is None:
         raise web.HTTPNotFound(
             text=json.dumps({"error": "Session not found"}), content_type="application/json"
         )
-    return client
+    return blazz, client
 
 
 async def _blazz_pair(request: web.Request) -> web.Response:
-    blazz = sim(request).blazz
-    assert blazz is not None
-    client = _blazz_client(request)
+    blazz, client = _blazz_client(request)
     body = await json_object(request) if request.can_read_body else {}
     phone = (body or {}).get("phone")
     if phone is not None and not isinstance(phone, str):
@@ -120,19 +123,13 @@ async def _blazz_pair(request: web.Request) -> web.Response:
 
 
 async def kill_browser(request: web.Request) -> web.Response:
-    blazz = sim(request).blazz
-    if blazz is None:
-        return web.json_response({"error": "Blazz dialect only"}, status=404)
-    client = _blazz_client(request)
+    blazz, client = _blazz_client(request)
     blazz.kill_browser(client)
     return web.json_response(blazz.state_of(client))
 
 
 async def disconnect(request: web.Request) -> web.Response:
-    blazz = sim(request).blazz
-    if blazz is None:
-        return web.json_response({"error": "Blazz dialect only"}, status=404)
-    client = _blazz_client(request)
+    blazz, client = _blazz_client(request)
     body = await json_object(request) if request.can_read_body else {}
     reason = (body or {}).get("reason", "NAVIGATION")
     blazz.disconnected(client, str(reason))

@@ -15,7 +15,6 @@ DIALECTS = ("waha", "blazz")
 # Blazz's TimeoutHandler (src/middleware/TimeoutHandler.js): the first pattern
 # found anywhere in the raw path (case-sensitive) gives the budget in seconds.
 # Reaching one crashes the real process (``winston.warning`` is not a function).
-TIMEOUT_KEYS = ("sessions", "send", "health", "status", "reconnect", "regenerate_qr", "default")
 DEFAULT_TIMEOUTS: tuple[tuple[str, float], ...] = (
     ("sessions", 60.0),
     ("send", 45.0),
@@ -25,6 +24,7 @@ DEFAULT_TIMEOUTS: tuple[tuple[str, float], ...] = (
     ("regenerate_qr", 30.0),
     ("default", 30.0),
 )
+TIMEOUT_KEYS = tuple(k for k, _ in DEFAULT_TIMEOUTS)
 
 
 def parse_timeouts(spec: str) -> tuple[tuple[str, float], ...]:

@@ -8,7 +8,7 @@ from typing import Any
 
 from aiohttp import web
 
-from router.simulator.express import FORM_TYPE, JSON_TYPE, qs_parse, v8_loads
+from router.simulator.express import FORM_TYPE, JSON_TYPE, _media_type, qs_parse, v8_loads
 
 # The echo returns at most this much of the body as text (all of it is hashed).
 ECHO_BODY_LIMIT = 64 * 1024
@@ -33,7 +33,7 @@ async def parsed_body(request: web.Request) -> dict[str, Any] | None:
     None when not a JSON object); form bodies parsed as forms (string values);
     anything else is ``{}``, whatever it contains.
     """
-    media = request.headers.get("Content-Type", "").partition(";")[0].strip().lower()
+    media = _media_type(request)[0]
     if media == JSON_TYPE:
         return await json_object(request)
     if media == FORM_TYPE:
