@@ -5,4 +5,5 @@ pytest_plugins: list[str] = [
     "tests.support.simulator",
     "tests.support.router",
     "tests.support.stores",
+    "tests.support.webhook_fixtures",
 ]

@@ -7,7 +7,6 @@ qr_scanning while a restore opens the stored login, and webhooks to LARAVEL_URL.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import json
 import time
@@ -27,8 +26,14 @@ from router.config import (
     WebhookTarget,
 )
 from tests.support.metrics import scrape
-from tests.support.router import ROUTER_KEY, RouterHandle, StartRouter, router_config
-from tests.support.simulator import SimFleet, SimFleetFactory
+from tests.support.router import (
+    ROUTER_KEY,
+    RouterHandle,
+    StartRouter,
+    next_event,
+    router_config,
+)
+from tests.support.simulator import SimFleet, SimFleetFactory, where_running
 from tests.support.webhook_target import TargetServer
 
 KEYS = ["key-of-b1", "key-of-b2", "key-of-b3"]
@@ -101,10 +106,6 @@ async def send(
     return await call(http, "POST", f"{router.url}/api/messages/send", body)
 
 
-async def runs_on(fleet: SimFleet, session: str) -> list[str]:
-    return [p.name for p in fleet if p.alive and await p.session_status(session) is not None]
-
-
 async def test_failover_restores_with_each_instances_own_key_and_keeps_account_id(
     sim_fleet: SimFleetFactory, start_router: StartRouter
 ) -> None:
@@ -150,7 +151,7 @@ async def test_move_drain_and_a_client_delete_work_on_strict_instances(
             result = await resp.json()
             assert resp.status == 200, result
             assert result["outcome"] == "moved", result
-        assert await runs_on(fleet, s) == [target]
+        assert await where_running(fleet, s) == [target]
         # Drain one instance: its sessions move (stop = DELETE with the key in a JSON body).
         victim = target
         async with http.post(
@@ -159,14 +160,14 @@ async def test_move_drain_and_a_client_delete_work_on_strict_instances(
             done = await resp.json()
             assert resp.status == 200, done
         for session in sessions:
-            assert victim not in await runs_on(fleet, session)
-            assert await runs_on(fleet, session) != []
+            assert victim not in await where_running(fleet, session)
+            assert await where_running(fleet, session) != []
         # A client's DELETE without a body: the router gives it one with the key.
         async with http.delete(f"{router.url}/api/sessions/{s}?api_key={ROUTER_KEY}") as resp:
             answer = await resp.json()
             assert resp.status == 200, answer
             assert answer["message"] == "Session disconnected successfully"
-        assert await runs_on(fleet, s) == []
+        assert await where_running(fleet, s) == []
 
 
 async def test_health_is_answered_for_the_fleet_without_a_key(
@@ -181,26 +182,14 @@ async def test_health_is_answered_for_the_fleet_without_a_key(
         assert status == 200, body
         assert body["status"] == "healthy"
         assert body["sessions"] == {"total": 2, "connected": 2, "disconnected": 0}
+        down = next_event(router.runtime, "down", within=15)
         fleet[2].kill()
-        down = asyncio.ensure_future(_event(router, "down"))
         await down
         status, body = await call(http, "GET", f"{router.url}/health")
         assert (status, body["status"]) == (200, "degraded")
         assert body["instances"]["down"] == [fleet[2].name]
         assert (await call(http, "GET", f"{router.url}/health/live"))[0] == 200
         assert (await call(http, "GET", f"{router.url}/health/ready"))[0] == 200
-
-
-async def _event(router: RouterHandle, kind: str, within: float = 15) -> dict[str, Any]:
-    queue = router.runtime.events.subscribe()
-    try:
-        async with asyncio.timeout(within):
-            while True:
-                event = await queue.get()
-                if event["kind"] == kind:
-                    return event
-    finally:
-        router.runtime.events.unsubscribe(queue)
 
 
 async def test_a_second_create_of_a_running_session_is_answered_not_forwarded(
@@ -217,7 +206,7 @@ async def test_a_second_create_of_a_running_session_is_answered_not_forwarded(
             assert answer == {"success": True, "session_id": s, "status": "connected"}
         # The instance still knows it (a forwarded create would have made it
         # launch a second browser, fail with SingletonLock and drop its record).
-        assert await runs_on(fleet, s) == [owner]
+        assert await where_running(fleet, s) == [owner]
         assert (await send(http, router, s, "still here"))[0] == 200
 
 
@@ -253,7 +242,7 @@ async def test_a_create_gets_blazzs_own_time_and_an_unanswered_one_is_settled(
         await fleet2.by_name(owner).wait_session(s)
         status, answer = await call(http, "POST", f"{router2.url}/api/sessions", body)
         assert (status, answer["status"]) == (200, "connected"), answer
-        assert await runs_on(fleet2, s) == [owner]
+        assert await where_running(fleet2, s) == [owner]
 
 
 async def test_a_profile_held_by_a_dead_instances_browser_is_waited_for(

@@ -34,7 +34,13 @@ from router.dashboard.handler import (
 from router.dashboard.stats import StatsSampler, quantile
 from router.metrics import REQUEST_DURATION, REQUESTS
 from tests.support.browser import browser, browser_page, chromium_path, screenshot_on_failure
-from tests.support.router import INSTANCE_KEY, ROUTER_KEY, RouterHandle, StartRouter
+from tests.support.router import (
+    INSTANCE_KEY,
+    ROUTER_KEY,
+    RouterHandle,
+    StartRouter,
+    create_ready,
+)
 from tests.support.simulator import SimFleet, SimFleetFactory
 
 __all__ = ["browser", "browser_page"]  # fixtures, used by name
@@ -240,12 +246,7 @@ async def setup(
 
 async def create_session(router: RouterHandle, fleet: SimFleet, name: str) -> str:
     async with router.client() as http:
-        async with http.post(f"{router.url}/api/sessions", json={"name": name}) as resp:
-            assert resp.status == 201, await resp.text()
-    owner = router.runtime.smap.cached(name)
-    assert owner is not None
-    await fleet.by_name(owner).wait_session(name)
-    return owner
+        return await create_ready(http, router, fleet, name)
 
 
 @pytest.fixture

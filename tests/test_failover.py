@@ -17,8 +17,14 @@ import pytest
 
 from router.config import FailoverConfig, HealthConfig, OutlierConfig, Timeouts
 from tests.support.metrics import scrape
-from tests.support.router import INSTANCE_KEY, RouterHandle, StartRouter, router_config
-from tests.support.simulator import SimFleet, SimFleetFactory
+from tests.support.router import (
+    INSTANCE_KEY,
+    RouterHandle,
+    StartRouter,
+    create_ready,
+    router_config,
+)
+from tests.support.simulator import SimFleet, SimFleetFactory, where_running
 
 
 @pytest.fixture(params=["memory", "redis"])
@@ -56,31 +62,12 @@ async def setup(
     return fleet, router
 
 
-async def create_ready(
-    http: aiohttp.ClientSession, router: RouterHandle, fleet: SimFleet, name: str
-) -> str:
-    async with http.post(f"{router.url}/api/sessions", json={"name": name}) as resp:
-        assert resp.status == 201, await resp.text()
-    owner = router.runtime.smap.cached(name)
-    assert owner is not None
-    await fleet.by_name(owner).wait_session(name)
-    return owner
-
-
 async def send(
     http: aiohttp.ClientSession, router: RouterHandle, session: str, text: str, **headers: str
 ) -> tuple[int, dict[str, Any]]:
     body = {"session": session, "chatId": "1@c.us", "text": text}
     async with http.post(f"{router.url}/api/sendText", json=body, headers=headers) as resp:
         return resp.status, await resp.json()
-
-
-async def where_running(fleet: SimFleet, session: str) -> list[str]:
-    names = []
-    for proc in fleet:
-        if proc.alive and await proc.session_status(session) is not None:
-            names.append(proc.name)
-    return names
 
 
 def assert_no_duplicates(fleet: SimFleet) -> None:

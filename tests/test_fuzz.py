@@ -55,7 +55,6 @@ from tests.support.hostile import (
     Target,
     build_request,
     exchange,
-    free_port,
     leaks,
     problems,
     request_bytes,
@@ -63,6 +62,7 @@ from tests.support.hostile import (
     sim_state,
 )
 from tests.support.simulator import SimFleet, SimFleetFactory
+from tests.support.webhook_target import free_port
 
 T = TypeVar("T")
 

@@ -15,7 +15,14 @@ from typing import Any
 import aiohttp
 
 from router.config import FailoverConfig, HealthConfig, Timeouts
-from tests.support.router import INSTANCE_KEY, RouterHandle, StartRouter, router_config
+from tests.support.router import (
+    INSTANCE_KEY,
+    RouterHandle,
+    StartRouter,
+    create_ready,
+    next_event,
+    router_config,
+)
 from tests.support.simulator import SimFleet, SimFleetFactory
 
 
@@ -35,34 +42,13 @@ async def hung_setup(
     return fleet, await start_router(config=cfg)
 
 
-async def create(http: aiohttp.ClientSession, router: RouterHandle, name: str) -> str:
-    async with http.post(f"{router.url}/api/sessions", json={"name": name}) as resp:
-        assert resp.status == 201, await resp.text()
-    owner = router.runtime.smap.cached(name)
-    assert owner is not None
-    return owner
-
-
-async def until_event(router: RouterHandle, kind: str, within: float, **match: Any) -> float:
-    """Wait for the next event of ``kind`` (with ``match`` fields); when it came."""
-    queue = router.runtime.events.subscribe()
-    try:
-        async with asyncio.timeout(within):
-            while True:
-                event = await queue.get()
-                if event["kind"] == kind and all(event.get(k) == v for k, v in match.items()):
-                    return time.monotonic()
-    finally:
-        router.runtime.events.unsubscribe(queue)
-
-
 async def test_a_hung_instance_is_down_within_two_seconds_and_releases_what_waits_on_it(
     sim_fleet: SimFleetFactory, start_router: StartRouter
 ) -> None:
     fleet, router = await hung_setup(sim_fleet, start_router)
     async with router.client() as http:
         names = [f"h{i}" for i in range(9)]
-        owners = {n: await create(http, router, n) for n in names}
+        owners = {n: await create_ready(http, router, fleet, n, wait=False) for n in names}
         for n in names:
             await fleet.by_name(owners[n]).wait_session(n)
         victim = owners["h0"]
@@ -78,7 +64,7 @@ async def test_a_hung_instance_is_down_within_two_seconds_and_releases_what_wait
             http.post(f"{router.url}/api/sendText", json=body, headers={"Idempotency-Key": "k1"})
         )
         await asyncio.sleep(0.3)  # the requests are on their way (the scenario)
-        down = asyncio.ensure_future(until_event(router, "down", 10, instance=victim))
+        down = next_event(router.runtime, "down", within=10, instance=victim)
         frozen_at = time.monotonic()
         proc.pause()
         try:
@@ -124,14 +110,16 @@ async def test_a_hung_instance_that_wakes_up_is_fenced_before_it_serves_again(
 ) -> None:
     fleet, router = await hung_setup(sim_fleet, start_router)
     async with router.client() as http:
-        owners = {n: await create(http, router, n) for n in ("f0", "f1", "f2", "f3")}
+        owners = {
+            n: await create_ready(http, router, fleet, n, wait=False)
+            for n in ("f0", "f1", "f2", "f3")
+        }
         for n, o in owners.items():
             await fleet.by_name(o).wait_session(n)
         victim = owners["f0"]
         mine = [n for n, o in owners.items() if o == victim]
         proc = fleet.by_name(victim)
-        down = asyncio.ensure_future(until_event(router, "down", 10, instance=victim))
-        await asyncio.sleep(0)
+        down = next_event(router.runtime, "down", within=10, instance=victim)
         proc.pause()
         await down
         # Its sessions are evacuated: they run elsewhere now.
@@ -140,12 +128,11 @@ async def test_a_hung_instance_that_wakes_up_is_fenced_before_it_serves_again(
                 assert resp.status == 200
         inst = router.runtime.fleet.get(victim)
         assert inst is not None and not inst.healthy
-        healthy = asyncio.ensure_future(until_event(router, "healthy", 15, instance=victim))
+        healthy = next_event(router.runtime, "healthy", within=15, instance=victim)
         fenced = [
-            asyncio.ensure_future(until_event(router, "fenced", 15, session=n, instance=victim))
+            next_event(router.runtime, "fenced", within=15, session=n, instance=victim)
             for n in mine
         ]
-        await asyncio.sleep(0)
         proc.resume()  # it wakes up still running every session it had
         fenced_at = max(await asyncio.gather(*fenced))
         healthy_at = await healthy
@@ -162,8 +149,7 @@ async def test_a_slow_but_alive_instance_is_not_declared_down(
 ) -> None:
     fleet, router = await hung_setup(sim_fleet, start_router)
     async with router.client() as http:
-        owner = await create(http, router, "slow1")
-        await fleet.by_name(owner).wait_session("slow1")
+        owner = await create_ready(http, router, fleet, "slow1")
         # A 3 s media send while /health answers at once (Node's loop is free).
         await fleet.by_name(owner).fault("slow", delay=3.0, paths="/api/sendText", count=1)
         body = {"session": "slow1", "chatId": "1@c.us", "text": "big media"}
@@ -195,7 +181,7 @@ async def restore_setup(
 async def paired(
     http: aiohttp.ClientSession, router: RouterHandle, fleet: SimFleet, name: str
 ) -> str:
-    owner = await create(http, router, name)
+    owner = await create_ready(http, router, fleet, name, wait=False)
     proc = fleet.by_name(owner)
     await proc.wait_session(name, "SCAN_QR_CODE")
     await proc.pair(name)
@@ -249,7 +235,7 @@ async def test_a_copy_still_starting_at_the_deadline_is_503_with_retry_after(
 ) -> None:
     fleet, router = await restore_setup(sim_fleet, start_router, start_delay=8, wait=1.5)
     async with router.client() as http:
-        owner = await create(http, router, "verylong")
+        owner = await create_ready(http, router, fleet, "verylong", wait=False)
         await fleet.by_name(owner).wait_session("verylong", "SCAN_QR_CODE", within=12)
         await fleet.by_name(owner).pair("verylong")
         await fleet.by_name(owner).wait_session("verylong", within=12)

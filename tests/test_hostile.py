@@ -22,6 +22,7 @@ from tests.support.router import (
     ROUTER_KEY,
     RouterHandle,
     StartRouter,
+    create_ready,
     router_config,
 )
 from tests.support.simulator import SimFleet, SimFleetFactory
@@ -55,17 +56,6 @@ def status_of(answer: bytes) -> int:
     return int(answer.split(b" ", 2)[1])
 
 
-async def create(
-    http: aiohttp.ClientSession, router: RouterHandle, fleet: SimFleet, name: str
-) -> str:
-    async with http.post(f"{router.url}/api/sessions", json={"name": name}) as resp:
-        assert resp.status == 201, await resp.text()
-    owner = router.runtime.smap.cached(name)
-    assert owner is not None
-    await fleet.by_name(owner).wait_session(name)
-    return owner
-
-
 async def running_on(fleet: SimFleet, session: str) -> list[str]:
     return [p.name for p in fleet if await p.session_status(session) in ("STARTING", "WORKING")]
 
@@ -91,7 +81,7 @@ async def test_a_path_the_upstream_reads_differently_is_refused_not_failed_over(
 ) -> None:
     fleet, router = await waha_router(sim_fleet, start_router)
     async with router.client() as http:
-        owner = await create(http, router, fleet, "victim")
+        owner = await create_ready(http, router, fleet, "victim")
         answer = await raw(
             router.server.port or 0,
             f"GET {path} HTTP/1.1\r\nHost: x\r\nX-Api-Key: {ROUTER_KEY}\r\n"
@@ -159,7 +149,7 @@ async def test_a_gzip_body_that_is_not_gzip_is_a_400(
 ) -> None:
     fleet, router = await waha_router(sim_fleet, start_router)
     async with router.client() as http:
-        await create(http, router, fleet, "gz")
+        await create_ready(http, router, fleet, "gz")
         headers = {"Content-Type": "application/json", "Content-Encoding": "gzip"}
         async with http.post(
             f"{router.url}/api/sendText", data=b'{"session":"gz"}', headers=headers

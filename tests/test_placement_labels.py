@@ -33,7 +33,13 @@ from router.labels import (
 )
 from router.runtime import Runtime
 from tests.support.metrics import scrape
-from tests.support.router import INSTANCE_KEY, RouterHandle, StartRouter, router_config
+from tests.support.router import (
+    INSTANCE_KEY,
+    RouterHandle,
+    StartRouter,
+    next_event,
+    router_config,
+)
 from tests.support.simulator import SimFleet, SimFleetFactory
 
 ADMIN_KEY = "labels-admin"
@@ -105,15 +111,7 @@ async def send(http: aiohttp.ClientSession, router: RouterHandle, session: str) 
 
 async def down(rt: Runtime, instance: str) -> None:
     """Until health checks have taken ``instance`` down (its "down" event)."""
-    queue = rt.events.subscribe()
-    try:
-        if any(e.get("instance") == instance for e in rt.events.recent(kind="down")):
-            return
-        async with asyncio.timeout(10):
-            while not ((e := await queue.get())["kind"] == "down" and e["instance"] == instance):
-                pass
-    finally:
-        rt.events.unsubscribe(queue)
+    await next_event(rt, "down", within=10, seen=True, instance=instance)
 
 
 async def admin_get(router: RouterHandle, path: str) -> Any:

@@ -12,7 +12,7 @@ from collections import Counter
 from typing import Any
 
 from tests.support.redis_server import RedisServer
-from tests.support.router import INSTANCE_KEY, RouterHandle, StartRouter
+from tests.support.router import INSTANCE_KEY, RouterHandle, StartRouter, create_ready
 from tests.support.simulator import SimFleetFactory
 
 OUTAGE = 6.0  # seconds Redis stays down (issue: 60 s in production; same code path)
@@ -35,12 +35,8 @@ async def test_redis_down_under_load_then_back(
     b = await start_router(fleet.urls, **kwargs)
     sessions = [f"rd{i}" for i in range(12)]
     async with a.client() as http:
-        for s in sessions:
-            async with http.post(f"{a.url}/api/sessions", json={"name": s}) as resp:
-                assert resp.status == 201, await resp.text()
-        for s in sessions:
-            owner = a.runtime.smap.cached(s)
-            assert owner is not None
+        owners = {s: await create_ready(http, a, fleet, s, wait=False) for s in sessions}
+        for s, owner in owners.items():
             await fleet.by_name(owner).wait_session(s)
         # Both replicas know every session (b through the change feed or a read).
         for router in (a, b):
@@ -84,11 +80,7 @@ async def test_redis_down_under_load_then_back(
             assert sync is not None
             async with asyncio.timeout(10):
                 await sync.wait_synced()
-        async with http.post(f"{a.url}/api/sessions", json={"name": "after"}) as resp:
-            assert resp.status == 201, await resp.text()
-        owner = a.runtime.smap.cached("after")
-        assert owner is not None
-        await fleet.by_name(owner).wait_session("after")
+        owner = await create_ready(http, a, fleet, "after")
         async with http.get(f"{b.url}/api/after/me") as resp:
             assert resp.status == 200
         assert b.runtime.smap.cached("after") == owner

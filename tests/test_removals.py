@@ -7,24 +7,12 @@ processes; two replicas share a private redis-server.
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import aiohttp
 
-from tests.support.router import INSTANCE_KEY, RouterHandle, StartRouter
+from tests.support.router import INSTANCE_KEY, RouterHandle, StartRouter, create_ready, next_event
 from tests.support.simulator import SimFleet, SimFleetFactory
-
-
-async def create(
-    http: aiohttp.ClientSession, router: RouterHandle, fleet: SimFleet, name: str
-) -> str:
-    async with http.post(f"{router.url}/api/sessions", json={"name": name}) as resp:
-        assert resp.status == 201, await resp.text()
-    owner = router.runtime.smap.cached(name)
-    assert owner is not None
-    await fleet.by_name(owner).wait_session(name)
-    return owner
 
 
 async def running_on(fleet: SimFleet, session: str) -> list[str]:
@@ -48,7 +36,7 @@ async def test_a_deleted_session_is_not_started_again(
     fleet = sim_fleet(3, api_key=INSTANCE_KEY)
     router = await start_router(fleet.urls, names=[p.name for p in fleet])
     async with router.client() as http:
-        await create(http, router, fleet, "tmp1")
+        await create_ready(http, router, fleet, "tmp1")
         async with http.delete(f"{router.url}/api/sessions/tmp1") as resp:
             assert resp.status == 200, await resp.text()
         for _ in range(3):
@@ -59,7 +47,7 @@ async def test_a_deleted_session_is_not_started_again(
         assert [e["session"] for e in router.runtime.events.recent(kind="removed")] == ["tmp1"]
         assert router.runtime.events.recent(kind="failover") == []
         # A create brings it back, like any new session.
-        await create(http, router, fleet, "tmp1")
+        await create_ready(http, router, fleet, "tmp1")
         status, _ = await get_me(http, router, "tmp1")
         assert status == 200
 
@@ -70,7 +58,7 @@ async def test_a_stopped_session_stays_stopped_until_started_where_it_was(
     fleet = sim_fleet(3, api_key=INSTANCE_KEY)
     router = await start_router(fleet.urls, names=[p.name for p in fleet])
     async with router.client() as http:
-        owner = await create(http, router, fleet, "tmp2")
+        owner = await create_ready(http, router, fleet, "tmp2")
         async with http.post(f"{router.url}/api/sessions/tmp2/stop") as resp:
             assert resp.status in (200, 201), await resp.text()
         status, body = await get_me(http, router, "tmp2")
@@ -92,34 +80,21 @@ async def test_evacuating_a_dead_instance_skips_what_a_client_removed(
     router = await start_router(fleet.urls, names=[p.name for p in fleet], max_sessions=[10, 10])
     async with router.client() as http:
         names = [f"ev{i}" for i in range(4)]
-        owners = {n: await create(http, router, fleet, n) for n in names}
+        owners = {n: await create_ready(http, router, fleet, n) for n in names}
         victim = owners["ev0"]
         gone = [n for n in names if owners[n] == victim]
         kept = gone[1:]
         async with http.delete(f"{router.url}/api/sessions/{gone[0]}") as resp:
             assert resp.status == 200
-        evacuated = asyncio.ensure_future(_evacuation_done(router, victim))
-        await asyncio.sleep(0)
+        down = next_event(router.runtime, "down", within=20, instance=victim)
         fleet.by_name(victim).kill()
-        await evacuated
+        await down
+        await router.runtime.failover.evacuate(router.runtime.fleet.get(victim))  # type: ignore[arg-type]
         for n in kept:
             assert await running_on(fleet, n) != []
         assert await running_on(fleet, gone[0]) == []
         status, _ = await get_me(http, router, gone[0])
         assert status == 404
-
-
-async def _evacuation_done(router: RouterHandle, instance: str) -> None:
-    queue = router.runtime.events.subscribe()
-    try:
-        async with asyncio.timeout(20):
-            while True:
-                event = await queue.get()
-                if event["kind"] == "down" and event["instance"] == instance:
-                    break
-        await router.runtime.failover.evacuate(router.runtime.fleet.get(instance))  # type: ignore[arg-type]
-    finally:
-        router.runtime.events.unsubscribe(queue)
 
 
 async def test_a_delete_through_one_replica_holds_on_the_other(
@@ -134,7 +109,7 @@ async def test_a_delete_through_one_replica_holds_on_the_other(
     a = await start_router(fleet.urls, **kwargs)
     b = await start_router(fleet.urls, **kwargs)
     async with a.client() as http_a, b.client() as http_b:
-        await create(http_a, a, fleet, "shared")
+        await create_ready(http_a, a, fleet, "shared")
         status, _ = await get_me(http_b, b, "shared")
         assert status == 200  # b knows it (and caches it)
         async with http_a.delete(f"{a.url}/api/sessions/shared") as resp:
@@ -151,7 +126,7 @@ async def test_discovery_takes_a_session_stopped_on_its_instance_as_removed(
     fleet = sim_fleet(2, api_key=INSTANCE_KEY)
     router = await start_router(fleet.urls, names=[p.name for p in fleet])
     async with router.client() as http:
-        owner = await create(http, router, fleet, "outside")
+        owner = await create_ready(http, router, fleet, "outside")
         # Stopped on the instance itself, not through the router.
         proc = fleet.by_name(owner)
         async with aiohttp.ClientSession(headers={"X-Api-Key": INSTANCE_KEY}) as direct:

@@ -12,7 +12,7 @@ import asyncio
 import dataclasses
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ from router.webhooks.signatures import (
 )
 from tests.support.router import StartRouter, router_config
 from tests.support.simulator import SimFleetFactory
+from tests.support.webhook_fixtures import Start
 from tests.support.webhook_target import (
     ADMIN_KEY,
     APP_KEY,
@@ -39,47 +40,17 @@ from tests.support.webhook_target import (
     FAST,
     WAHA_KEY,
     Backend,
-    RelayHandle,
     TargetServer,
     backend_for,
     blazz_body,
     blazz_headers,
     make_config,
-    relays,
     target,
     waha_body,
     waha_headers,
     wait_drained,
     with_delivery,
 )
-
-Start = Callable[..., Awaitable[RelayHandle]]
-
-
-@pytest.fixture(params=["sqlite", "redis"])
-def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
-    return backend_for(request, request.param, tmp_path)
-
-
-@pytest.fixture
-def sqlite_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
-    return backend_for(request, "sqlite", tmp_path)
-
-
-@pytest.fixture
-async def start_relay() -> AsyncIterator[Start]:
-    async with relays() as start:
-        yield start
-
-
-@pytest.fixture
-async def app() -> AsyncIterator[TargetServer]:
-    """The main app: checks signatures made with APP_KEY (Blazz or WAHA style)."""
-    t = TargetServer(hmac_key=APP_KEY, verify="auto")
-    await t.start()
-    yield t
-    await t.stop()
-
 
 # -- signatures ------------------------------------------------------------------
 

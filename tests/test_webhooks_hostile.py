@@ -22,7 +22,7 @@ import json
 import logging
 import time
 import zlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -33,6 +33,7 @@ from router.config import WebhookIngest
 from router.webhooks import metrics
 from router.webhooks.ingest import event_id_for
 from tests.support.router import StartRouter, router_config
+from tests.support.webhook_fixtures import Start
 from tests.support.webhook_target import (
     ADMIN_KEY,
     APP_KEY,
@@ -41,43 +42,15 @@ from tests.support.webhook_target import (
     Backend,
     RelayHandle,
     TargetServer,
-    backend_for,
     blazz_body,
     blazz_headers,
     free_port,
     make_config,
-    relays,
     target,
     waha_body,
     waha_headers,
     wait_drained,
 )
-
-Start = Callable[..., Awaitable[RelayHandle]]
-
-
-@pytest.fixture(params=["sqlite", "redis"])
-def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
-    return backend_for(request, request.param, tmp_path)
-
-
-@pytest.fixture
-def sqlite_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
-    return backend_for(request, "sqlite", tmp_path)
-
-
-@pytest.fixture
-async def start_relay() -> AsyncIterator[Start]:
-    async with relays() as start:
-        yield start
-
-
-@pytest.fixture
-async def app() -> AsyncIterator[TargetServer]:
-    t = TargetServer(hmac_key=APP_KEY, verify="auto")
-    await t.start()
-    yield t
-    await t.stop()
 
 
 def keyed(**changes: Any) -> WebhookIngest:

@@ -77,7 +77,6 @@ from tests.support.hostile import (  # noqa: E402
     Target,
     build_request,
     exchange,
-    free_port,
     leaks,
     problems,
     request_bytes,
@@ -85,6 +84,7 @@ from tests.support.hostile import (  # noqa: E402
     sim_state,
 )
 from tests.support.simulator import SimFleet  # noqa: E402
+from tests.support.webhook_target import free_port  # noqa: E402
 
 MB10 = 10_000_000
 MIB8 = 8 * 1024 * 1024

@@ -47,13 +47,6 @@ REPO = Path(__file__).resolve().parents[2]
 T = TypeVar("T")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 # -- keys and names ------------------------------------------------------------------------
 
 

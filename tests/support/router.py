@@ -9,8 +9,10 @@ async def test_x(sim_fleet, start_router):
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
@@ -32,6 +34,7 @@ from router.config import (
 )
 from router.runtime import Runtime
 from router.server import Server
+from tests.support.simulator import SimFleet
 
 ROUTER_KEY = "router-key"
 INSTANCE_KEY = "inst-key"
@@ -101,6 +104,53 @@ def router_config(
 
 
 StartRouter = Callable[..., Awaitable[RouterHandle]]
+
+
+async def create_ready(
+    http: aiohttp.ClientSession,
+    router: RouterHandle,
+    fleet: SimFleet,
+    name: str,
+    *,
+    wait: bool = True,
+) -> str:
+    """Create WAHA session ``name`` through the router (201); its owner, once
+    the owner runs it (unless not ``wait``)."""
+    async with http.post(f"{router.url}/api/sessions", json={"name": name}) as resp:
+        assert resp.status == 201, await resp.text()
+    owner = router.runtime.smap.cached(name)
+    assert owner is not None
+    if wait:
+        await fleet.by_name(owner).wait_session(name)
+    return owner
+
+
+def next_event(
+    rt: Runtime, kind: str, *, within: float, seen: bool = False, **match: Any
+) -> asyncio.Task[float]:
+    """Subscribe to ``rt``'s events now, before the caller acts (kills, pauses):
+    the task ends with ``time.monotonic()`` when the next event of exactly
+    ``kind`` whose fields equal ``match`` came, or times out after ``within`` s.
+    With ``seen``, one already in the event log counts too (ends at once).
+    """
+    queue = rt.events.subscribe()
+
+    def matches(event: dict[str, Any]) -> bool:
+        return event["kind"] == kind and all(event.get(k) == v for k, v in match.items())
+
+    already = seen and any(matches(e) for e in rt.events.recent(kind=kind))
+
+    async def wait() -> float:
+        try:
+            if not already:
+                async with asyncio.timeout(within):
+                    while not matches(await queue.get()):
+                        pass
+            return time.monotonic()
+        finally:
+            rt.events.unsubscribe(queue)
+
+    return asyncio.ensure_future(wait())
 
 
 @pytest.fixture

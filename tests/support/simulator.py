@@ -372,6 +372,11 @@ class SimFleet:
 SimFleetFactory = Callable[..., SimFleet]
 
 
+async def where_running(fleet: SimFleet, session: str) -> list[str]:
+    """The live processes of ``fleet`` that have ``session`` in memory, in any status."""
+    return [p.name for p in fleet if p.alive and await p.session_status(session) is not None]
+
+
 @pytest.fixture
 def sim_fleet(tmp_path: Path) -> Iterator[SimFleetFactory]:
     """``sim_fleet(n=2, dialect="waha", api_key=None, start_delay=0.1, auto_auth=True,
