@@ -78,7 +78,8 @@ class HealthChecker:
         self.live = live
         self._streak: dict[str, int] = {}  # >0 good checks in a row, <0 bad ones
         self._task: asyncio.Task[None] | None = None
-        self.rounds = 0
+        self._started = 0  # rounds begun
+        self.rounds = 0  # rounds finished
         self._round_done = asyncio.Event()
         self._events = events or EventLog()
         # Called when active checks take an instance down (not on a passive
@@ -101,9 +102,13 @@ class HealthChecker:
             self._task = None
 
     async def wait_round(self) -> None:
-        """Wait until the next full round of checks has finished (for tests and startup)."""
-        self._round_done.clear()
-        await self._round_done.wait()
+        """Wait until a full round of checks that started after this call has
+        finished (for tests and startup): a round already under way may have
+        asked before whatever the caller just did."""
+        wanted = self._started + 1
+        while self.rounds < wanted:
+            self._round_done.clear()
+            await self._round_done.wait()
 
     async def _loop(self) -> None:
         while True:
@@ -112,6 +117,7 @@ class HealthChecker:
             await asyncio.sleep(snap.config.health.interval)
 
     async def check_all(self, fleet: Fleet, adapter: Adapter, cfg: HealthConfig) -> None:
+        self._started += 1
         await asyncio.gather(*(self._check(inst, adapter, cfg) for inst in fleet))
         self.rounds += 1
         self._round_done.set()
